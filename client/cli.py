@@ -1,0 +1,76 @@
+"""`neurofed-site`: the site daemon command line, run by hospital research IT.
+
+Each sub-command imports what it needs inside its handler so that `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from models.errors import NeurofedError
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="validate a site's data folder and print one line per subject",
+        description=(
+            "Validate every subject in DATA_DIR (BIDS: sub-*/[ses-*/]anat/*_T1w.nii[.gz], labels in "
+            "derivatives/<name>/sub-*/[ses-*/]anat/*_dseg.nii[.gz]; or flat: images/ and labels/ with "
+            "matching file names) and print a table of subject, status and reason. Nothing in DATA_DIR "
+            "is modified. Exits 0 if at least one subject is usable, 1 if none is."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("data_dir", type=Path, help="the site's data folder")
+    p.add_argument(
+        "--protocol",
+        default="tissue",
+        help="label protocol the labels must fit (tissue: 4 tissue classes; aseg: 32 FreeSurfer structures)",
+    )
+    p.add_argument("--contrast", default="T1w", help="the structural image the network reads (BIDS suffix)")
+    p.add_argument(
+        "--unlabelled-ok",
+        action="store_true",
+        help="accept subjects without a label map (inference-only sites); by default a label is required",
+    )
+    p.set_defaults(handler=_run_check)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from client.site_check import run_site_check
+
+    return run_site_check(
+        args.data_dir, protocol=args.protocol, contrast=args.contrast, require_label=not args.unlabelled_ok
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neurofed-site",
+        description=(
+            "neurofed site daemon tools for hospital research IT: check the site's data before joining a "
+            "federation. Scans never leave the site. Run `neurofed-site COMMAND --help` for options."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_check(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except NeurofedError as exc:
+        print(f"neurofed-site {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
