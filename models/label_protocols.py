@@ -15,6 +15,13 @@ import numpy as np
 
 NON_BRAIN_LABEL_MIN = 500
 """FreeSurfer / SynthSeg values >= 500 are non-brain head tissue: skull, scalp, eyes, soft tissue."""
+NON_BRAIN_LABEL_MAX = 599
+
+KNOWN_SMALL_STRUCTURES: frozenset[int] = frozenset(
+    # lesion, vessel, choroid plexus, WM hypointensities, non-WM hypointensities, optic chiasm,
+    # and SynthSeg's extra-cerebral labels: real label maps contain them, protocols may ignore them.
+    {25, 30, 31, 57, 62, 63, 72, 77, 80, 85, 136, 137, 163, 164}
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,21 @@ class LabelProtocol:
                 if v in seen:
                     raise ValueError(f"protocol {self.name!r}: label {v} in classes {seen[v]} and {cls}")
                 seen[v] = cls
+
+    def accepted_values(self) -> frozenset[int]:
+        """FreeSurfer values a label map for this protocol may contain.
+
+        Class members, air (0), known small structures and non-brain head tissue (500-599). Any other
+        value means the label map follows another convention (e.g. already class indices of another
+        protocol) and must not be silently mapped to background.
+        """
+        members = {v for values in self.members.values() for v in values}
+        return frozenset(members | {0} | KNOWN_SMALL_STRUCTURES | set(range(NON_BRAIN_LABEL_MIN, NON_BRAIN_LABEL_MAX + 1)))
+
+    def unknown_values(self, values: np.ndarray) -> list[int]:
+        """The values among ``values`` (e.g. ``np.unique(label_map)``) this protocol does not accept."""
+        accepted = self.accepted_values()
+        return sorted(int(v) for v in np.asarray(values).ravel() if int(v) not in accepted)
 
     @property
     def num_classes(self) -> int:
