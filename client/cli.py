@@ -36,6 +36,16 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="accept subjects without a label map (inference-only sites); by default a label is required",
     )
+    p.add_argument(
+        "--derivatives",
+        metavar="NAME",
+        help="BIDS: read labels and masks only from derivatives/NAME/ (when several pipelines write *_dseg)",
+    )
+    p.add_argument(
+        "--label-desc",
+        metavar="DESC",
+        help="BIDS: use only label maps with this desc- entity (e.g. aseg for sub-01_desc-aseg_dseg.nii.gz)",
+    )
     p.set_defaults(handler=_run_check)
 
 
@@ -43,7 +53,12 @@ def _run_check(args: argparse.Namespace) -> int:
     from client.site_check import run_site_check
 
     return run_site_check(
-        args.data_dir, protocol=args.protocol, contrast=args.contrast, require_label=not args.unlabelled_ok
+        args.data_dir,
+        protocol=args.protocol,
+        contrast=args.contrast,
+        require_label=not args.unlabelled_ok,
+        derivatives=args.derivatives,
+        label_desc=args.label_desc,
     )
 
 
