@@ -1,10 +1,11 @@
-"""Shared fixtures: where the real FreeSurfer label maps lie (../shared/data/label_maps)."""
+"""Shared fixtures: the real FreeSurfer label maps (../shared/data/label_maps) and small synthetic heads."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 LABEL_MAPS_ENV = "NEUROFED_LABEL_MAPS"
@@ -18,3 +19,111 @@ def label_maps_dir() -> Path:
     if not folder.is_dir() or not any(folder.glob("training_seg_*.nii.gz")):
         pytest.skip(f"real label maps not found in {folder} (set {LABEL_MAPS_ENV} to their folder)")
     return folder
+
+
+class HeadPhantoms:
+    """Small nested-ellipsoid heads for fast tests of preprocessing, the cache and site preparation.
+
+    Label maps hold FreeSurfer values in RAS voxel order at 1 mm: scalp/skull (515), extra-cerebral CSF
+    (24), cortex (3/42), white matter (2/41) and lateral ventricles (4/43); optionally a neck (507) that
+    runs to the inferior edge. Images are T1-like: air dark, white matter brightest, a little noise.
+    """
+
+    @staticmethod
+    def labels(
+        shape: tuple[int, int, int] = (48, 56, 52),
+        centre_shift: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        head_radii: tuple[float, float, float] = (20.0, 24.0, 22.0),
+        csf_mm: float = 2.0,
+        cortex_mm: float = 3.0,
+        ventricles: bool = True,
+        neck: bool = False,
+    ) -> np.ndarray:
+        """int16 (X, Y, Z) FreeSurfer label map of a head centred at the volume centre + ``centre_shift``."""
+        centre = (np.asarray(shape) - 1) / 2 + np.asarray(centre_shift)
+        x, y, z = np.meshgrid(*(np.arange(n) - c for n, c in zip(shape, centre, strict=True)), indexing="ij")
+
+        def inside(radii) -> np.ndarray:
+            return (x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2 <= 1.0
+
+        head = np.asarray(head_radii, dtype=float)
+        labels = np.zeros(shape, dtype=np.int16)
+        if neck:
+            labels[((x / (0.5 * head[0])) ** 2 + (y / (0.5 * head[1])) ** 2 <= 1.0) & (z < 0)] = 507
+        labels[inside(head)] = 515
+        labels[inside(head - 3.0)] = 24
+        brain = inside(head - 3.0 - csf_mm)
+        left = x < 0
+        labels[brain] = np.where(left, 3, 42)[brain]
+        wm = inside(head - 3.0 - csf_mm - cortex_mm)
+        labels[wm] = np.where(left, 2, 41)[wm]
+        for side, value in ((-1, 4), (1, 43)) if ventricles else ():
+            ventricle = ((x - side * 4.0) / 2.5) ** 2 + (y / 7.0) ** 2 + (z / 4.0) ** 2 <= 1.0
+            labels[ventricle & wm] = value
+        return labels
+
+    @staticmethod
+    def t1(labels: np.ndarray, seed: int = 0, noise: float = 0.02) -> np.ndarray:
+        """float32 T1-like image of a FreeSurfer label map (same shape); labels not listed are mid-grey."""
+        intensity = np.full(int(labels.max()) + 1, 0.5, dtype=np.float32)
+        intensity[0] = 0.0
+        intensity[[24, 4, 43]] = 0.25
+        intensity[[3, 42]] = 0.55
+        intensity[[2, 41]] = 0.85
+        intensity[[507, 515]] = 0.45
+        rng = np.random.default_rng(seed)
+        image = intensity[labels] + rng.normal(0.0, noise, labels.shape).astype(np.float32)
+        return np.abs(image)
+
+    @staticmethod
+    def reorient(
+        array: np.ndarray, affine: np.ndarray, axcodes: tuple[str, str, str] | str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """An RAS-ordered ``array`` and ``affine`` stored in voxel order ``axcodes`` (same world points)."""
+        from nibabel import orientations
+
+        change = orientations.ornt_transform(
+            orientations.axcodes2ornt("RAS"), orientations.axcodes2ornt(tuple(axcodes))
+        )
+        stored = np.ascontiguousarray(orientations.apply_orientation(array, change))
+        return stored, affine @ orientations.inv_ornt_aff(change, array.shape)
+
+    def write_subject(
+        self,
+        folder: Path,
+        subject_id: str,
+        labels: np.ndarray,
+        affine: np.ndarray | None = None,
+        axcodes: str = "RAS",
+        with_mask: bool = False,
+        seed: int = 0,
+    ):
+        """Write image, label (and brain mask) NIfTI files into ``folder``; returns their ``SubjectFiles``.
+
+        ``affine`` is the RAS-order affine of ``labels`` (default: 1 mm, origin off-centre); the files are
+        stored in voxel order ``axcodes``.
+        """
+        import nibabel as nib
+
+        from client.subjects import SubjectFiles
+
+        if affine is None:
+            affine = np.diag([1.0, 1.0, 1.0, 1.0])
+            affine[:3, 3] = (-23.5, -31.25, -17.0)
+        folder.mkdir(parents=True, exist_ok=True)
+        volumes = {"T1w": self.t1(labels, seed), "dseg": labels}
+        if with_mask:
+            brain = (labels > 0) & (labels < 500) & (labels != 24)
+            volumes["mask"] = brain.astype(np.uint8)
+        paths = {}
+        for suffix, data in volumes.items():
+            stored, stored_affine = self.reorient(data, affine, axcodes)
+            paths[suffix] = folder / f"{subject_id}_{suffix}.nii.gz"
+            nib.save(nib.Nifti1Image(stored, stored_affine), paths[suffix])
+        return SubjectFiles(subject_id, {"T1w": paths["T1w"]}, label=paths["dseg"], mask=paths.get("mask"))
+
+
+@pytest.fixture(scope="session")
+def head_phantoms() -> HeadPhantoms:
+    """Factory of small synthetic heads (label maps, T1-like images, subject files on disk)."""
+    return HeadPhantoms()

@@ -1,0 +1,202 @@
+"""A content-addressed cache of preprocessed subjects, so a site preprocesses each scan once per plan.
+
+An entry's key is the SHA-256 of: the content of every input file (the plan's contrasts, the label map and
+the mask), the subject id, the plan's fingerprint, the label protocol and `CACHE_FORMAT_VERSION`. Any change
+to one of them is a different key; renaming or touching a file is not. Bump `CACHE_FORMAT_VERSION` whenever
+preprocessing's output changes for the same inputs, so stale entries are never read.
+
+Each entry is one uncompressed ``<key>.npz`` holding the arrays and a JSON ``meta`` record (key, subject,
+transform, SHA-256 of each array). It is written to a temporary name in the cache folder and renamed into
+place, so readers never see half an entry. An entry that fails to load or verify is logged, deleted and
+rebuilt. The cache lives outside the site's data folder, which it never writes to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client.preprocessing import NativeTransform, PreprocessedSubject, PreprocessingPlan, preprocess_subject
+from client.subjects import SubjectFiles
+from models.errors import NeurofedError
+from models.label_protocols import LabelProtocol
+
+CACHE_FORMAT_VERSION = 1
+"""Version of the entry layout and of preprocessing's output; part of every key."""
+CACHE_DIR_ENV = "NEUROFED_CACHE_DIR"
+"""Environment variable naming the cache folder; default ``~/.cache/neurofed/preprocessed``."""
+_ENTRY_SUFFIX = ".npz"
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$NEUROFED_CACHE_DIR`` if set and non-empty, else ``~/.cache/neurofed/preprocessed``."""
+    configured = os.environ.get(CACHE_DIR_ENV, "").strip()
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "neurofed" / "preprocessed"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's content, read in chunks (scans are hundreds of MB)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        raise NeurofedError(f"{path}: file not found; run `neurofed-site check` on the data folder") from None
+    except OSError as exc:
+        raise NeurofedError(f"{path}: cannot read the file ({exc.strerror}); check its permissions") from None
+
+
+def _array_sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
+@dataclass
+class CacheStats:
+    """What `PreprocessedCache.get_or_build` did: served from disk, built, or found a bad entry."""
+
+    hits: int = 0
+    builds: int = 0
+    discarded: int = 0
+    """Entries that failed to load or verify; each was deleted and counted again under ``builds``."""
+
+
+class _BadEntry(Exception):
+    """An entry on disk that must not be trusted."""
+
+
+class PreprocessedCache:
+    """Preprocessed subjects on disk under ``root``, keyed by input content, plan and protocol.
+
+    Args:
+        root: the cache folder, created on first write; default `default_cache_dir`.
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.stats = CacheStats()
+
+    def key(self, subject: SubjectFiles, plan: PreprocessingPlan, protocol: LabelProtocol) -> str:
+        """Hex SHA-256 naming the entry of ``subject`` under ``plan`` and ``protocol``."""
+        inputs = {f"image:{c}": subject.images[c] for c in plan.input_contrasts if c in subject.images}
+        if subject.label is not None:
+            inputs["label"] = subject.label
+        if subject.mask is not None:
+            inputs["mask"] = subject.mask
+        record = {
+            "format": CACHE_FORMAT_VERSION,
+            "subject_id": subject.subject_id,
+            "plan": plan.fingerprint(),
+            "protocol": protocol.to_dict(),
+            "inputs": {role: file_sha256(path) for role, path in sorted(inputs.items())},
+        }
+        return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+    def entry_path(self, key: str) -> Path:
+        return self.root / f"{key}{_ENTRY_SUFFIX}"
+
+    def get_or_build(
+        self, subject: SubjectFiles, plan: PreprocessingPlan, protocol: LabelProtocol
+    ) -> PreprocessedSubject:
+        """The preprocessed ``subject``: read from the cache when a valid entry exists, else built and stored.
+
+        Raises:
+            NeurofedError: an input file cannot be read, or preprocessing rejects the subject.
+        """
+        key = self.key(subject, plan, protocol)
+        path = self.entry_path(key)
+        if path.exists():
+            try:
+                cached = self._read(path, key, plan)
+            except Exception as exc:  # any failure to read or verify means the entry is not trusted
+                log.warning(
+                    "preprocessed cache entry %s for %s is corrupt (%s); deleting and rebuilding it",
+                    path,
+                    subject.subject_id,
+                    exc,
+                )
+                self.stats.discarded += 1
+                path.unlink(missing_ok=True)
+            else:
+                self.stats.hits += 1
+                return cached
+        built = preprocess_subject(subject, plan, protocol)
+        self.stats.builds += 1
+        self._write(path, key, built, subject)
+        return built
+
+    def _read(self, path: Path, key: str, plan: PreprocessingPlan) -> PreprocessedSubject:
+        with np.load(path, allow_pickle=False) as entry:
+            meta = json.loads(str(entry["meta"][()]))
+            if meta.get("format") != CACHE_FORMAT_VERSION or meta.get("key") != key:
+                raise _BadEntry("its key or format does not match its name")
+            image = entry["image"]
+            label = entry["label"] if "label" in entry.files else None
+        expected = (len(plan.input_contrasts), *plan.grid_shape)
+        if image.dtype != np.float32 or image.shape != expected:
+            raise _BadEntry(f"image is {image.dtype} {image.shape}, expected float32 {expected}")
+        if _array_sha256(image) != meta["image_sha256"]:
+            raise _BadEntry("image checksum mismatch")
+        if (label is None) != (meta["label_sha256"] is None):
+            raise _BadEntry("label presence does not match its record")
+        if label is not None:
+            if label.dtype != np.uint8 or label.shape != expected[1:]:
+                raise _BadEntry(f"label is {label.dtype} {label.shape}, expected uint8 {expected[1:]}")
+            if _array_sha256(label) != meta["label_sha256"]:
+                raise _BadEntry("label checksum mismatch")
+        return PreprocessedSubject(
+            subject_id=meta["subject_id"],
+            image=image,
+            label=label,
+            transform=NativeTransform.from_dict(meta["transform"]),
+            plan_fingerprint=meta["plan_fingerprint"],
+        )
+
+    def _write(self, path: Path, key: str, built: PreprocessedSubject, subject: SubjectFiles) -> None:
+        """Store ``built`` atomically; a failure to write is logged, not fatal (the cache only saves time)."""
+        meta = {
+            "format": CACHE_FORMAT_VERSION,
+            "key": key,
+            "subject_id": built.subject_id,
+            "plan_fingerprint": built.plan_fingerprint,
+            "transform": built.transform.to_dict(),
+            "image_sha256": _array_sha256(built.image),
+            "label_sha256": None if built.label is None else _array_sha256(built.label),
+            "sources": [str(p) for p in subject.all_files()],
+        }
+        arrays = {"image": built.image, "meta": np.array(json.dumps(meta))}
+        if built.label is not None:
+            arrays["label"] = built.label
+        tmp_name = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(
+                dir=self.root, prefix=f".{key[:16]}-", suffix=".tmp", delete=False
+            ) as f:
+                tmp_name = f.name
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, path)
+            tmp_name = None
+        except OSError as exc:
+            log.warning(
+                "cannot write the preprocessed cache entry %s (%s); continuing without caching %s. "
+                "Set %s to a writable folder to cache preprocessing",
+                path,
+                exc,
+                subject.subject_id,
+                CACHE_DIR_ENV,
+            )
+        finally:
+            if tmp_name is not None:
+                Path(tmp_name).unlink(missing_ok=True)
