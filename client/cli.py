@@ -62,6 +62,36 @@ def _run_check(args: argparse.Namespace) -> int:
     )
 
 
+def _add_budget(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "budget",
+        help="show the site's privacy spending per run and what is left of its lifetime budget",
+        description=(
+            "Show the privacy ledger: ε and δ spent by every federated run trained on this site's data, and "
+            "what is left of the lifetime budget (ε and δ of different runs add up). With --set-budget, first "
+            "set the lifetime budget; the site refuses any round that would exceed it. Rounds reserved but "
+            "never completed (a crash mid-round) count as spent."
+        ),
+    )
+    p.add_argument("--ledger", type=Path, required=True, help="the site's privacy ledger file (JSON)")
+    p.add_argument(
+        "--set-budget",
+        type=float,
+        metavar="EPS",
+        help="set the lifetime budget's ε for all runs on this site's data (needs --delta)",
+    )
+    p.add_argument(
+        "--delta", type=float, metavar="D", help="the lifetime budget's δ, with --set-budget (e.g. 1e-5)"
+    )
+    p.set_defaults(handler=_run_budget)
+
+
+def _run_budget(args: argparse.Namespace) -> int:
+    from client.privacy_budget import run_budget
+
+    return run_budget(args.ledger, set_epsilon=args.set_budget, delta=args.delta)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neurofed-site",
@@ -72,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_check(sub)
+    _add_budget(sub)
     return parser
 
 
