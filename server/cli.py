@@ -22,8 +22,10 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
             "own tissue contrast, bias field, Rician noise level, slice thickness and field of view; each "
             "subject gets its own smooth deformation. Anatomy comes from FreeSurfer-style label maps "
             "(--label-maps) or, without them, from a built-in procedural head phantom. Each site folder "
-            "is a BIDS dataset: sub-*/anat/*_<contrast>.nii.gz, *_mask.nii.gz and "
-            "derivatives/labels/sub-*/anat/*_dseg.nii.gz with FreeSurfer label values."
+            "is a BIDS dataset: sub-*/anat/sub-*_<contrast>.nii.gz (T1w, T2w or PDw, the site's weighting), "
+            "derivatives/labels/sub-*/anat/sub-*_dseg.nii.gz (FreeSurfer label values) and "
+            "sub-*_desc-brain_mask.nii.gz beside it, plus site.json recording the scanner profile and seed. "
+            "Each site is written to a temporary folder and renamed into place when complete."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -36,6 +38,12 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="folder of FreeSurfer-style label maps (*.nii[.gz]) to use as anatomy; "
         "default: the built-in procedural head phantom",
+    )
+    p.add_argument(
+        "--contrasts",
+        default="T1w",
+        help="comma-separated weightings given to sites 1, 2, ... in turn (T1w, T2w, PDw), e.g. T1w,T2w,PDw; "
+        "the default makes every site T1w",
     )
     p.add_argument("--spacing", type=float, default=2.0, help="output voxel size in mm (isotropic)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same data")
@@ -54,8 +62,294 @@ def _run_synth(args: argparse.Namespace) -> int:
         spacing_mm=args.spacing,
         seed=args.seed,
         overwrite=args.overwrite,
+        contrasts=args.contrasts,
     )
     return 0
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from server.run_config import RunConfig  # light: no torch, Flower or MONAI
+
+    d = RunConfig()
+    p = sub.add_parser(
+        "simulate",
+        help="run a whole federation on this machine (Flower simulation) and write a run directory",
+        description=(
+            "Simulate a federation of N hospitals on this machine with Flower's simulation engine: each "
+            "site prepares its own data, trains the shared network locally and sends back only model "
+            "weights and aggregate metrics. The last --unseen sites never train; every site holds out a "
+            "test split. Without --data-root, data is synthesized into RUN_DIR/data (built-in head "
+            "phantom, or --label-maps). Writes RUN_DIR/config.json, checkpoints/round-XXX.pt, "
+            "metrics.jsonl (per site, per round) and final-model.pt. --resume RUN_DIR continues an "
+            "interrupted run from its last checkpoint with its stored settings."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/simulate"), help="run directory to write")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (its stored settings are used; --rounds may extend it)",
+    )
+    p.add_argument("--sites", type=int, default=d.num_sites, help="number of sites, unseen ones included")
+    p.add_argument(
+        "--unseen",
+        type=int,
+        default=d.unseen_sites,
+        help="sites that never train (evaluated as unseen sites)",
+    )
+    p.add_argument("--rounds", type=int, default=None, help=f"federated rounds (default {d.num_rounds})")
+    p.add_argument(
+        "--strategy",
+        default=d.strategy,
+        choices=["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn"],
+        help="aggregation strategy (fedbn: normalization layers stay at the sites)",
+    )
+    p.add_argument(
+        "--local-steps", type=int, default=d.local_steps, help="optimizer steps per site per round"
+    )
+    p.add_argument("--preset", default=d.network_preset, choices=["tiny", "default"], help="network size")
+    p.add_argument("--proximal-mu", type=float, default=d.proximal_mu, help="FedProx proximal weight")
+    p.add_argument(
+        "--server-lr",
+        type=float,
+        default=d.server_learning_rate,
+        help="server learning rate (fedadam, fedyogi)",
+    )
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="sites' learning rate")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
+    p.add_argument("--patch-size", type=int, default=d.patch_size, help="cubic training patch edge, voxels")
+    p.add_argument(
+        "--test-fraction", type=float, default=d.test_fraction, help="share of each site's subjects held out"
+    )
+    p.add_argument(
+        "--eval-every", type=int, default=d.eval_every, help="evaluate every K rounds (and after the last)"
+    )
+    p.add_argument("--protocol", default=d.protocol, help="label protocol (tissue or aseg)")
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of data synthesis, splits, initialisation, training"
+    )
+    p.add_argument("--data-root", type=Path, default=None, help="existing folder of site folders to use")
+    p.add_argument("--label-maps", type=Path, default=None, help="FreeSurfer label maps as synthesis anatomy")
+    p.add_argument("--subjects-per-site", type=int, default=6, help="subjects synthesized per site")
+    p.add_argument(
+        "--spacing", type=float, default=d.spacing_mm, help="voxel size in mm (synthesis and preprocessing)"
+    )
+    p.add_argument(
+        "--fov", default="", help="preprocessing field of view in mm, 'X,Y,Z' (default: a whole adult head)"
+    )
+    p.add_argument(
+        "--dp",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="differential privacy in local training (not available in federated runs yet)",
+    )
+    p.add_argument("--verbose", action="store_true", help="show Flower's log")
+    p.set_defaults(handler=_run_simulate)
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from server.run_config import RunConfig
+    from server.run_directory import RunDirectory
+    from server.simulation import run_simulation
+
+    if args.resume is not None:
+        stored = RunDirectory(args.resume).read_config()
+        config = stored.replace(run_dir=str(args.resume), num_rounds=args.rounds or stored.num_rounds)
+    else:
+        out = args.out
+        RunDirectory(out).check_new()
+        data_root = args.data_root if args.data_root is not None else out / "data"
+        config = RunConfig(
+            num_rounds=args.rounds or RunConfig().num_rounds,
+            strategy=args.strategy,
+            proximal_mu=args.proximal_mu,
+            server_learning_rate=args.server_lr,
+            local_steps=args.local_steps,
+            protocol=args.protocol,
+            network_preset=args.preset,
+            patch_size=args.patch_size,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+            test_fraction=args.test_fraction,
+            num_sites=args.sites,
+            unseen_sites=args.unseen,
+            eval_every=args.eval_every,
+            data_root=str(data_root.resolve()),
+            run_dir=str(out.resolve()),
+            spacing_mm=args.spacing,
+            field_of_view_mm=args.fov,
+            dp=args.dp,
+        )
+        if args.data_root is None and not data_root.is_dir():
+            from client.synthesis import synthesize_sites
+
+            print(f"synthesizing {args.sites} sites x {args.subjects_per_site} subjects into {data_root}")
+            synthesize_sites(
+                data_root,
+                n_sites=args.sites,
+                subjects_per_site=args.subjects_per_site,
+                label_maps_dir=args.label_maps,
+                spacing_mm=args.spacing,
+                seed=args.seed,
+            )
+    # The sites' ClientApp: this CLI is the composition root that joins coordinator and site code.
+    from client.app import app as client_app
+
+    run_dir = run_simulation(config, client_app, resume=args.resume is not None, verbose=args.verbose)
+    _print_summary(run_dir)
+    return 0
+
+
+def _print_summary(run_dir) -> None:
+    final: dict[str, dict] = {}
+    for event in run_dir.read_events():
+        if event.get("event") == "evaluate":
+            final[(event["site"], event.get("model", "global"))] = event
+    print(f"run directory: {run_dir.root}")
+    for (site, model), event in sorted(final.items()):
+        dice = event["metrics"].get("dice-mean")
+        shown = "n/a" if dice is None else f"{dice:.3f}"
+        print(f"  {site:<12} {event['role']:<8} {model:<8} mean Dice {shown} (round {event['round']})")
+    print(f"metrics: {run_dir.metrics_path}")
+    print(f"final model: {run_dir.final_model_path}")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model centrally on one site (local-only) or several sites pooled",
+        description=(
+            "Train the segmentation network on the data of one site (the local-only baseline) or of "
+            "several sites pooled (the pooled baseline), with the same network and step budget as a "
+            "federated run. Each DATA_DIR is validated and preprocessed (cached between runs); a share of "
+            "every site's subjects is held out for validation, scored every --validate-every steps. "
+            "Writes a self-describing model file (weights, label protocol, preprocessing plan, network, "
+            "provenance)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("data_dirs", type=Path, nargs="+", metavar="DATA_DIR", help="site data folder(s)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL.pt", help="model file to write")
+    p.add_argument("--protocol", default="tissue", help="label protocol: tissue (4 classes) or aseg (33)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps in total")
+    p.add_argument("--seed", type=int, default=0, help="seed of split, initial weights, sampling")
+    p.add_argument("--preset", default="default", choices=["tiny", "default"], help="network size")
+    p.add_argument("--patch-size", type=int, default=96, help="cubic training patch edge in voxels")
+    p.add_argument("--batch-size", type=int, default=2, help="patches per optimizer step")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam step size")
+    p.add_argument("--spacing", type=float, default=2.0, help="preprocessing voxel size in mm (isotropic)")
+    p.add_argument("--validation-fraction", type=float, default=0.25, help="share of subjects held out")
+    p.add_argument("--validate-every", type=int, default=100, help="steps between validation passes")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="preprocessed cache (default $NEUROFED_CACHE_DIR or ~/.cache)",
+    )
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from client.local_training import LocalTrainingSetup, load_sites, train_centralised, training_provenance
+    from client.preprocessed_cache import PreprocessedCache
+    from client.preprocessing import PreprocessingPlan
+    from models.label_protocols import get_protocol
+    from models.model_file import save_model
+    from models.networks import NetworkConfig
+    from models.training import TrainingConfig
+
+    try:
+        protocol = get_protocol(args.protocol)
+    except KeyError as exc:
+        raise NeurofedError(str(exc.args[0])) from None
+    if args.output.parent and not args.output.parent.exists():
+        raise NeurofedError(f"-o {args.output}: folder {args.output.parent} does not exist")
+    setup = LocalTrainingSetup(
+        steps=args.steps,
+        validation_fraction=args.validation_fraction,
+        validate_every=args.validate_every,
+        seed=args.seed,
+    )
+    plan = PreprocessingPlan(target_spacing_mm=(args.spacing,) * 3)
+    network = NetworkConfig.preset(args.preset, len(plan.input_contrasts), protocol.num_classes)
+    training = TrainingConfig.for_protocol(
+        protocol,
+        patch_size=(args.patch_size,) * 3,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    )
+    network.check_patch_size(training.patch_size)
+    cache = PreprocessedCache(args.cache_dir) if args.cache_dir else PreprocessedCache()
+    sites = load_sites(
+        args.data_dirs,
+        plan,
+        protocol,
+        validation_fraction=setup.validation_fraction,
+        seed=args.seed,
+        cache=cache,
+    )
+    torch.manual_seed(args.seed)
+    model, history = train_centralised(sites, protocol, plan, network, training, setup, progress=True)
+    provenance = training_provenance(sites, setup, history)
+    provenance["training_config"] = training.to_dict()
+    save_model(
+        args.output,
+        model.state_dict(),
+        network=network,
+        protocol=protocol,
+        plan=plan.to_dict(),
+        training=provenance,
+    )
+    final = provenance["final_validation_mean_dice"]
+    print(f"wrote {args.output} ({provenance['kind']}, {args.steps} steps, validation mean Dice {final})")
+    return 0
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="segment scans with a trained model (native-space label map, volumes, QC image)",
+        description=(
+            "Segment one scan, several scans, or every NIfTI file in a folder. For each input writes the "
+            "label map in the input's native space (same shape and affine; *_dseg.nii.gz), a volumes table "
+            "in mL per structure (*_volumes.csv and *_volumes.json) and a QC image with axial, coronal "
+            "and sagittal slices and the label overlay (*_qc.png). Inputs are validated first; a bad input "
+            "is reported and skipped. Exits 1 if any input failed."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "inputs", type=Path, nargs="+", metavar="INPUT", help="NIfTI scan(s) or folder(s) of scans"
+    )
+    p.add_argument(
+        "--model", type=Path, required=True, help="model file written by `neurofed train` or a run"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="for one input file: the label map to write (OUT_dseg.nii.gz); otherwise a folder",
+    )
+    p.set_defaults(handler=_run_segment)
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    from client.segmentation import segment_inputs
+
+    written, failed = segment_inputs(args.model, args.inputs, args.output)
+    for out in written:
+        print(f"{out.source} -> {out.label_map} (volumes: {out.volumes_csv.name}, QC: {out.qc_png.name})")
+    for source, reason in failed:
+        print(f"FAILED {source}: {reason}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_synth(sub)
+    _add_train(sub)
+    _add_segment(sub)
+    _add_simulate(sub)
     return parser
 
 

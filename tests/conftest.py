@@ -12,13 +12,28 @@ LABEL_MAPS_ENV = "NEUROFED_LABEL_MAPS"
 DEFAULT_LABEL_MAPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "label_maps"
 
 
+def _label_maps_folder() -> Path:
+    return Path(os.environ.get(LABEL_MAPS_ENV, DEFAULT_LABEL_MAPS))
+
+
+def _has_label_maps(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("training_seg_*.nii.gz"))
+
+
 @pytest.fixture(scope="session")
 def label_maps_dir() -> Path:
     """The folder of real label maps ``training_seg_*.nii.gz``; skips the test when it is absent."""
-    folder = Path(os.environ.get(LABEL_MAPS_ENV, DEFAULT_LABEL_MAPS))
-    if not folder.is_dir() or not any(folder.glob("training_seg_*.nii.gz")):
+    folder = _label_maps_folder()
+    if not _has_label_maps(folder):
         pytest.skip(f"real label maps not found in {folder} (set {LABEL_MAPS_ENV} to their folder)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def anatomy_label_maps() -> Path | None:
+    """The real label maps' folder where present, else None (callers fall back to the built-in phantom)."""
+    folder = _label_maps_folder()
+    return folder if _has_label_maps(folder) else None
 
 
 class HeadPhantoms:

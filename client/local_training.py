@@ -1,0 +1,225 @@
+"""Centralised training on one or more sites' data: the local-only and pooled baselines.
+
+Every federated result is compared with a model trained on one site alone (local-only) and with a
+model trained on all sites' training data pooled (pooled), with the same network and step budget.
+This module trains those, holding out a validation split at every site that it scores as it goes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from client.preprocessed_cache import PreprocessedCache
+from client.preprocessing import PreprocessedSubject, PreprocessingPlan
+from client.site_data import prepare_site
+from client.site_split import split_subjects
+from models.errors import NeurofedError
+from models.label_protocols import LabelProtocol
+
+
+@dataclass(frozen=True)
+class LocalTrainingSetup:
+    """Everything that decides a local/pooled training run; written into the model's provenance.
+
+    Attributes:
+        steps: optimizer steps in total.
+        validation_fraction: share of each site's subjects held out for validation.
+        validate_every: steps between two validation passes (0: only at the end).
+        seed: seed of the split, the initial weights, patch sampling and augmentation.
+    """
+
+    steps: int = 300
+    validation_fraction: float = 0.25
+    validate_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise NeurofedError(f"--steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise NeurofedError(f"validation fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.validate_every < 0:
+            raise NeurofedError(f"validate_every must be >= 0, got {self.validate_every}")
+
+
+@dataclass
+class SiteSubjects:
+    """One site's preprocessed subjects, split into training and validation."""
+
+    name: str
+    train: list[PreprocessedSubject]
+    validation: list[PreprocessedSubject]
+
+
+@dataclass
+class TrainingHistory:
+    """Losses per step and validation Dice (mean over foreground classes) at each validation pass."""
+
+    losses: list[float] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+
+
+def load_sites(
+    data_dirs: Sequence[Path],
+    plan: PreprocessingPlan,
+    protocol: LabelProtocol,
+    *,
+    validation_fraction: float,
+    seed: int,
+    cache: PreprocessedCache | None = None,
+    progress: bool = True,
+) -> list[SiteSubjects]:
+    """Prepare every site (validate, preprocess through the cache) and split it by subject."""
+    if not data_dirs:
+        raise NeurofedError("no site data folder given")
+    cache = cache if cache is not None else PreprocessedCache()
+    sites = []
+    for data_dir in data_dirs:
+        prepared = prepare_site(Path(data_dir), plan, protocol, cache=cache, progress=progress)
+        by_id = {s.subject_id: s for s in prepared.subjects}
+        split = split_subjects(by_id, validation_fraction, seed)
+        sites.append(
+            SiteSubjects(
+                name=Path(data_dir).name,
+                train=[by_id[i] for i in split.train],
+                validation=[by_id[i] for i in split.test],
+            )
+        )
+    return sites
+
+
+def mean_foreground_dice(per_subject: Sequence[dict[str, dict[str, float]]]) -> float:
+    """Mean over subjects and foreground classes of the Dice in ``segmentation_metrics`` results."""
+    values = [m["dice"] for subject in per_subject for m in subject.values() if math.isfinite(m["dice"])]
+    return float(np.mean(values)) if values else math.nan
+
+
+def train_centralised(
+    sites: Sequence[SiteSubjects],
+    protocol: LabelProtocol,
+    plan: PreprocessingPlan,
+    network_config,
+    training_config,
+    setup: LocalTrainingSetup,
+    *,
+    on_validation: Callable[[int, float], None] | None = None,
+    progress: bool = True,
+):
+    """Train one network on the pooled training subjects of ``sites``; return (model, history).
+
+    With one site this is the local-only baseline, with all sites the pooled baseline. Validation
+    scores every site's validation subjects with sliding-window inference every
+    ``setup.validate_every`` steps and at the end.
+    """
+    import torch
+
+    from models.networks import build_network
+    from models.training import evaluate_subjects, make_optimizer, train_steps
+
+    train = [(s.image, s.label) for site in sites for s in site.train]
+    validation = [(s.image, s.label) for site in sites for s in site.validation]
+    if not train:
+        raise NeurofedError("no training subject: every usable subject went to validation; add subjects")
+    network_config.check_patch_size(training_config.patch_size)
+    model = build_network(network_config, seed=setup.seed)
+    optimizer = make_optimizer(model, training_config)
+    rng = np.random.default_rng(setup.seed)
+    history = TrainingHistory()
+    chunk = setup.validate_every or setup.steps
+    done = 0
+    with _StepProgress(progress, setup.steps) as bar:
+        while done < setup.steps:
+            n = min(chunk, setup.steps - done)
+            result = train_steps(
+                model,
+                train,
+                training_config,
+                n,
+                optimizer=optimizer,
+                rng=rng,
+                step_hook=lambda _i, loss: bar.advance(loss),
+            )
+            history.losses.extend(result.losses)
+            done += n
+            if validation:
+                with torch.inference_mode():
+                    per_subject = evaluate_subjects(
+                        model,
+                        validation,
+                        protocol.class_names,
+                        training_config.patch_size,
+                        spacing_mm=plan.target_spacing_mm,
+                    )
+                dice = mean_foreground_dice(per_subject)
+                history.validation.append({"step": done, "mean_dice": dice})
+                bar.set_dice(dice)
+                if on_validation is not None:
+                    on_validation(done, dice)
+    return model, history
+
+
+class _StepProgress:
+    """A rich progress bar over training steps showing the last loss and validation Dice."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self._enabled = enabled
+        self._total = total
+        self._bar = None
+
+    def __enter__(self) -> _StepProgress:
+        if self._enabled:
+            from rich.progress import Progress
+
+            self._bar = Progress(
+                *Progress.get_default_columns(),
+                "loss {task.fields[loss]:.3f}  val Dice {task.fields[dice]:.3f}",
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task("training", total=self._total, loss=math.nan, dice=math.nan)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def advance(self, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, loss=loss)
+
+    def set_dice(self, dice: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, dice=dice)
+            self._bar.console.print(
+                f"step {int(self._bar.tasks[0].completed)}: validation mean Dice {dice:.3f}"
+            )
+
+
+def training_provenance(
+    sites: Sequence[SiteSubjects], setup: LocalTrainingSetup, history: TrainingHistory
+) -> dict:
+    """The provenance block stored in the model file."""
+    return {
+        "kind": "pooled" if len(sites) > 1 else "local-only",
+        "run_id": uuid.uuid4().hex[:12],
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "sites": [s.name for s in sites],
+        "train_subjects": sum(len(s.train) for s in sites),
+        "validation_subjects": sum(len(s.validation) for s in sites),
+        "rounds": None,
+        "epsilon": None,
+        "dp": False,
+        "setup": {
+            "steps": setup.steps,
+            "validation_fraction": setup.validation_fraction,
+            "validate_every": setup.validate_every,
+            "seed": setup.seed,
+        },
+        "final_validation_mean_dice": history.validation[-1]["mean_dice"] if history.validation else None,
+    }
