@@ -1,0 +1,196 @@
+"""The settings of one federated run, as one typed, validated value.
+
+Flower hands the ServerApp a flat mapping of run settings (``[tool.flwr.app.config]`` in
+pyproject.toml, overridden by ``flwr run --run-config`` or by ``neurofed simulate``). `RunConfig` is
+that mapping parsed and checked once; it is written into the run directory as ``config.json`` so every
+result can be reproduced, and the part a site needs travels to the sites in each message's
+ConfigRecord.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from models.errors import NeurofedError
+
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn")
+"""fedavg: weighted mean of site models; fedprox: fedavg + proximal term in the sites' loss;
+fedadam / fedyogi: server-side adaptive optimizer on the mean update; fedbn: fedavg over every array
+except normalization layers, which each site keeps (personalised model)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a federated run.
+
+    Attributes:
+        num_rounds: federated rounds (each: local training at every training site, aggregation).
+        strategy: one of `STRATEGIES`.
+        proximal_mu: weight of FedProx's proximal term ``mu/2 * ||w - w_global||^2`` (fedprox only).
+        server_learning_rate: server optimizer step size eta (fedadam / fedyogi only).
+        local_steps: optimizer steps each training site runs per round.
+        protocol: label protocol name (``tissue`` or ``aseg``).
+        network_preset: network preset of models/networks.py (``tiny`` or ``default``).
+        architecture: network architecture (``unet``, ``dynunet``, ``segresnet``).
+        patch_size: edge of the cubic training patch, in voxels.
+        batch_size: patches per optimizer step.
+        learning_rate: the sites' optimizer learning rate.
+        seed: seed of model initialisation, test splits and every site's training in every round.
+        test_fraction: share of each training site's subjects held out for testing.
+        num_sites: number of site nodes the server waits for, unseen sites included.
+        unseen_sites: how many of the sites never train (role ``holdout``); in simulation the last ones.
+        eval_every: sites evaluate the global model every this many rounds (and after the last one).
+        data_root: folder with one sub-folder per site (simulation: site i is the i-th sub-folder in
+            name order). Empty in a deployment, where each site reads ``data-dir`` from its node config.
+        run_dir: where the run directory (config, checkpoints, metrics) is written.
+        contrast: the structural image the network reads (BIDS suffix).
+        spacing_mm: isotropic voxel size the sites resample to, in mm.
+        field_of_view_mm: extent of the sites' preprocessing grid in mm, ``"X,Y,Z"`` (RAS order); empty
+            for the preprocessing plan's default (a whole adult head).
+        dp: differential privacy during local training. Not implemented yet (its own issue); must be
+            False for now, so a run never claims a guarantee it does not give.
+        round_timeout_s: seconds the server waits for replies in one round.
+    """
+
+    num_rounds: int = 5
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    local_steps: int = 30
+    protocol: str = "tissue"
+    network_preset: str = "tiny"
+    architecture: str = "unet"
+    patch_size: int = 48
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    seed: int = 0
+    test_fraction: float = 0.25
+    num_sites: int = 4
+    unseen_sites: int = 1
+    eval_every: int = 1
+    data_root: str = ""
+    run_dir: str = "runs/flwr"
+    contrast: str = "T1w"
+    spacing_mm: float = 2.0
+    field_of_view_mm: str = ""
+    dp: bool = False
+    round_timeout_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, what: str) -> NeurofedError:
+            return NeurofedError(f"run setting {flower_key(name)!r}: {what}")
+
+        if self.strategy not in STRATEGIES:
+            raise bad(
+                "strategy", f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
+        for name in ("num_rounds", "local_steps", "patch_size", "batch_size", "num_sites", "eval_every"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.unseen_sites < self.num_sites:
+            raise bad(
+                "unseen_sites",
+                f"{self.unseen_sites} unseen of {self.num_sites} sites leaves no site to train; "
+                "use fewer unseen sites or more sites",
+            )
+        if not 0.0 < self.test_fraction < 1.0:
+            raise bad("test_fraction", f"must be between 0 and 1 (exclusive), got {self.test_fraction}")
+        for name in ("learning_rate", "server_learning_rate", "spacing_mm", "round_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise bad(name, f"must be positive, got {getattr(self, name)}")
+        if self.proximal_mu < 0:
+            raise bad("proximal_mu", f"must be >= 0, got {self.proximal_mu}")
+        if self.field_of_view_mm:
+            self.field_of_view()
+        if self.dp:
+            raise bad("dp", "differential privacy is not available in federated runs yet; set it to false")
+
+    @property
+    def num_training_sites(self) -> int:
+        return self.num_sites - self.unseen_sites
+
+    def field_of_view(self) -> tuple[float, float, float] | None:
+        """``field_of_view_mm`` parsed to three positive mm values, or None for the plan default."""
+        if not self.field_of_view_mm:
+            return None
+        try:
+            fov = tuple(float(v) for v in self.field_of_view_mm.replace("x", ",").split(","))
+        except ValueError:
+            fov = ()
+        if len(fov) != 3 or min(fov) <= 0:
+            raise NeurofedError(
+                f"run setting 'field-of-view-mm': expected three positive sizes in mm like '192,224,192', "
+                f"got {self.field_of_view_mm!r}"
+            )
+        return fov  # type: ignore[return-value]
+
+    def evaluates_after(self, server_round: int) -> bool:
+        """Whether sites evaluate the global model after ``server_round`` (1-based)."""
+        return server_round % self.eval_every == 0 or server_round == self.num_rounds
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (field names as keys), as written to ``config.json``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise NeurofedError(f"run config: unknown settings {unknown}; known: {sorted(names)}")
+        return cls(**dict(d))
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flat Flower run-config form (``num-server-rounds``, ``local-steps``, ...)."""
+        return {flower_key(k): v for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Parse Flower's flat run config; missing keys take the defaults, unknown keys are an error.
+
+        Values are coerced to each field's type, because Flower's TOML and ``--run-config`` parsing
+        may give ``4`` where ``4.0`` is meant.
+        """
+        by_key = {flower_key(f.name): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(by_key))
+        if unknown:
+            raise NeurofedError(
+                f"run config: unknown settings {unknown} (check [tool.flwr.app.config] in pyproject.toml "
+                f"and --run-config); known: {sorted(by_key)}"
+            )
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            f = by_key[key]
+            values[f.name] = _coerce(key, value, type(getattr(cls, f.name)))
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def flower_key(field_name: str) -> str:
+    """The Flower run-config key of a `RunConfig` field (``num_rounds`` -> ``num-server-rounds``)."""
+    return "num-server-rounds" if field_name == "num_rounds" else field_name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise NeurofedError(f"run setting {key!r}: expected {kind.__name__}, got {value!r}")
