@@ -139,13 +139,15 @@ def _base(
     fov_margin_mm: tuple[tuple[float, float], tuple[float, float], tuple[float, float]],
     bias_field_std: float,
     noise_level: float,
+    texture_std: float = 0.04,
+    label_jitter: float = 0.03,
 ) -> ScannerProfile:
     return ScannerProfile(
         name=name,
         weighting=weighting,
         tissue_means=TissueMeans(*means),
-        label_jitter=0.03,
-        texture_std=0.04,
+        label_jitter=label_jitter,
+        texture_std=texture_std,
         bias_field_std=bias_field_std,
         noise_level=noise_level,
         acquisition_voxel_mm=acquisition_voxel_mm,
@@ -156,45 +158,66 @@ def _base(
 
 
 # Base sequences per weighting. Means in TissueMeans field order: csf, grey_matter, deep_grey,
-# cerebellar_cortex, white_matter, skull, marrow, soft_tissue, skin. The T1 variants differ on
-# purpose in grey/white and CSF/white ratios, slice thickness and field of view, as real scanners do.
+# cerebellar_cortex, white_matter, skull, marrow, soft_tissue, skin.
+#
+# The T1w variants keep WM > GM > CSF but differ where it survives per-subject z-scoring of the brain:
+# the position of GM between CSF and WM, k = (GM - CSF) / (WM - GM), and the grey/white
+# contrast-to-noise. An affine rescaling is undone by z-scoring; a different k is not, so a GM/WM
+# boundary learnt on one scanner lies inside another scanner's GM or WM.
+# - MPRAGE-3T: strong GM/WM contrast (GM 0.55 of WM), k ~ 0.5; isotropic 1 mm.
+# - T1-SE-1.5T: weak GM/WM contrast (GM 0.88), CSF far below both, k ~ 4; 4 mm axial slices give a
+#   high SNR per voxel and heavy partial volume across slices; body-coil reception, nearly flat bias.
+#   Tissue heterogeneity (texture, per-subject label means) scales with the weak T1 sensitivity.
+# - SPGR-1.5T: intermediate GM/WM contrast with very dark CSF (strong T1 saturation), k ~ 2.
+# - FLASH-3T: strong GM/WM contrast, CSF closer to GM (proton-density share at a moderate flip angle),
+#   k ~ 0.4; iron-rich deep grey darker than cortex (T2* decay at the longer echo); 2.5 mm coronal.
+# Bias-field std is what remains after the vendor's intensity correction: larger at 3T (B1 inhomogeneity,
+# phased-array reception) than at 1.5T.
 BASE_PROFILES: dict[str, tuple[ScannerProfile, ...]] = {
     "T1w": (
         _base(
             "MPRAGE-3T",
             "T1w",
-            (0.20, 0.60, 0.76, 0.62, 1.0, 0.08, 0.85, 0.55, 0.75),
+            (0.30, 0.55, 0.70, 0.58, 1.0, 0.08, 0.85, 0.55, 0.75),
             (1.0, 1.0, 1.0),
             ((25.0, 25.0), (30.0, 45.0), (70.0, 25.0)),
-            bias_field_std=0.08,
-            noise_level=0.025,
+            bias_field_std=0.05,
+            noise_level=0.03,
+            texture_std=0.03,
+            label_jitter=0.02,
         ),
         _base(
             "T1-SE-1.5T",
             "T1w",
-            (0.42, 0.80, 0.88, 0.80, 1.0, 0.05, 0.95, 0.70, 0.85),
+            (0.35, 0.88, 0.93, 0.88, 1.0, 0.05, 0.95, 0.70, 0.85),
             (0.9, 0.9, 4.0),
             ((8.0, 8.0), (8.0, 14.0), (12.0, 8.0)),
-            bias_field_std=0.12,
-            noise_level=0.045,
+            bias_field_std=0.03,
+            noise_level=0.015,
+            texture_std=0.01,
+            label_jitter=0.01,
         ),
         _base(
             "SPGR-1.5T",
             "T1w",
-            (0.30, 0.70, 0.82, 0.72, 1.0, 0.06, 0.90, 0.65, 0.80),
+            (0.10, 0.72, 0.80, 0.74, 1.0, 0.06, 0.90, 0.65, 0.80),
             (1.2, 1.0, 1.0),
             ((15.0, 15.0), (20.0, 30.0), (40.0, 15.0)),
-            bias_field_std=0.1,
-            noise_level=0.035,
+            bias_field_std=0.04,
+            noise_level=0.025,
+            texture_std=0.02,
+            label_jitter=0.02,
         ),
         _base(
             "FLASH-3T",
             "T1w",
-            (0.14, 0.52, 0.70, 0.55, 1.0, 0.07, 0.80, 0.50, 0.70),
+            (0.42, 0.58, 0.52, 0.60, 1.0, 0.07, 0.80, 0.50, 0.70),
             (1.0, 2.5, 1.0),
             ((12.0, 12.0), (10.0, 20.0), (25.0, 10.0)),
-            bias_field_std=0.18,
-            noise_level=0.02,
+            bias_field_std=0.06,
+            noise_level=0.025,
+            texture_std=0.03,
+            label_jitter=0.02,
         ),
     ),
     "T2w": (

@@ -22,10 +22,24 @@ N_SITES, N_SUBJECTS = 2, 3
 
 
 @pytest.fixture(scope="module")
-def phantom_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two phantom sites (MPRAGE-3T stored LIA, T1-SE-1.5T with 4 mm slices stored RAS), 3 subjects each."""
+def default_phantom_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The four default phantom sites (MPRAGE-3T, T1-SE-1.5T, SPGR-1.5T, FLASH-3T), 3 subjects each."""
+    out = tmp_path_factory.mktemp("synth4") / "data"
+    synthesize_sites(out, 4, N_SUBJECTS, seed=SEED)
+    return out
+
+
+@pytest.fixture(scope="module")
+def phantom_sites(default_phantom_sites: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two phantom sites (MPRAGE-3T stored LIA, T1-SE-1.5T with 4 mm slices stored RAS), 3 subjects each.
+
+    Links to the first two default sites: site i does not depend on the number of sites, so a two-site
+    run would write the same files.
+    """
     out = tmp_path_factory.mktemp("synth") / "data"
-    synthesize_sites(out, N_SITES, N_SUBJECTS, seed=SEED)
+    out.mkdir()
+    for s in range(N_SITES):
+        (out / f"site-{s + 1:02d}").symlink_to(default_phantom_sites / f"site-{s + 1:02d}")
     return out
 
 
@@ -247,6 +261,34 @@ def _assert_site_shift(root: Path) -> None:
 
 def test_a_classifier_fitted_on_one_phantom_site_does_worse_on_another(phantom_sites: Path) -> None:
     _assert_site_shift(phantom_sites)
+
+
+TRANSFER_PENALTY_PAIR = 0.05
+"""Least mean tissue Dice lost on site-02 with thresholds fitted on site-01 instead of on site-02."""
+TRANSFER_PENALTY_MEAN = 0.015
+"""Least mean tissue Dice lost, averaged over the ordered pairs of default sites, by fitting elsewhere."""
+
+
+def _transfer_matrix(root: Path, n_sites: int) -> np.ndarray:
+    """``M[a, b]``: mean tissue Dice on site b's held-out subjects of thresholds fitted on site a's sub-001."""
+    sites = [
+        [_tissue_samples(root / f"site-{s + 1:02d}", f"sub-00{k}") for k in (1, 2, 3)] for s in range(n_sites)
+    ]
+    models = [_fit_thresholds(*site[0]) for site in sites]
+    return np.array([[np.mean([_mean_dice(m, *x) for x in site[1:]]) for site in sites] for m in models])
+
+
+def test_thresholds_fitted_on_another_default_site_lose_dice_against_the_sites_own(
+    default_phantom_sites: Path,
+) -> None:
+    # Same held-out subjects on both sides of each comparison: only the site the thresholds came from
+    # differs, so a loss is a domain shift, not a harder scanner.
+    matrix = _transfer_matrix(default_phantom_sites, 4)
+    penalty = np.diag(matrix)[None, :] - matrix  # penalty[a, b]: Dice lost on b by fitting on a
+    off_diagonal = penalty[~np.eye(4, dtype=bool)]
+    shown = np.array2string(matrix, precision=3)
+    assert penalty[0, 1] > TRANSFER_PENALTY_PAIR, f"site-01 -> site-02 lost {penalty[0, 1]:.3f}\n{shown}"
+    assert off_diagonal.mean() > TRANSFER_PENALTY_MEAN, f"mean loss {off_diagonal.mean():.3f}\n{shown}"
 
 
 def test_a_classifier_fitted_on_one_real_anatomy_site_does_worse_on_another(
