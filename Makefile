@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 # The CPU build that lies on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.neurofed-installed
-DEMO_OUT ?= runs/demo
+# Each demo writes a fresh run directory (a finished run is never overwritten or resumed by accident).
+DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
+DEMO_OUT ?= runs/demo-$(DEMO_STAMP)
 
 .PHONY: setup demo test lint clean
 
@@ -18,8 +20,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: a federation of 4 simulated hospitals (3 train, 1 unseen) on built-in data, compared with
+# local-only and pooled models of the same budget; ends with RUN_DIR/report.html.
 demo: $(STAMP)
-	$(VENV)/bin/neurofed synth $(DEMO_OUT)/data --sites 4 --subjects-per-site 6 --seed 0
+	$(VENV)/bin/neurofed simulate --out $(DEMO_OUT)
+	@echo "demo report: $(DEMO_OUT)/report.html"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -5,7 +5,11 @@
 
 - ``query``: the site's id, role (``train`` / ``holdout``), subject counts and preprocessing plan.
 - ``train``: load the global arrays, train ``local-steps`` steps on the site's training split, reply
-  with the updated arrays and the training loss.
+  with the updated arrays and the training loss. With ``dp`` on, training is subject-level DP-SGD, and
+  the site first checks the round against its privacy ledger: a round that would exceed the site's
+  lifetime budget is declined (a reply with metric ``refused`` = 1, the reason in ConfigRecord
+  ``refusal``, no arrays); otherwise the reply's metrics carry the run's cumulative ``epsilon`` and
+  ``delta`` as recorded in the ledger.
 - ``evaluate``: score the global model (and, for FedBN, the site's personalised model) on the site's
   test split; reply with mean Dice / HD95 / ASSD per class and the number of test subjects.
 
@@ -18,10 +22,14 @@ Where a site's data is (node config, set when starting the SuperNode, e.g.
 - ``data-dir``: the site's data folder (BIDS or flat, see README); ``site-id`` (default: the folder's
   name); ``role`` (``train``, default, or ``holdout``: evaluates only, never trains);
   ``cache-dir`` (preprocessed cache); ``state-dir`` (what the site keeps between rounds, e.g. its
-  personalised normalization layers).
+  personalised normalization layers); ``ledger`` (the privacy ledger, default
+  ``<state-dir>/privacy-ledger.jsonl``); ``budget-epsilon`` / ``budget-delta`` (the lifetime privacy
+  budget written into the ledger; without one, and without one set by `neurofed-site budget`, every DP
+  round is declined).
 - In Flower's simulation the node config only holds ``partition-id`` / ``num-partitions``: partition
   i is then the i-th site folder (name order) under the run's ``data-root``, the last ``unseen-sites``
-  partitions are holdout sites, and cache and state go under the run's ``run-dir``.
+  partitions are holdout sites, and cache, state and ledger go under the run's ``run-dir``; a simulated
+  ledger without a budget gets `SIMULATED_BUDGET`.
 
 Every setting of how to train and evaluate comes from the server in each message's ConfigRecord (the
 flat run-config keys of server/run_config.py), so all sites follow one recipe.
@@ -48,6 +56,8 @@ from models.errors import NeurofedError
 
 if TYPE_CHECKING:
     from client.preprocessing import PreprocessingPlan
+    from privacy.dp_sgd import DPConfig
+    from privacy.privacy_ledger import PrivacyLedger
 
 ROLE_TRAIN = "train"
 ROLE_HOLDOUT = "holdout"
@@ -82,6 +92,14 @@ class Recipe:
     proximal_mu: float
     personal_layers: str
     evaluate_personal: bool
+    num_rounds: int = 1
+    run_id: str = ""
+    dp: bool = False
+    dp_target_epsilon: float = 8.0
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+    dp_grad_sample_mode: str = "vmap"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Recipe:
@@ -115,6 +133,27 @@ class Recipe:
             proximal_mu=float(get("proximal-mu", 0.0)),
             personal_layers=str(get("personal-layers", "none")),
             evaluate_personal=bool(get("evaluate-personal", False)),
+            num_rounds=int(get("num-server-rounds", 1)),
+            run_id=str(get("run-id", "")),
+            dp=bool(get("dp", False)),
+            dp_target_epsilon=float(get("dp-target-epsilon", 8.0)),
+            dp_noise_multiplier=float(get("dp-noise-multiplier", 0.0)),
+            dp_max_grad_norm=float(get("dp-max-grad-norm", 1.0)),
+            dp_delta=float(get("dp-delta", 1e-5)),
+            dp_grad_sample_mode=str(get("dp-grad-sample-mode", "vmap")),
+        )
+
+    def dp_config(self) -> DPConfig:
+        """The site's DP-SGD settings for this run (the noise multiplier wins over the target ε)."""
+        from privacy.dp_sgd import DPConfig
+
+        return DPConfig(
+            enabled=True,
+            noise_multiplier=self.dp_noise_multiplier or None,
+            target_epsilon=self.dp_target_epsilon,
+            max_grad_norm=self.dp_max_grad_norm,
+            delta=self.dp_delta,
+            grad_sample_mode=self.dp_grad_sample_mode,
         )
 
 
@@ -128,6 +167,38 @@ class SiteSetup:
     cache_dir: Path | None
     state_dir: Path
     simulated: bool
+    ledger_path: Path | None = None
+    budget: tuple[float, float] | None = None
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        """The site's privacy ledger (node config ``ledger``, default ``<state-dir>/privacy-ledger.jsonl``)."""
+        from privacy.privacy_ledger import PrivacyLedger
+
+        return PrivacyLedger(self.ledger_path or self.state_dir / LEDGER_FILE)
+
+
+LEDGER_FILE = "privacy-ledger.jsonl"
+SIMULATED_BUDGET = (100.0, 1e-3)
+"""Lifetime (ε, δ) budget a simulated site's ledger gets when it has none: generous, so that only a run
+far beyond any sane privacy level is refused (a simulated site's ledger lives in the run directory and
+records that run only). Real sites set theirs with `neurofed-site budget` or the node config."""
+
+
+def _node_budget(node_config: Mapping[str, Any]) -> tuple[float, float] | None:
+    if "budget-epsilon" not in node_config:
+        if "budget-delta" in node_config:
+            raise NeurofedError(
+                "node config 'budget-delta' needs 'budget-epsilon' (the lifetime ε) beside it"
+            )
+        return None
+    try:
+        return float(node_config["budget-epsilon"]), float(node_config.get("budget-delta", 1e-5))
+    except (TypeError, ValueError) as exc:
+        raise NeurofedError(
+            f"node config 'budget-epsilon' / 'budget-delta' must be numbers, e.g. budget-epsilon=10 "
+            f"budget-delta=1e-5 ({exc})"
+        ) from exc
 
 
 def site_setup(node_config: Mapping[str, Any], recipe: Recipe) -> SiteSetup:
@@ -142,8 +213,16 @@ def site_setup(node_config: Mapping[str, Any], recipe: Recipe) -> SiteSetup:
             )
         cache = node_config.get("cache-dir")
         state = node_config.get("state-dir") or Path.home() / ".neurofed" / "site-state" / site_id
+        ledger = node_config.get("ledger")
         return SiteSetup(
-            site_id, role, data_dir, Path(str(cache)) if cache else None, Path(str(state)), False
+            site_id,
+            role,
+            data_dir,
+            Path(str(cache)) if cache else None,
+            Path(str(state)),
+            False,
+            ledger_path=Path(str(ledger)).expanduser() if ledger else None,
+            budget=_node_budget(node_config),
         )
     if "partition-id" in node_config:
         if not recipe.data_root:
@@ -167,7 +246,13 @@ def site_setup(node_config: Mapping[str, Any], recipe: Recipe) -> SiteSetup:
         role = ROLE_HOLDOUT if partition >= partitions - recipe.unseen_sites else ROLE_TRAIN
         run_dir = Path(recipe.run_dir)
         return SiteSetup(
-            data_dir.name, role, data_dir, run_dir / "cache", run_dir / "sites" / data_dir.name, True
+            data_dir.name,
+            role,
+            data_dir,
+            run_dir / "cache",
+            run_dir / "sites" / data_dir.name,
+            True,
+            budget=_node_budget(node_config),
         )
     raise NeurofedError(
         "this site does not know its data: start the SuperNode with "
@@ -370,15 +455,23 @@ def train(msg: Message, context: Context) -> Message:
         learning_rate=recipe.learning_rate,
         seed=recipe.seed,
     )
-    result = train_steps(
-        model,
-        data.train,
-        config,
-        recipe.local_steps,
-        rng=_site_rng(recipe, setup.site_id),
-        proximal_to=global_weights if recipe.proximal_mu > 0 else None,
-        proximal_mu=recipe.proximal_mu,
-    )
+    proximal_to = global_weights if recipe.proximal_mu > 0 else None
+    privacy: dict[str, float] = {}
+    if recipe.dp:
+        outcome = train_private_round(model, data.train, config, recipe, setup, proximal_to)
+        if isinstance(outcome, Refusal):
+            return _refusal_reply(msg, outcome)
+        result, privacy = outcome
+    else:
+        result = train_steps(
+            model,
+            data.train,
+            config,
+            recipe.local_steps,
+            rng=_site_rng(recipe, setup.site_id),
+            proximal_to=proximal_to,
+            proximal_mu=recipe.proximal_mu,
+        )
     state = model.state_dict()
     if personal_keys:
         _save_personal(setup, recipe.server_round, {k: state[k] for k in personal_keys})
@@ -389,9 +482,172 @@ def train(msg: Message, context: Context) -> Message:
             "train-loss": float(result.mean_loss),
             "steps": int(result.steps),
             "seconds": float(result.seconds),
+            **privacy,
         }
     )
     return Message(content=RecordDict({"arrays": ArrayRecord(shared), "metrics": metrics}), reply_to=msg)
+
+
+# --- differential privacy ----------------------------------------------------------------------------
+
+REFUSED_KEY = "refused"
+"""Metric of a training reply (1) in which the site declines the round; the reason is in ConfigRecord
+``refusal`` under ``reason``. Such a reply carries no arrays."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The site declines to train a round: its ledger says the round would exceed the lifetime budget."""
+
+    reason: str
+    epsilon: float
+    delta: float
+
+
+def _refusal_reply(msg: Message, refusal: Refusal) -> Message:
+    metrics = MetricRecord(
+        {REFUSED_KEY: 1, "num-examples": 0, "epsilon": refusal.epsilon, "delta": refusal.delta}
+    )
+    reason = ConfigRecord({"reason": refusal.reason})
+    return Message(content=RecordDict({"metrics": metrics, "refusal": reason}), reply_to=msg)
+
+
+def prepare_ledger(setup: SiteSetup) -> PrivacyLedger:
+    """The site's ledger, its folder created and its lifetime budget set from the node config.
+
+    A budget in the node config (``budget-epsilon``, ``budget-delta``) replaces the ledger's; a simulated
+    site whose ledger has none gets `SIMULATED_BUDGET`. A deployed site without either is refused every
+    DP round, with a reason that says how to set one.
+    """
+    ledger = setup.ledger
+    ledger.path.parent.mkdir(parents=True, exist_ok=True)
+    current = ledger.budget()
+    wanted = setup.budget or (SIMULATED_BUDGET if setup.simulated and current is None else None)
+    if wanted is not None and (current is None or (current.epsilon, current.delta) != wanted):
+        ledger.set_budget(*wanted)
+    return ledger
+
+
+class SubjectPatches(torch.utils.data.Dataset):
+    """Patches arranged as ``privacy.dp_sgd.PrivacyUnitDataset`` requires: item ``u + n * k`` is the
+    ``k``-th patch of subject ``u`` (of ``n``), each ``(image (C, *patch) float32, label (1, *patch) int64)``.
+
+    One `models.training.PatchDataset` per subject, so a unit never draws another subject's patch.
+    """
+
+    def __init__(self, subjects: list, config: Any, patches_per_subject: int, seed: int) -> None:
+        from models.training import PatchDataset
+
+        seeds = np.random.default_rng(seed).integers(0, 2**63 - 1, size=len(subjects))
+        self.per_subject = [
+            PatchDataset.from_config([subject], config, length=patches_per_subject, seed=int(s))
+            for subject, s in zip(subjects, seeds, strict=True)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.per_subject) * len(self.per_subject[0])
+
+    def __getitem__(self, index: int) -> Any:
+        draw, unit = divmod(index, len(self.per_subject))
+        return self.per_subject[unit][draw]
+
+
+def train_private_round(
+    model: torch.nn.Module,
+    subjects: list,
+    config: Any,
+    recipe: Recipe,
+    setup: SiteSetup,
+    proximal_to: Mapping[str, torch.Tensor] | None,
+) -> tuple[Any, dict[str, float]] | Refusal:
+    """Train one round with subject-level DP-SGD, checked against and recorded in the site's ledger.
+
+    The privacy unit is the subject: each step includes each training subject with probability
+    ``batch_size / len(subjects)`` (one fresh patch of it). The accountant continues from the run's
+    releases in the ledger, so ε is cumulative for the run; the noise multiplier comes from
+    ``dp-noise-multiplier`` or from ``dp-target-epsilon`` for the planned rounds x local steps.
+
+    Returns:
+        ``(TrainResult, {"epsilon", "delta", "noise-multiplier", "sample-rate"})`` with the run's ε after
+        this round, or a `Refusal` when the ledger does not allow the round (nothing is trained or recorded).
+    """
+    import time
+    from functools import partial
+
+    from models.training import TrainResult, make_loss, make_optimizer, training_step
+    from privacy.dp_sgd import PrivacyUnitDataset, make_private_training
+    from privacy.errors import PrivacyBudgetExceeded, PrivacyError
+
+    if not recipe.run_id:
+        raise NeurofedError("the server's message lacks 'run-id', which DP needs; update the coordinator")
+    dp = recipe.dp_config()
+    ledger = prepare_ledger(setup)
+    n_subjects = len(subjects)
+    # Poisson sampling over subjects: a batch larger than the site's subjects is not possible.
+    batch_size = min(recipe.batch_size, n_subjects)
+    sample_rate = batch_size / n_subjects
+    planned_steps = recipe.num_rounds * recipe.local_steps
+    try:
+        noise = dp.resolve_noise_multiplier(sample_rate, planned_steps)
+        decision = ledger.check_round(recipe.run_id, recipe.local_steps, sample_rate, noise, dp.delta)
+    except PrivacyError as exc:
+        raise NeurofedError(f"site {setup.site_id}: {exc}") from exc
+    spent = ledger.run_epsilon(recipe.run_id)
+    if not decision.allowed:
+        return Refusal(decision.reason, spent, dp.delta)
+
+    seed = int(_site_rng(recipe, setup.site_id).integers(0, 2**63 - 1))
+    units = PrivacyUnitDataset(SubjectPatches(subjects, config, max(recipe.local_steps, 1), seed), n_subjects)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = make_optimizer(model, config)
+    started = time.perf_counter()
+    model.train()
+    try:
+        with (
+            torch.random.fork_rng(devices=[]),
+            make_private_training(
+                model,
+                optimizer,
+                units,
+                batch_size,
+                dp,
+                loss_fn=make_loss(),
+                planned_steps=planned_steps,
+                accountant_state=ledger.accountant_state(recipe.run_id),
+                generator=generator,
+            ) as private,
+        ):
+            torch.manual_seed(seed)  # dropout
+            with ledger.reserved_round(
+                recipe.run_id,
+                recipe.server_round,
+                steps=recipe.local_steps,
+                sample_rate=private.sample_rate,
+                noise_multiplier=private.noise_multiplier,
+                delta=dp.delta,
+            ):
+                losses = private.run_steps(
+                    recipe.local_steps,
+                    step_fn=partial(training_step, proximal_to=proximal_to, proximal_mu=recipe.proximal_mu),
+                )
+    except PrivacyBudgetExceeded as exc:
+        # Another run spent the budget between the check and the reservation.
+        return Refusal(exc.reason, ledger.run_epsilon(recipe.run_id), dp.delta)
+    except PrivacyError as exc:
+        raise NeurofedError(f"site {setup.site_id}: {exc}") from exc
+    result = TrainResult(
+        steps=len(losses),
+        n_samples_seen=len(losses) * batch_size,
+        losses=losses,
+        seconds=time.perf_counter() - started,
+    )
+    privacy = {
+        "epsilon": ledger.run_epsilon(recipe.run_id),
+        "delta": dp.delta,
+        "noise-multiplier": private.noise_multiplier,
+        "sample-rate": private.sample_rate,
+    }
+    return result, privacy
 
 
 @app.evaluate()

@@ -25,7 +25,9 @@ metrics (MetricRecord of scalars); see client/app.py for what the sites send.
 from __future__ import annotations
 
 import json
+import math
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,8 @@ from models.errors import NeurofedError
 from server.run_config import RunConfig
 from server.run_directory import RunDirectory
 from server.strategies import (
+    check_float_arrays,
+    check_updates,
     make_strategy,
     restore_strategy_state,
     state_dict_to_arrays,
@@ -91,17 +95,51 @@ class _NodeView:
         return list(self._node_ids)
 
 
-SERVER_ONLY_SETTINGS = frozenset({"proximal-mu", "server-learning-rate", "round-timeout-s"})
+SERVER_ONLY_SETTINGS = frozenset(
+    {
+        "proximal-mu",
+        "server-learning-rate",
+        "round-timeout-s",
+        "server-dp",
+        "server-dp-noise-multiplier",
+        "server-dp-clipping-norm",
+        "update-norm-limit",
+    }
+)
 """Run settings sites do not get: strategies add what a site needs (FedProx adds ``proximal-mu``)."""
 
+REFUSED_KEY = "refused"
+"""Training-reply metric (1) of a site that declines a round (its privacy budget); see client/app.py."""
 
-def site_config(config: RunConfig, server_round: int) -> ConfigRecord:
-    """The ConfigRecord a site gets: the run settings it needs and the round number."""
+
+def site_config(config: RunConfig, server_round: int, run_id: str = "") -> ConfigRecord:
+    """The ConfigRecord a site gets: the run settings it needs, the round number and the run's id.
+
+    ``run-id`` names the run in each site's privacy ledger; it stays the same when the run is resumed.
+    """
     # Every message carries the recipe, so sites train and evaluate exactly as the server was
     # configured, also in a deployment where sites have no access to the run config file.
     record = ConfigRecord({k: v for k, v in config.to_flower().items() if k not in SERVER_ONLY_SETTINGS})
     record["server-round"] = server_round
+    if run_id:
+        record["run-id"] = run_id
     return record
+
+
+def server_dp_epsilon(config: RunConfig, releases: int) -> float:
+    """Site-level ε (at ``dp-delta``) of ``releases`` noised aggregates of the server-side DP wrapper.
+
+    Every training site takes part in every round (sample rate 1), and Flower's wrapper adds noise of std
+    ``noise_multiplier x clipping_norm`` to the sum of clipped updates: the Gaussian mechanism, composed
+    by the RDP accountant of privacy/accounting.py. Infinite without noise. Adaptive clipping splits the
+    same privacy between the update and the clipped-count release (Andrew et al., 2021), so it has the
+    same ε.
+    """
+    from privacy.accounting import epsilon_for
+
+    if config.server_dp_noise_multiplier == 0:
+        return float("inf")
+    return epsilon_for(releases, 1.0, config.server_dp_noise_multiplier, config.dp_delta)
 
 
 def initial_state_dict(config: RunConfig) -> dict[str, Any]:
@@ -185,6 +223,7 @@ class FederatedRun:
         self.on_message = on_message
         self.sites: list[Site] = []
         self.plan: dict[str, Any] = {}
+        self.run_id = ""
 
     # -- messaging ----------------------------------------------------------------------------------
 
@@ -307,10 +346,15 @@ class FederatedRun:
                     f"{stored_plan}; resume with the same settings and neurofed version"
                 )
             self.run_dir.drop_events_after(start_round - 1)
-        else:
+            self.run_id = str(self.run_dir.read_document().get("run_id", ""))
+        if not self.run_id:
+            # Names the run in the sites' privacy ledgers, so a resumed run continues their count.
+            self.run_id = uuid.uuid4().hex
+        if not self.resume:
             self.run_dir.start(
                 config,
                 {
+                    "run_id": self.run_id,
                     "network": network_config(config).to_dict(),
                     "plan": self.plan,
                     "sites": [
@@ -331,6 +375,11 @@ class FederatedRun:
             )
         if state_dict is None:
             state_dict = initial_state_dict(config)
+        if config.server_dp != "off":
+            try:
+                check_float_arrays(state_dict_to_arrays(state_dict))
+            except ValueError as exc:
+                raise NeurofedError(f"run setting 'server-dp': {exc}; use a network without them") from exc
 
         trainers = [s for s in sites if s.role == ROLE_TRAIN]
         # The strategy samples from what actually connected, which in a deployment may differ from the
@@ -341,7 +390,6 @@ class FederatedRun:
         restore_strategy_state(strategy, saved_state)
         arrays = state_dict_to_arrays(state_dict)
         dtypes = {k: v.numpy().dtype for k, v in arrays.items()}
-        role_of = {s.node_id: s for s in sites}
 
         def write_model(path: Path, sd: Mapping[str, Any]) -> None:
             write_model_file(path, sd, config, self.plan)
@@ -351,23 +399,24 @@ class FederatedRun:
             messages = strategy.configure_train(
                 server_round,
                 arrays,
-                site_config(config, server_round),
+                site_config(config, server_round, self.run_id),
                 _NodeView(s.node_id for s in trainers),
             )
             replies = self._send(messages, "training", server_round)
-            for r in replies:
-                site = role_of[r.metadata.src_node_id]
+            accepted = self._screen_updates(server_round, replies, arrays)
+            if not accepted:
+                # No site's update is usable this round: the global model stays as it was.
                 self._emit(
                     {
-                        "event": "train",
+                        "event": "aggregate-train",
                         "round": server_round,
-                        "site": site.site_id,
-                        "role": site.role,
-                        "split": "train",
-                        "metrics": dict(r.content["metrics"]),
+                        "metrics": {},
+                        "skipped": "no site update was accepted this round",
                     }
                 )
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+                self._finish_round(strategy, server_round, arrays, write_model)
+                continue
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, accepted)
             if new_arrays is None:
                 raise NeurofedError(
                     f"round {server_round}: the strategy could not aggregate the site updates"
@@ -377,20 +426,16 @@ class FederatedRun:
             arrays = ArrayRecord(
                 {k: Array(new_arrays[k].numpy().astype(dtypes[k], copy=False)) for k in new_arrays}
             )
-            self._emit(
-                {"event": "aggregate-train", "round": server_round, "metrics": dict(train_metrics or {})}
-            )
-
-            if config.evaluates_after(server_round):
-                self._emit(
-                    {"event": "round-start", "round": server_round, "stage": "evaluating"}, log_it=False
-                )
-                self._evaluate(strategy, server_round, arrays)
-
-            self.run_dir.save_checkpoint(
-                server_round, arrays.to_torch_state_dict(), strategy_state(strategy), write_model
-            )
-            self._emit({"event": "checkpoint", "round": server_round}, log_it=False)
+            aggregate_event: dict[str, Any] = {
+                "event": "aggregate-train",
+                "round": server_round,
+                "metrics": dict(train_metrics or {}),
+            }
+            if config.server_dp != "off":
+                aggregate_event["site_level_epsilon"] = server_dp_epsilon(config, server_round)
+                aggregate_event["site_level_delta"] = config.dp_delta
+            self._emit(aggregate_event)
+            self._finish_round(strategy, server_round, arrays, write_model)
 
         final = arrays.to_torch_state_dict()
         write_model(self.run_dir.final_model_path, final)
@@ -403,10 +448,73 @@ class FederatedRun:
         )
         return final
 
+    def _finish_round(
+        self, strategy: Any, server_round: int, arrays: ArrayRecord, write_model: Callable[..., None]
+    ) -> None:
+        if self.config.evaluates_after(server_round):
+            self._emit({"event": "round-start", "round": server_round, "stage": "evaluating"}, log_it=False)
+            self._evaluate(strategy, server_round, arrays)
+        self.run_dir.save_checkpoint(
+            server_round, arrays.to_torch_state_dict(), strategy_state(strategy), write_model
+        )
+        self._emit({"event": "checkpoint", "round": server_round}, log_it=False)
+
+    def _screen_updates(
+        self, server_round: int, replies: list[Message], global_arrays: ArrayRecord
+    ) -> list[Message]:
+        """Log every training reply; return those to aggregate.
+
+        A site that declined the round (``refused`` = 1: its privacy budget) and an update failing
+        `server.strategies.check_updates` (NaN/Inf, or a norm far above the other sites') are logged as
+        ``refused`` / ``rejected`` events with the site, round and reason, and left out.
+        """
+        by_node = {s.node_id: s for s in self.sites}
+        offered: list[Message] = []
+        for r in replies:
+            site = by_node[r.metadata.src_node_id]
+            metrics = dict(r.content["metrics"])
+            event: dict[str, Any] = {
+                "event": "train",
+                "round": server_round,
+                "site": site.site_id,
+                "role": site.role,
+                "split": "train",
+                "metrics": metrics,
+            }
+            if "epsilon" in metrics:
+                event["epsilon"] = metrics["epsilon"]
+                event["delta"] = metrics.get("delta")
+            if metrics.get(REFUSED_KEY):
+                reason = str(r.content["refusal"]["reason"]) if "refusal" in r.content else "no reason given"
+                self._emit({**event, "event": "refused", "reason": reason})
+                continue
+            self._emit(event)
+            offered.append(r)
+        checks = check_updates(
+            [r.content["arrays"] for r in offered], global_arrays, self.config.update_norm_limit
+        )
+        accepted = []
+        for r, check in zip(offered, checks, strict=True):
+            if check.accepted:
+                accepted.append(r)
+                continue
+            site = by_node[r.metadata.src_node_id]
+            self._emit(
+                {
+                    "event": "rejected",
+                    "round": server_round,
+                    "site": site.site_id,
+                    "role": site.role,
+                    "reason": check.reason,
+                    "update_norm": None if math.isnan(check.norm) else check.norm,
+                }
+            )
+        return accepted
+
     def _evaluate(self, strategy: Any, server_round: int, arrays: ArrayRecord) -> None:
         by_node = {s.node_id: s for s in self.sites}
         messages = strategy.configure_evaluate(
-            server_round, arrays, site_config(self.config, server_round), _NodeView(by_node)
+            server_round, arrays, site_config(self.config, server_round, self.run_id), _NodeView(by_node)
         )
         replies = self._send(messages, "evaluation", server_round)
         for r in replies:

@@ -143,8 +143,43 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dp",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="differential privacy in local training (not available in federated runs yet)",
+        default=d.dp,
+        help="subject-level DP-SGD at every training site; each site checks its privacy ledger every round "
+        "(simulated sites get a ledger in RUN_DIR/sites/<site>/ with a lifetime budget of ε=100, δ=1e-3)",
+    )
+    p.add_argument(
+        "--target-epsilon",
+        type=float,
+        default=d.dp_target_epsilon,
+        help="with --dp: ε each site may spend on the whole run (at --delta)",
+    )
+    p.add_argument(
+        "--noise-multiplier",
+        type=float,
+        default=d.dp_noise_multiplier,
+        help="with --dp: noise std / clipping norm; > 0 replaces --target-epsilon",
+    )
+    p.add_argument("--delta", type=float, default=d.dp_delta, help="with --dp: δ of each site's guarantee")
+    p.add_argument(
+        "--max-grad-norm", type=float, default=d.dp_max_grad_norm, help="with --dp: per-subject clipping norm"
+    )
+    p.add_argument(
+        "--server-dp",
+        default=d.server_dp,
+        choices=["off", "fixed", "adaptive"],
+        help="site-level DP at the coordinator (Flower's server-side clipping wrapper)",
+    )
+    p.add_argument(
+        "--server-dp-noise",
+        type=float,
+        default=d.server_dp_noise_multiplier,
+        help="with --server-dp: noise multiplier of the aggregate",
+    )
+    p.add_argument(
+        "--server-dp-clip",
+        type=float,
+        default=d.server_dp_clipping_norm,
+        help="with --server-dp: clipping norm of a site's update (adaptive: the initial one)",
     )
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
     p.set_defaults(handler=_run_simulate)
@@ -183,6 +218,13 @@ def _run_simulate(args: argparse.Namespace) -> int:
             spacing_mm=args.spacing,
             field_of_view_mm=args.fov,
             dp=args.dp,
+            dp_target_epsilon=args.target_epsilon,
+            dp_noise_multiplier=args.noise_multiplier,
+            dp_delta=args.delta,
+            dp_max_grad_norm=args.max_grad_norm,
+            server_dp=args.server_dp,
+            server_dp_noise_multiplier=args.server_dp_noise,
+            server_dp_clipping_norm=args.server_dp_clip,
         )
         if args.data_root is None and not data_root.is_dir():
             from client.synthesis import synthesize_sites
@@ -201,6 +243,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
     run_dir = run_simulation(config, client_app, resume=args.resume is not None, verbose=args.verbose)
     _print_summary(run_dir)
+    # A resumed run may have added rounds: its evaluation is always rebuilt.
+    _evaluate_and_report(run_dir.root, data_root=None, evaluate=True)
     return 0
 
 
@@ -216,6 +260,53 @@ def _print_summary(run_dir) -> None:
         print(f"  {site:<12} {event['role']:<8} {model:<8} mean Dice {shown} (round {event['round']})")
     print(f"metrics: {run_dir.metrics_path}")
     print(f"final model: {run_dir.final_model_path}")
+
+
+def _evaluate_and_report(run_dir: Path, data_root: Path | None, evaluate: bool) -> None:
+    """Build evaluation.json (when asked) with the sites' data, then render the report from the run files."""
+    from server.report import write_report
+
+    if evaluate:
+        # The study evaluation needs every site's data; in a simulation it is all on this machine.
+        from client.study_evaluation import evaluate_study
+
+        print(f"evaluating federated, local-only and pooled models on every site of {run_dir}")
+        print(f"evaluation: {evaluate_study(run_dir, data_root)}")
+    markdown, page = write_report(run_dir)
+    print(f"report: {page} (and {markdown.name})")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="(re)build the cross-site evaluation and report of a federated run",
+        description=(
+            "Write RUN_DIR/report.md and RUN_DIR/report.html: run settings, per-site Dice/HD95/ASSD of the "
+            "federated, local-only and pooled models, the train-site x test-site generalization matrix, "
+            "Wilcoxon signed-rank tests federated vs local-only, unseen-site results, per-round plots and "
+            "QC images. The comparison (RUN_DIR/evaluation.json, RUN_DIR/baselines/, RUN_DIR/qc/) needs "
+            "the sites' data and is built when missing or with --re-evaluate."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run directory")
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder of the run's site folders (default: the data root stored in the run's config)",
+    )
+    p.add_argument("--re-evaluate", action="store_true", help="rebuild evaluation.json even when it exists")
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from server.run_directory import RunDirectory
+
+    RunDirectory(args.run_dir).read_document()  # names the folder when it holds no run
+    missing = not (args.run_dir / "evaluation.json").is_file()
+    _evaluate_and_report(args.run_dir, args.data_root, evaluate=missing or args.re_evaluate)
+    return 0
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -366,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_segment(sub)
     _add_simulate(sub)
+    _add_report(sub)
     return parser
 
 

@@ -21,6 +21,13 @@ STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn
 fedadam / fedyogi: server-side adaptive optimizer on the mean update; fedbn: fedavg over every array
 except normalization layers, which each site keeps (personalised model)."""
 
+SERVER_DP_MODES: tuple[str, ...] = ("off", "fixed", "adaptive")
+"""Site-level (user-level) DP at the coordinator: off; Flower's server-side fixed clipping of each site's
+update to ``server-dp-clipping-norm``; or Flower's adaptive clipping (the norm follows the median update)."""
+
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("vmap", "functorch", "ghost", "hooks")
+"""The per-sample gradient modes of privacy/dp_sgd.py (kept here so the run config imports no torch)."""
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -50,8 +57,21 @@ class RunConfig:
         spacing_mm: isotropic voxel size the sites resample to, in mm.
         field_of_view_mm: extent of the sites' preprocessing grid in mm, ``"X,Y,Z"`` (RAS order); empty
             for the preprocessing plan's default (a whole adult head).
-        dp: differential privacy during local training. Not implemented yet (its own issue); must be
-            False for now, so a run never claims a guarantee it does not give.
+        dp: subject-level DP-SGD at every training site (privacy/dp_sgd.py). Each site checks every round
+            against its own privacy ledger and lifetime budget and refuses rounds that would exceed it.
+        dp_target_epsilon: ε the whole run may spend per site at ``dp_delta``; each site derives its noise
+            multiplier for the planned rounds x local steps. Used when ``dp_noise_multiplier`` is 0.
+        dp_noise_multiplier: Gaussian noise std / clipping norm; > 0 replaces ``dp_target_epsilon``.
+        dp_max_grad_norm: L2 clipping norm of each subject's gradient.
+        dp_delta: δ of each site's (ε, δ) guarantee for the run.
+        dp_grad_sample_mode: how per-sample gradients are computed (one of `GRAD_SAMPLE_MODES`).
+        server_dp: site-level DP at the coordinator, one of `SERVER_DP_MODES`.
+        server_dp_noise_multiplier: noise std / clipping norm of the aggregate (server_dp only).
+        server_dp_clipping_norm: norm each site's update is clipped to (``fixed``; the initial norm for
+            ``adaptive``).
+        update_norm_limit: a site update whose norm (distance from the global model) is above this many
+            times the median norm of the other sites' updates is rejected; 0 disables the norm rule (an
+            update with NaN or Inf is always rejected).
         round_timeout_s: seconds the server waits for replies in one round.
     """
 
@@ -77,6 +97,15 @@ class RunConfig:
     spacing_mm: float = 2.0
     field_of_view_mm: str = ""
     dp: bool = False
+    dp_target_epsilon: float = 8.0
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+    dp_grad_sample_mode: str = "vmap"
+    server_dp: str = "off"
+    server_dp_noise_multiplier: float = 1.0
+    server_dp_clipping_norm: float = 1.0
+    update_norm_limit: float = 10.0
     round_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
@@ -105,8 +134,35 @@ class RunConfig:
             raise bad("proximal_mu", f"must be >= 0, got {self.proximal_mu}")
         if self.field_of_view_mm:
             self.field_of_view()
-        if self.dp:
-            raise bad("dp", "differential privacy is not available in federated runs yet; set it to false")
+        if self.dp_noise_multiplier < 0:
+            raise bad(
+                "dp_noise_multiplier",
+                f"must be >= 0 (0: derive it from dp-target-epsilon), got {self.dp_noise_multiplier}",
+            )
+        if self.dp and self.dp_noise_multiplier == 0 and not self.dp_target_epsilon > 0:
+            raise bad(
+                "dp_target_epsilon",
+                f"must be positive when dp-noise-multiplier is 0, got {self.dp_target_epsilon}",
+            )
+        if not self.dp_max_grad_norm > 0:
+            raise bad("dp_max_grad_norm", f"must be positive, got {self.dp_max_grad_norm}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise bad("dp_delta", f"must be in (0, 1), e.g. 1e-5, got {self.dp_delta}")
+        if self.dp_grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise bad(
+                "dp_grad_sample_mode",
+                f"choose one of {', '.join(GRAD_SAMPLE_MODES)}, got {self.dp_grad_sample_mode!r}",
+            )
+        if self.server_dp not in SERVER_DP_MODES:
+            raise bad("server_dp", f"choose one of {', '.join(SERVER_DP_MODES)}, got {self.server_dp!r}")
+        if self.server_dp != "off" and self.strategy == "fedbn":
+            raise bad("server_dp", "site-level DP noises the whole model; it cannot be combined with fedbn")
+        if not self.server_dp_noise_multiplier >= 0:
+            raise bad("server_dp_noise_multiplier", f"must be >= 0, got {self.server_dp_noise_multiplier}")
+        if not self.server_dp_clipping_norm > 0:
+            raise bad("server_dp_clipping_norm", f"must be positive, got {self.server_dp_clipping_norm}")
+        if not self.update_norm_limit >= 0:
+            raise bad("update_norm_limit", f"must be >= 0 (0: off), got {self.update_norm_limit}")
 
     @property
     def num_training_sites(self) -> int:

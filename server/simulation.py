@@ -173,9 +173,15 @@ class LiveView:
             for s in event["sites"]:
                 self.rows.setdefault(s["site"], {"role": s["role"]})
         elif kind == "train":
-            self.rows.setdefault(event["site"], {"role": event["role"]})["loss"] = event["metrics"].get(
-                "train-loss"
-            )
+            row = self.rows.setdefault(event["site"], {"role": event["role"]})
+            row["loss"] = event["metrics"].get("train-loss")
+            if "epsilon" in event:
+                row["epsilon"] = event["epsilon"]
+        elif kind in ("refused", "rejected"):
+            row = self.rows.setdefault(event["site"], {"role": event["role"]})
+            row["note"] = f"round {event['round']} {kind}"
+            if "epsilon" in event:
+                row["epsilon"] = event["epsilon"]
         elif kind == "evaluate":
             key = "dice" if event.get("model") == "global" else "dice_personal"
             self.rows.setdefault(event["site"], {"role": event["role"]})[key] = event["metrics"].get(
@@ -200,10 +206,16 @@ class LiveView:
         personal = self.config.strategy == "fedbn"
         if personal:
             table.add_column("test Dice (personal)")
+        if self.config.dp:
+            table.add_column(f"ε (run, δ={self.config.dp_delta:g})")
+        table.add_column("note")
         for site, row in sorted(self.rows.items()):
             cells = [site, row.get("role", ""), fmt(row.get("loss")), fmt(row.get("dice"))]
             if personal:
                 cells.append(fmt(row.get("dice_personal")))
+            if self.config.dp:
+                cells.append(fmt(row.get("epsilon")))
+            cells.append(row.get("note", ""))
             table.add_row(*cells)
         return table
 
@@ -218,6 +230,12 @@ class PlainProgress:
             print(
                 f"round {event['round']}: trained, mean site loss {loss:.4f}" if loss is not None else "",
                 flush=True,
+            )
+        elif kind in ("refused", "rejected"):
+            print(f"round {event['round']}: {event['site']} {kind}: {event['reason']}", flush=True)
+        elif kind == "train" and "epsilon" in event:
+            print(
+                f"round {event['round']}: {event['site']} ε={event['epsilon']:.3f} (run so far)", flush=True
             )
         elif kind == "evaluate" and event.get("model") == "global":
             dice = event["metrics"].get("dice-mean")

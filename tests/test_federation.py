@@ -337,11 +337,11 @@ def test_a_second_run_into_the_same_folder_is_refused(simulated_run) -> None:
 # --- `neurofed simulate` options, refused before anything runs ---------------------------------------
 
 
-def test_simulate_refuses_dp_naming_the_setting_and_writes_nothing(tmp_path, capsys) -> None:
+def test_simulate_refuses_a_bad_dp_setting_naming_it_and_writes_nothing(tmp_path, capsys) -> None:
     from server.cli import main
 
-    assert main(["simulate", "--dp", "--out", str(tmp_path / "run")]) == 2
-    assert "'dp'" in capsys.readouterr().err
+    assert main(["simulate", "--dp", "--delta", "2", "--out", str(tmp_path / "run")]) == 2
+    assert "'dp-delta'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

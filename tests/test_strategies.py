@@ -187,7 +187,11 @@ def test_run_config_round_trips_through_flower_keys_and_json() -> None:
         ({"num-rounds": 3}, "num-rounds"),
         ({"num-sites": 2, "unseen-sites": 2}, "unseen-sites"),
         ({"local-steps": "many"}, "local-steps"),
-        ({"dp": True}, "dp"),
+        ({"dp": True, "dp-delta": 1.5}, "dp-delta"),
+        ({"dp": True, "dp-target-epsilon": 0.0}, "dp-target-epsilon"),
+        ({"dp-grad-sample-mode": "magic"}, "dp-grad-sample-mode"),
+        ({"server-dp": "local"}, "server-dp"),
+        ({"server-dp": "fixed", "strategy": "fedbn"}, "server-dp"),
         ({"field-of-view-mm": "64,64"}, "field-of-view-mm"),
     ],
 )

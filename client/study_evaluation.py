@@ -1,0 +1,440 @@
+"""The cross-site evaluation of a finished federated run: federated vs local-only vs pooled, on every site.
+
+A simulated study holds all sites' data on one machine, so after the rounds the researcher can train the
+comparison models and score every model on every site's test split. This needs the data, hence it lives
+on the site side (client/); the coordinator's report (server/report.py) reads only what it writes.
+
+Comparison models (same network, initialisation seed, patch size, batch size, learning rate, augmentation
+and preprocessing plan as the run; each trained centrally with one optimizer):
+
+- local-only, one per training site: ``rounds x local_steps`` optimizer steps on that site's training
+  split, the steps that site ran in the federation;
+- pooled: ``rounds x local_steps x n_training_sites`` steps on all training splits pooled, the total
+  compute of the federation.
+
+Every model (the run's final global model, each local-only model, the pooled model) is scored on the test
+split of every site: a training site's held-out split, and all subjects of an unseen (holdout) site. The
+split is the federation's own (`client.site_split.split_subjects` with the run's seed and test fraction).
+
+Written into the run directory::
+
+    evaluation.json               per model, site and subject: Dice, HD95 (mm), ASSD (mm), |volume
+                                  difference| (mL) per foreground class; budgets; QC image list
+    baselines/local-<site>.pt     the local-only models (model files, models/model_file.py)
+    baselines/pooled.pt           the pooled model
+    qc/<site>_<subject>_qc.png    the global model's segmentation of a few unseen-site subjects
+
+Segmentation and QC are on the preprocessed grid (the plan's spacing, RAS axes), where the metrics are
+computed too; QC images overlay the prediction on the preprocessed image.
+
+Everything is seeded: the same run directory and data give the same evaluation.json (up to timestamps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.site_split import split_subjects
+from models.errors import NeurofedError
+
+EVALUATION_FILE = "evaluation.json"
+BASELINES_DIR = "baselines"
+QC_DIR = "qc"
+FORMAT = "neurofed-evaluation"
+FORMAT_VERSION = 1
+FEDERATED = "federated"
+POOLED = "pooled"
+LOCAL_PREFIX = "local-only:"
+"""Model names in evaluation.json: ``federated``, ``pooled`` and ``local-only:<site>``."""
+REPORTED_METRICS: tuple[str, ...] = ("dice", "hd95_mm", "assd_mm", "abs_volume_diff_ml")
+ROLE_HOLDOUT = "holdout"
+ROLE_TRAIN = "train"
+
+
+@dataclass(frozen=True)
+class StudySite:
+    """One site of the run: its folder, role and the preprocessed subjects of its two splits.
+
+    ``train`` / ``test`` hold ``(subject_id, image (C, X, Y, Z) float32, label (X, Y, Z) uint8)``; ``grid``
+    maps subject id -> its grid affine (4, 4), voxel -> world RAS mm.
+    """
+
+    site_id: str
+    role: str
+    data_dir: Path
+    train: list[tuple[str, np.ndarray, np.ndarray]]
+    test: list[tuple[str, np.ndarray, np.ndarray]]
+    grid: dict[str, np.ndarray]
+
+
+def model_name_local(site_id: str) -> str:
+    return f"{LOCAL_PREFIX}{site_id}"
+
+
+def budget_rule(num_rounds: int, local_steps: int, n_training_sites: int) -> dict[str, Any]:
+    """Optimizer steps of each comparison model, from the run's rounds, local steps and training sites."""
+    per_site = num_rounds * local_steps
+    return {
+        "rule": (
+            "local-only: rounds x local_steps steps on the site's training split (what that site ran in "
+            "the federation); pooled: rounds x local_steps x n_training_sites steps on all training "
+            "splits (the federation's total compute); same network, seed, patch, batch, learning rate"
+        ),
+        "federated_steps_per_site": per_site,
+        "federated_steps_total": per_site * n_training_sites,
+        "local_only_steps": per_site,
+        "pooled_steps": per_site * n_training_sites,
+    }
+
+
+def _run_document(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise NeurofedError(
+            f"{run_dir} is not a run directory (config.json is missing): pass the folder a run wrote with --out"
+        )
+    return json.loads(path.read_text())
+
+
+def _recipe(run_config: Mapping[str, Any]):
+    """The sites' Recipe (client/app.py) of the run's settings, so baselines train exactly as sites did."""
+    from client.app import Recipe
+
+    flat = {
+        ("num-server-rounds" if k == "num_rounds" else k.replace("_", "-")): v for k, v in run_config.items()
+    }
+    return Recipe.from_config({**flat, "server-round": int(run_config["num_rounds"])})
+
+
+def load_study_sites(
+    run_dir: Path, data_root: Path, recipe: Any, sites: Sequence[Mapping[str, Any]]
+) -> list[StudySite]:
+    """Prepare every site of the run (through the run's preprocessed cache) and split it as the run did."""
+    from client.app import preprocessing_plan
+    from client.preprocessed_cache import PreprocessedCache
+    from client.site_data import prepare_site
+    from models.label_protocols import get_protocol
+
+    plan = preprocessing_plan(recipe)
+    protocol = get_protocol(recipe.protocol)
+    cache = PreprocessedCache(run_dir / "cache")
+    out = []
+    for site in sites:
+        site_id, role = str(site["site"]), str(site["role"])
+        data_dir = data_root / site_id
+        if not data_dir.is_dir():
+            raise NeurofedError(
+                f"site {site_id} of the run has no folder {data_dir}: pass the run's data root with --data-root"
+            )
+        prepared = prepare_site(data_dir, plan, protocol, cache=cache, require_label=True, progress=False)
+        by_id = {s.subject_id: s for s in prepared.subjects if s.label is not None}
+        fraction = 1.0 if role == ROLE_HOLDOUT else recipe.test_fraction
+        split = split_subjects(by_id, fraction, recipe.seed)
+        out.append(
+            StudySite(
+                site_id=site_id,
+                role=role,
+                data_dir=data_dir,
+                train=[(i, by_id[i].image, by_id[i].label) for i in split.train],
+                test=[(i, by_id[i].image, by_id[i].label) for i in split.test],
+                grid={i: np.asarray(s.transform.grid_affine) for i, s in by_id.items()},
+            )
+        )
+    return out
+
+
+def chance_mean_dice(label: np.ndarray, num_classes: int) -> float:
+    """Expected mean foreground Dice of random labels drawn with the true class proportions.
+
+    For a class covering a share ``p`` of the grid, labelling each voxel with it at probability ``p``
+    has expected Dice ``p``; the chance level is the mean of ``p`` over the foreground classes.
+    """
+    counts = np.bincount(np.asarray(label, dtype=np.int64).ravel(), minlength=num_classes)
+    return float(np.mean(counts[1:] / counts.sum()))
+
+
+def _baseline_rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def train_baseline(
+    recipe: Any,
+    subjects: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    steps: int,
+    name: str,
+    step_hook: Callable[[int, float], None] | None = None,
+):
+    """A network trained centrally for ``steps`` steps on ``subjects``, initialised as the run's model."""
+    from client.app import build_model
+    from models.label_protocols import get_protocol
+    from models.training import TrainingConfig, train_steps
+
+    model = build_model(recipe)
+    config = TrainingConfig.for_protocol(
+        get_protocol(recipe.protocol),
+        patch_size=(recipe.patch_size,) * 3,
+        batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate,
+        seed=recipe.seed,
+    )
+    result = train_steps(
+        model,
+        [(image, label) for _, image, label in subjects],
+        config,
+        steps,
+        rng=_baseline_rng(recipe.seed, name),
+        step_hook=step_hook,
+    )
+    return model, result
+
+
+def _save_baseline(path: Path, model, recipe: Any, provenance: dict[str, Any]) -> None:
+    from client.app import preprocessing_plan
+    from models.label_protocols import get_protocol
+    from models.model_file import save_model
+    from models.networks import NetworkConfig
+
+    protocol = get_protocol(recipe.protocol)
+    network = NetworkConfig.preset(
+        recipe.network_preset,
+        in_channels=1,
+        out_channels=protocol.num_classes,
+        architecture=recipe.architecture,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(
+        path,
+        model.state_dict(),
+        network=network,
+        protocol=protocol,
+        plan=preprocessing_plan(recipe).to_dict(),
+        training=provenance,
+    )
+
+
+def _score(model, image: np.ndarray, label: np.ndarray, recipe: Any, class_names: Sequence[str], spacing):
+    """(prediction (X, Y, Z) uint8, {class: {metric: value}}) of one subject, sliding-window inference."""
+    import torch
+
+    from models.inference import predict_volume
+    from models.metrics import segmentation_metrics
+
+    model.eval()
+    with torch.inference_mode():
+        probabilities = predict_volume(model, image, (recipe.patch_size,) * 3)
+    prediction = probabilities.argmax(axis=0).astype(np.uint8)
+    scores = segmentation_metrics(prediction, np.asarray(label), class_names, spacing)
+    return prediction, {c: {m: v[m] for m in REPORTED_METRICS} for c, v in scores.items()}
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+class _Progress:
+    """A rich progress bar over training steps and evaluated subjects (only on a terminal)."""
+
+    def __init__(self, enabled: bool | None, total: int) -> None:
+        from rich.console import Console
+
+        self._enabled = Console().is_terminal if enabled is None else enabled
+        self._total = total
+
+    def __enter__(self) -> _Progress:
+        if self._enabled:
+            from rich.progress import Progress
+
+            self._bar = Progress(*Progress.get_default_columns(), "{task.fields[what]}")
+            self._bar.__enter__()
+            self._task = self._bar.add_task("study evaluation", total=self._total, what="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._enabled:
+            self._bar.__exit__(*exc)
+
+    def advance(self, what: str) -> None:
+        if self._enabled:
+            self._bar.update(self._task, advance=1, what=what)
+
+
+def evaluate_study(
+    run_dir: Path,
+    data_root: Path | None = None,
+    *,
+    qc_subjects: int = 3,
+    progress: bool | None = None,
+) -> Path:
+    """Train the comparison models of a finished run, score every model on every site, write the results.
+
+    Args:
+        run_dir: a finished run directory (config.json, final-model.pt).
+        data_root: the folder of site folders the run used; default the run's ``data_root`` setting.
+        qc_subjects: how many subjects of each unseen site get a QC image of the global model.
+        progress: show a progress bar; None: only on a terminal.
+
+    Returns:
+        The path of ``evaluation.json``.
+    """
+    from client.segmentation import write_qc_png
+    from models.label_protocols import get_protocol
+    from models.model_file import load_model
+
+    run_dir = Path(run_dir)
+    document = _run_document(run_dir)
+    run_config = document["run_config"]
+    final_model = run_dir / "final-model.pt"
+    if not final_model.is_file():
+        raise NeurofedError(
+            f"{run_dir} holds no final model (final-model.pt): the run did not finish; continue it with "
+            f"`neurofed simulate --resume {run_dir}`"
+        )
+    recipe = _recipe(run_config)
+    if data_root is None:
+        data_root = Path(str(run_config.get("data_root") or "")) if run_config.get("data_root") else None
+    if data_root is None or not Path(data_root).is_dir():
+        raise NeurofedError(
+            f"the run's data root {data_root or '(not recorded)'} is not a folder: pass the folder of site "
+            "folders the run used with --data-root"
+        )
+    data_root = Path(data_root)
+    protocol = get_protocol(recipe.protocol)
+    class_names = protocol.class_names
+    spacing = (recipe.spacing_mm,) * 3
+    sites = load_study_sites(run_dir, data_root, recipe, document["sites"])
+    trainers = [s for s in sites if s.role == ROLE_TRAIN]
+    budget = budget_rule(int(run_config["num_rounds"]), recipe.local_steps, len(trainers))
+
+    n_test = sum(len(s.test) for s in sites)
+    total = budget["local_only_steps"] * len(trainers) + budget["pooled_steps"] + n_test * (len(trainers) + 2)
+    models: dict[str, Any] = {FEDERATED: load_model(final_model).model}
+    descriptions = [
+        {
+            "name": FEDERATED,
+            "kind": "federated",
+            "trained_on": [s.site_id for s in trainers],
+            "steps": budget["federated_steps_total"],
+            "steps_per_site": budget["federated_steps_per_site"],
+            "file": "final-model.pt",
+        }
+    ]
+    with _Progress(progress, total) as bar:
+        plans = [(model_name_local(s.site_id), [s], budget["local_only_steps"]) for s in trainers]
+        plans.append((POOLED, trainers, budget["pooled_steps"]))
+        for name, on_sites, steps in plans:
+            subjects = [subject for s in on_sites for subject in s.train]
+            if not subjects:
+                raise NeurofedError(f"{name}: the training split is empty; the site needs more subjects")
+            model, result = train_baseline(
+                recipe, subjects, steps, name, step_hook=lambda _i, _loss, n=name: bar.advance(f"train {n}")
+            )
+            file_name = (
+                f"{BASELINES_DIR}/pooled.pt"
+                if name == POOLED
+                else f"{BASELINES_DIR}/local-{on_sites[0].site_id}.pt"
+            )
+            provenance = {
+                "kind": "pooled" if name == POOLED else "local-only",
+                "sites": [s.site_id for s in on_sites],
+                "train_subjects": len(subjects),
+                "steps": int(result.steps),
+                "seed": recipe.seed,
+                "budget_rule": budget["rule"],
+                "run_dir": str(run_dir),
+                "dp": False,
+            }
+            _save_baseline(run_dir / file_name, model, recipe, provenance)
+            models[name] = model
+            descriptions.append(
+                {
+                    "name": name,
+                    "kind": provenance["kind"],
+                    "trained_on": provenance["sites"],
+                    "steps": int(result.steps),
+                    "final_train_loss": _finite_or_none(result.losses[-1]) if result.losses else None,
+                    "file": file_name,
+                }
+            )
+
+        results = []
+        qc = []
+        for site in sites:
+            for subject_id, image, label in site.test:
+                for name, model in models.items():
+                    prediction, scores = _score(model, image, label, recipe, class_names, spacing)
+                    dice = [v["dice"] for v in scores.values()]
+                    results.append(
+                        {
+                            "model": name,
+                            "site": site.site_id,
+                            "role": site.role,
+                            "subject": subject_id,
+                            "mean_dice": float(np.mean(dice)),
+                            "metrics": {
+                                c: {m: _finite_or_none(v) for m, v in values.items()}
+                                for c, values in scores.items()
+                            },
+                        }
+                    )
+                    bar.advance(f"score {name} on {site.site_id}")
+                    if (
+                        name == FEDERATED
+                        and site.role == ROLE_HOLDOUT
+                        and len([q for q in qc if q["site"] == site.site_id]) < qc_subjects
+                    ):
+                        import nibabel as nib
+
+                        png = run_dir / QC_DIR / f"{site.site_id}_{subject_id}_qc.png"
+                        grid_image = nib.Nifti1Image(image[0].astype(np.float32), site.grid[subject_id])
+                        write_qc_png(grid_image, prediction, class_names, png)
+                        qc.append(
+                            {
+                                "site": site.site_id,
+                                "subject": subject_id,
+                                "model": FEDERATED,
+                                "file": f"{QC_DIR}/{png.name}",
+                            }
+                        )
+
+    evaluation = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "protocol": protocol.name,
+        "classes": list(class_names[1:]),
+        "metrics": list(REPORTED_METRICS),
+        "units": {"dice": "1", "hd95_mm": "mm", "assd_mm": "mm", "abs_volume_diff_ml": "mL"},
+        "grid": f"preprocessed grid, {recipe.spacing_mm:g} mm isotropic, RAS",
+        "global_model_rounds": int(run_config["num_rounds"]),
+        "data_root": str(data_root),
+        "budget": budget,
+        "sites": [
+            {
+                "site": s.site_id,
+                "role": s.role,
+                "train_subjects": [i for i, _, _ in s.train],
+                "test_subjects": [i for i, _, _ in s.test],
+                "chance_mean_dice": {i: chance_mean_dice(label, len(class_names)) for i, _, label in s.test},
+            }
+            for s in sites
+        ],
+        "models": descriptions,
+        "results": results,
+        "qc": qc,
+    }
+    path = run_dir / EVALUATION_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(evaluation, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,266 @@
+"""Differential privacy in the federation: site-side DP-SGD with the site's privacy ledger, budget refusal,
+update sanity at aggregation, and site-level DP at the coordinator.
+
+The DP simulation runs through Flower's simulation engine (2 training sites + 1 unseen, 2 rounds, tiny
+network on 20^3 phantoms). The coordinator-side tests run `FederatedRun` over an in-process grid that
+calls the sites' ClientApp directly, so a site's reply can be tampered with.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Flower writes into FLWR_HOME (default ~/.flwr) when imported: keep tests out of the user's folder.
+os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="neurofed-test-flwr-"))
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict  # noqa: E402
+from test_federation import _write_tiny_sites  # noqa: E402
+
+import client.app as site_app  # noqa: E402
+from privacy.accounting import epsilon_for  # noqa: E402
+from privacy.dp_sgd import DPConfig  # noqa: E402
+from privacy.privacy_ledger import PrivacyLedger  # noqa: E402
+from server.app import FederatedRun  # noqa: E402
+from server.run_config import RunConfig  # noqa: E402
+from server.strategies import check_updates, state_dict_to_arrays  # noqa: E402
+
+SITES, UNSEEN, ROUNDS, LOCAL_STEPS = 3, 1, 2, 3
+TRAIN_SUBJECTS = 2  # of 3 per site, test fraction 0.25
+DELTA = 1e-5
+TARGET_EPSILON = 8.0
+
+
+def _config(root: Path, **changes) -> RunConfig:
+    settings = dict(
+        num_rounds=ROUNDS,
+        strategy="fedavg",
+        local_steps=LOCAL_STEPS,
+        network_preset="tiny",
+        patch_size=16,
+        batch_size=1,
+        test_fraction=0.25,
+        num_sites=SITES,
+        unseen_sites=UNSEEN,
+        data_root=str(root / "data"),
+        run_dir=str(root / "run"),
+        spacing_mm=4.0,
+        field_of_view_mm="64,64,64",
+        round_timeout_s=300.0,
+    )
+    return RunConfig(**{**settings, **changes})
+
+
+def _planned_noise() -> tuple[float, float]:
+    """The sample rate and noise multiplier every site derives for the run's target ε."""
+    sample_rate = 1 / TRAIN_SUBJECTS
+    dp = DPConfig(target_epsilon=TARGET_EPSILON, delta=DELTA)
+    return sample_rate, dp.resolve_noise_multiplier(sample_rate, ROUNDS * LOCAL_STEPS)
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    """A DP simulation in which site-02's ledger budget allows round 1 but not round 2."""
+    from server.simulation import run_simulation
+
+    root = tmp_path_factory.mktemp("federation-dp")
+    _write_tiny_sites(root / "data", SITES, 3)
+    sample_rate, noise = _planned_noise()
+    one_round = epsilon_for(LOCAL_STEPS, sample_rate, noise, DELTA)
+    two_rounds = epsilon_for(2 * LOCAL_STEPS, sample_rate, noise, DELTA)
+    small_ledger = PrivacyLedger(root / "run" / "sites" / "site-02" / site_app.LEDGER_FILE)
+    small_ledger.path.parent.mkdir(parents=True)
+    small_ledger.set_budget((one_round + two_rounds) / 2, 1e-4)
+    config = _config(root, dp=True, dp_target_epsilon=TARGET_EPSILON, dp_delta=DELTA)
+    run_dir = run_simulation(config, site_app.app, live=False)
+    return {"root": root, "run_dir": run_dir, "events": run_dir.read_events(), "budget_one": one_round}
+
+
+@pytest.mark.slow
+def test_reported_epsilon_is_the_site_ledgers_cumulative_epsilon_for_the_run(dp_run) -> None:
+    events = dp_run["events"]
+    sample_rate, noise = _planned_noise()
+    (sites,) = [e["sites"] for e in events if e["event"] == "sites"]
+    assert {s["site"]: s["num_train"] for s in sites if s["role"] == "train"} == {
+        "site-01": TRAIN_SUBJECTS,
+        "site-02": TRAIN_SUBJECTS,
+    }
+    trained = [e for e in events if e["event"] == "train" and e["site"] == "site-01"]
+    assert [e["round"] for e in trained] == [1, 2]
+    ledger = PrivacyLedger(dp_run["root"] / "run" / "sites" / "site-01" / site_app.LEDGER_FILE)
+    (run_id,) = {r.run_id for r in ledger.releases()}
+    releases = ledger.releases(run_id)
+    assert [(r.server_round, r.status, r.steps) for r in releases] == [
+        (1, "committed", LOCAL_STEPS),
+        (2, "committed", LOCAL_STEPS),
+    ]
+    for event, release in zip(trained, releases, strict=True):
+        assert event["epsilon"] == pytest.approx(release.epsilon_run, rel=1e-9)
+        assert event["epsilon"] == pytest.approx(
+            epsilon_for(event["round"] * LOCAL_STEPS, sample_rate, noise, DELTA), rel=1e-6
+        )
+        assert event["delta"] == DELTA and event["metrics"]["sample-rate"] == pytest.approx(sample_rate)
+        assert event["metrics"]["noise-multiplier"] == pytest.approx(noise)
+    assert trained[-1]["epsilon"] == pytest.approx(ledger.run_epsilon(run_id), rel=1e-9)
+    # ε is cumulative, and the run stays within its target.
+    assert trained[0]["epsilon"] < trained[1]["epsilon"] <= TARGET_EPSILON * 1.01
+    stored = dp_run["run_dir"].read_document()
+    assert stored["run_id"] == run_id
+
+
+@pytest.mark.slow
+def test_a_site_over_its_budget_is_refused_and_the_run_goes_on_without_it(dp_run) -> None:
+    events = dp_run["events"]
+    (refused,) = [e for e in events if e["event"] == "refused"]
+    assert (refused["site"], refused["round"]) == ("site-02", 2)
+    assert "above the lifetime budget" in refused["reason"]
+    assert refused["epsilon"] == pytest.approx(dp_run["budget_one"], rel=1e-6)
+    round_two = {e["site"] for e in events if e["event"] == "train" and e["round"] == 2}
+    assert round_two == {"site-01"}
+    # The refused round is not recorded as spent in the site's ledger.
+    ledger = PrivacyLedger(dp_run["root"] / "run" / "sites" / "site-02" / site_app.LEDGER_FILE)
+    assert [r.server_round for r in ledger.releases()] == [1]
+    assert dp_run["run_dir"].final_model_path.is_file()
+    assert any(e["event"] == "aggregate-train" and e["round"] == 2 for e in events)
+
+
+# --- the coordinator, over an in-process grid ------------------------------------------------------------
+
+
+@pytest.fixture()
+def task_identity():
+    """Flower messages read the run/task identity of the process, which its runtime normally sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class InProcessGrid:
+    """The part of a Flower Grid `FederatedRun` uses, delivering messages to the ClientApp in this process.
+
+    ``tamper(site_index, reply) -> reply`` may replace a site's training reply.
+    """
+
+    def __init__(self, n_sites: int, tamper=None) -> None:
+        self.contexts = {
+            100 + i: Context(
+                run_id=1,
+                node_id=100 + i,
+                node_config={"partition-id": i, "num-partitions": n_sites},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(n_sites)
+        }
+        self.tamper = tamper
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None) -> list[Message]:
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            from flwr.supercore.task_identity import TaskIdentity
+
+            # A reply's sender is the process's node identity, which a SuperNode would set.
+            TaskIdentity.node_id = node
+            try:
+                reply = site_app.app(message, self.contexts[node])
+            finally:
+                TaskIdentity.node_id = 0
+            if self.tamper is not None and message.metadata.message_type == "train":
+                reply = self.tamper(node - 100, reply)
+            replies.append(reply)
+        return replies
+
+
+def _nan_update(site_index: int, reply: Message) -> Message:
+    if site_index != 0:
+        return reply
+    arrays = reply.content["arrays"]
+    poisoned = {}
+    for i, (key, array) in enumerate(arrays.items()):
+        values = array.numpy().copy()
+        if i == 0:
+            values.flat[0] = np.nan
+        poisoned[key] = Array(values)
+    reply.content["arrays"] = ArrayRecord(poisoned)
+    return reply
+
+
+@pytest.mark.slow
+def test_a_nan_update_is_rejected_and_the_round_aggregates_the_others(tmp_path, task_identity) -> None:
+    _write_tiny_sites(tmp_path / "data", SITES, 3)
+    config = _config(tmp_path, num_rounds=1, local_steps=2)
+    messages: list[tuple[str, Message]] = []
+    final = FederatedRun(
+        config, InProcessGrid(SITES, _nan_update), on_message=lambda d, m: messages.append((d, m))
+    ).execute()
+    from server.run_directory import RunDirectory
+
+    events = RunDirectory(config.run_dir).read_events()
+    (rejected,) = [e for e in events if e["event"] == "rejected"]
+    assert (rejected["site"], rejected["round"]) == ("site-01", 1)
+    assert "NaN" in rejected["reason"]
+    assert all(np.isfinite(v.numpy()).all() for v in final.values())
+    # The global model is site-02's update alone (the only accepted one).
+    (site_two,) = [
+        m
+        for d, m in messages
+        if d == "from-site" and m.metadata.message_type == "train" and m.metadata.src_node_id == 101
+    ]
+    for key, value in final.items():
+        np.testing.assert_allclose(value.numpy(), site_two.content["arrays"][key].numpy(), rtol=1e-6)
+
+
+def test_update_sanity_rejects_nan_and_norms_far_above_the_others() -> None:
+    rng = np.random.default_rng(0)
+    base = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    global_arrays = ArrayRecord({k: Array(v) for k, v in base.items()})
+
+    def update(scale: float, nan: bool = False) -> ArrayRecord:
+        step = {k: v + scale * rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()}
+        if nan:
+            step["b"][1] = np.inf
+        return ArrayRecord({k: Array(v) for k, v in step.items()})
+
+    updates = [update(0.1), update(0.12), update(0.09), update(50.0), update(0.1, nan=True)]
+    checks = check_updates(updates, global_arrays, norm_limit=10.0)
+    assert [c.accepted for c in checks] == [True, True, True, False, False]
+    assert "median" in checks[3].reason and "NaN or Inf" in checks[4].reason
+    assert math.isnan(checks[4].norm) and checks[3].norm > 10 * checks[0].norm
+    # Without the norm rule only the non-finite update goes.
+    assert [c.accepted for c in check_updates(updates, global_arrays, norm_limit=0)] == [True] * 4 + [False]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_site_level_dp_wrapper_runs_two_rounds_and_logs_its_epsilon(tmp_path, task_identity, mode) -> None:
+    _write_tiny_sites(tmp_path / "data", SITES, 3)
+    config = _config(
+        tmp_path, local_steps=1, server_dp=mode, server_dp_noise_multiplier=0.5, server_dp_clipping_norm=0.05
+    )
+    initial = state_dict_to_arrays(__import__("server.app", fromlist=["x"]).initial_state_dict(config))
+    assert all(np.issubdtype(a.numpy().dtype, np.floating) for a in initial.values())
+    final = FederatedRun(config, InProcessGrid(SITES)).execute()
+    from server.run_directory import RunDirectory
+
+    events = RunDirectory(config.run_dir).read_events()
+    aggregated = [e for e in events if e["event"] == "aggregate-train"]
+    assert [e["round"] for e in aggregated] == [1, 2]
+    for e in aggregated:
+        assert e["site_level_epsilon"] == pytest.approx(epsilon_for(e["round"], 1.0, 0.5, config.dp_delta))
+    assert aggregated[0]["site_level_epsilon"] < aggregated[1]["site_level_epsilon"]
+    changed = [k for k in final if not np.array_equal(final[k].numpy(), initial[k].numpy())]
+    assert changed and all(np.isfinite(v.numpy()).all() for v in final.values())

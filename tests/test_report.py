@@ -1,0 +1,208 @@
+"""The cross-site generalization study of a run: `neurofed simulate` -> evaluation.json -> report.
+
+One small run is made once for the module through the real command line (2 training sites + 1 unseen,
+2 rounds, the tiny network on 20^3-voxel phantoms written by tests/test_federation.py's helper).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_federation import _write_tiny_sites
+
+SITES, UNSEEN, ROUNDS, LOCAL_STEPS = 3, 1, 2, 3
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A finished `neurofed simulate` run with its evaluation and report, and what the command printed."""
+    from server.cli import main
+
+    root = tmp_path_factory.mktemp("study")
+    _write_tiny_sites(root / "data", SITES, 3)
+    run = root / "run"
+    argv = [
+        "simulate",
+        "--out", str(run),
+        "--data-root", str(root / "data"),
+        "--sites", str(SITES),
+        "--unseen", str(UNSEEN),
+        "--rounds", str(ROUNDS),
+        "--local-steps", str(LOCAL_STEPS),
+        "--preset", "tiny",
+        "--patch-size", "16",
+        "--batch-size", "1",
+        "--test-fraction", "0.34",
+        "--spacing", "4",
+        "--fov", "64,64,64",
+    ]  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return {
+        "run": run,
+        "printed": printed.getvalue(),
+        "evaluation": json.loads((run / "evaluation.json").read_text()),
+        "events": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()],
+    }
+
+
+@pytest.mark.slow
+def test_every_model_is_scored_on_every_test_subject_of_every_site(study) -> None:
+    evaluation = study["evaluation"]
+    sites = {s["site"]: s for s in evaluation["sites"]}
+    assert len(sites) == SITES
+    assert [s["role"] for s in sites.values()].count("holdout") == UNSEEN
+    models = [m["name"] for m in evaluation["models"]]
+    training = [name for name, s in sites.items() if s["role"] == "train"]
+    assert sorted(models) == sorted(["federated", "pooled"] + [f"local-only:{s}" for s in training])
+    scored = {(r["model"], r["site"], r["subject"]) for r in evaluation["results"]}
+    expected = {
+        (m, site, subject) for m in models for site, s in sites.items() for subject in s["test_subjects"]
+    }
+    assert scored == expected and len(evaluation["results"]) == len(expected)
+    for s in sites.values():
+        # A holdout site tests on all its subjects; a training site never tests on a training subject.
+        assert s["test_subjects"] and not set(s["test_subjects"]) & set(s["train_subjects"])
+        assert (s["train_subjects"] == []) == (s["role"] == "holdout")
+    for r in evaluation["results"]:
+        assert set(r["metrics"]) == set(evaluation["classes"])
+        for values in r["metrics"].values():
+            assert set(values) == {"dice", "hd95_mm", "assd_mm", "abs_volume_diff_ml"}
+            assert 0.0 <= values["dice"] <= 1.0
+        assert r["mean_dice"] == pytest.approx(np.mean([v["dice"] for v in r["metrics"].values()]))
+
+
+@pytest.mark.slow
+def test_the_federated_scores_are_those_the_sites_reported_for_the_final_model(study) -> None:
+    # Same model, same test split, same inference: the study reproduces each site's own last evaluation.
+    final = {
+        e["site"]: e["metrics"]["dice-mean"]
+        for e in study["events"]
+        if e["event"] == "evaluate" and e["round"] == ROUNDS and e.get("model", "global") == "global"
+    }
+    assert len(final) == SITES
+    for site, dice in final.items():
+        ours = [
+            r["mean_dice"]
+            for r in study["evaluation"]["results"]
+            if r["model"] == "federated" and r["site"] == site
+        ]
+        assert np.mean(ours) == pytest.approx(dice, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_baselines_get_the_federations_budget_and_are_saved_as_model_files(study) -> None:
+    from models.model_file import load_model
+
+    run, evaluation = study["run"], study["evaluation"]
+    n_training = SITES - UNSEEN
+    budget = evaluation["budget"]
+    assert budget["local_only_steps"] == ROUNDS * LOCAL_STEPS
+    assert budget["pooled_steps"] == ROUNDS * LOCAL_STEPS * n_training == budget["federated_steps_total"]
+    for model in evaluation["models"]:
+        if model["kind"] == "federated":
+            continue
+        expected = budget["pooled_steps"] if model["kind"] == "pooled" else budget["local_only_steps"]
+        assert model["steps"] == expected
+        loaded = load_model(run / model["file"])
+        assert loaded.training["steps"] == expected and loaded.training["sites"] == model["trained_on"]
+    kinds = sorted(m["kind"] for m in evaluation["models"])
+    assert kinds == ["federated", "local-only", "local-only", "pooled"]
+
+
+@pytest.mark.slow
+def test_report_has_every_site_the_unseen_section_the_matrix_and_the_tests(study) -> None:
+    run, evaluation = study["run"], study["evaluation"]
+    text = (run / "report.md").read_text()
+    assert "Differential privacy: OFF" in "\n".join(text.splitlines()[:6])
+    sites = [s["site"] for s in evaluation["sites"]]
+    unseen = [s["site"] for s in evaluation["sites"] if s["role"] == "holdout"]
+    for site in sites:
+        assert site in text
+    sections = re.split(r"\n## ", text)
+    (unseen_section,) = [s for s in sections if s.startswith(f"Unseen site {unseen[0]}")]
+    assert "better" in unseen_section and "Wilcoxon signed-rank test" in unseen_section
+    # The per-site section covers training sites only; the unseen one is reported apart.
+    (per_site,) = [s for s in sections if s.startswith("Per-site results")]
+    assert unseen[0] not in per_site
+
+    (matrix_section,) = [s for s in sections if s.startswith("Generalization matrix")]
+    table = [line for line in matrix_section.splitlines() if line.startswith("|")]
+    header, rows = table[0], table[2:]
+    assert header.count("|") - 1 == 1 + SITES and f"{unseen[0]} (unseen)" in header
+    assert len(rows) == len(evaluation["models"])
+    assert len(re.findall(r"Wilcoxon signed-rank test, federated vs local-only on", text)) == SITES - UNSEEN
+    assert "pooled over training sites" in text
+    assert f"report: {run / 'report.html'}" in study["printed"]
+
+
+@pytest.mark.slow
+def test_html_report_references_only_existing_images_including_unseen_qc(study) -> None:
+    run = study["run"]
+    page = (run / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert sources
+    for source in sources:
+        assert (run / source).is_file(), source
+    assert "figures/generalization_matrix.png" in sources and "figures/dice_per_round.png" in sources
+    qc = [s for s in sources if s.startswith("qc/")]
+    unseen = [s["site"] for s in study["evaluation"]["sites"] if s["role"] == "holdout"]
+    assert qc and all(Path(s).name.startswith(unseen[0]) for s in qc)
+    assert "Differential privacy: OFF" in page
+
+
+@pytest.mark.slow
+def test_report_command_rebuilds_the_report_without_reevaluating(study, tmp_path, capsys) -> None:
+    from server.cli import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(study["run"], run, ignore=shutil.ignore_patterns("cache", "checkpoints", "report.*"))
+    before = (run / "evaluation.json").read_bytes()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").is_file() and (run / "evaluation.json").read_bytes() == before
+    assert str(run / "report.html") in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_epsilon_per_round_is_plotted_when_sites_report_it(study, tmp_path) -> None:
+    from server.report import write_report
+
+    run = tmp_path / "dp"
+    shutil.copytree(study["run"], run, ignore=shutil.ignore_patterns("cache", "checkpoints", "baselines"))
+    events = [{**e, "epsilon": 0.5 * e["round"]} if e["event"] == "train" else e for e in study["events"]]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    markdown, page = write_report(run)
+    head = "\n".join(markdown.read_text().splitlines()[:6])
+    assert "Differential privacy: ON" in head and f"largest final ε over sites {0.5 * ROUNDS:.3g}" in head
+    assert (run / "figures" / "epsilon_per_round.png").is_file()
+    assert "figures/epsilon_per_round.png" in page.read_text()
+
+
+def test_wilcoxon_line_says_not_applicable_with_too_few_pairs_and_tests_otherwise() -> None:
+    from scipy.stats import wilcoxon
+
+    from server.report import wilcoxon_line
+
+    line = wilcoxon_line("federated vs local-only on a", [0.8, 0.9], [0.7, 0.6])
+    assert "n = 2" in line and "not applicable" in line
+    rng = np.random.default_rng(3)
+    fed, local = rng.uniform(0.6, 0.9, 8), rng.uniform(0.5, 0.8, 8)
+    line = wilcoxon_line("federated vs local-only on a", fed, local)
+    assert "n = 8" in line and f"p = {wilcoxon(fed, local).pvalue:.3g}" in line
+    assert "not applicable" in wilcoxon_line("x", [0.5] * 7, [0.5] * 7)
+
+
+def test_report_of_a_folder_without_a_run_names_the_folder(tmp_path, capsys) -> None:
+    from server.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "config.json" in err
