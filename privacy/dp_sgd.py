@@ -137,8 +137,9 @@ class DPConfig:
 class PrivacyUnitDataset(Dataset):
     """One item per privacy unit (subject), drawing a fresh item of that unit each time it is sampled.
 
-    ``items[u + units * k]`` must belong to unit ``u`` for every ``k`` (as ``models.training.PatchDataset``
-    arranges patches: item ``i`` comes from subject ``i % n_subjects``). The ``j``-th time unit ``u`` is
+    ``items[u + units * k]`` must belong to unit ``u`` for every ``k``. ``models.training.PatchDataset`` does
+    NOT guarantee this (it shuffles the subject order within each block of items), so build ``items`` with
+    one patch source per subject, as ``client.app.SubjectPatches`` does. The ``j``-th time unit ``u`` is
     read, it returns ``items[u + units * (j mod (len(items) // units))]``, so Poisson sampling over units
     gives subject-level DP while every draw sees a different patch. Use with ``num_workers=0`` (the draw
     counters live in this process).
