@@ -94,7 +94,7 @@ class Recipe:
     evaluate_personal: bool
     num_rounds: int = 1
     run_id: str = ""
-    dp: bool = False
+    dp: bool = True
     dp_target_epsilon: float = 8.0
     dp_noise_multiplier: float = 0.0
     dp_max_grad_norm: float = 1.0
@@ -135,7 +135,7 @@ class Recipe:
             evaluate_personal=bool(get("evaluate-personal", False)),
             num_rounds=int(get("num-server-rounds", 1)),
             run_id=str(get("run-id", "")),
-            dp=bool(get("dp", False)),
+            dp=bool(get("dp", True)),
             dp_target_epsilon=float(get("dp-target-epsilon", 8.0)),
             dp_noise_multiplier=float(get("dp-noise-multiplier", 0.0)),
             dp_max_grad_norm=float(get("dp-max-grad-norm", 1.0)),
@@ -169,6 +169,10 @@ class SiteSetup:
     simulated: bool
     ledger_path: Path | None = None
     budget: tuple[float, float] | None = None
+    require_dp: bool = False
+    """Refuse every round the coordinator asks to train without DP. On by default for a deployed site
+    (node config ``require-dp``, off only by the site's own choice): the privacy promise is enforced by
+    the site, not by the coordinator's settings."""
 
     @property
     def ledger(self) -> PrivacyLedger:
@@ -201,6 +205,17 @@ def _node_budget(node_config: Mapping[str, Any]) -> tuple[float, float] | None:
         ) from exc
 
 
+def _node_flag(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = node_config.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise NeurofedError(f"node config {key!r} must be true or false, got {value!r}")
+
+
 def site_setup(node_config: Mapping[str, Any], recipe: Recipe) -> SiteSetup:
     """Resolve the site from its node config (deployment) or its partition id (simulation)."""
     if "data-dir" in node_config:
@@ -223,6 +238,7 @@ def site_setup(node_config: Mapping[str, Any], recipe: Recipe) -> SiteSetup:
             False,
             ledger_path=Path(str(ledger)).expanduser() if ledger else None,
             budget=_node_budget(node_config),
+            require_dp=_node_flag(node_config, "require-dp", default=True),
         )
     if "partition-id" in node_config:
         if not recipe.data_root:
@@ -437,6 +453,16 @@ def train(msg: Message, context: Context) -> Message:
     recipe, setup = _context(msg, context)
     if setup.role != ROLE_TRAIN:
         raise NeurofedError(f"site {setup.site_id} has role {setup.role!r} and never trains")
+    if setup.require_dp and not recipe.dp:
+        return _refusal_reply(
+            msg,
+            Refusal(
+                f"site {setup.site_id} trains only with differential privacy and this run has dp=false; "
+                "run with dp=true, or the site operator starts the site with --allow-no-dp",
+                setup.ledger.run_epsilon(recipe.run_id) if setup.ledger.path.is_file() else 0.0,
+                recipe.dp_delta,
+            ),
+        )
     data = load_site_data(setup, recipe)
     if not data.train:
         raise NeurofedError(f"site {setup.site_id}: no training subjects after holding out the test split")
@@ -497,7 +523,8 @@ REFUSED_KEY = "refused"
 
 @dataclass(frozen=True)
 class Refusal:
-    """The site declines to train a round: its ledger says the round would exceed the lifetime budget."""
+    """The site declines to train a round: the round would exceed its lifetime privacy budget, or the run
+    asks for training without DP at a site that requires it."""
 
     reason: str
     epsilon: float

@@ -92,6 +92,106 @@ def _run_budget(args: argparse.Namespace) -> int:
     return run_budget(args.ledger, set_epsilon=args.set_budget, delta=args.delta)
 
 
+def _add_keygen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "keygen",
+        help="make the site's key pair for joining a federation (send site.pub to the coordinator)",
+        description=(
+            "Write OUT/site.key (the site's private key, mode 0600: keep it on the site machine) and "
+            "OUT/site.pub (send it to the coordinator's operator, who enrolls it with `neurofed coordinator "
+            "enroll site.pub --name SITE`). ECDSA P-384 in OpenSSH format, as Flower's SuperNode "
+            "authentication reads it. An existing pair is never overwritten."
+        ),
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder to write site.key and site.pub into")
+    p.set_defaults(handler=_run_keygen)
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from client.site_keys import generate_site_keys
+
+    pair = generate_site_keys(args.out)
+    print(f"private key: {pair.private_key} (keep it here; mode 0600)")
+    print(f"public key:  {pair.public_key} (send it to the coordinator's operator to be enrolled)")
+    return 0
+
+
+def _add_start(sub: argparse._SubParsersAction) -> None:
+    from client.site_daemon import DEFAULT_RUNTIME_PORT, DEFAULT_STATE_DIR
+
+    p = sub.add_parser(
+        "start",
+        help="check the site's data, then join the federation (Flower SuperNode, in the foreground)",
+        description=(
+            "Run `neurofed-site check` on DATA_DIR (refusing to start when no subject is usable), then run "
+            "Flower's SuperNode for this site in the foreground (as systemd does): TLS to the coordinator "
+            "(verified with --ca), authenticated with --key (enrolled at the coordinator), runtime "
+            "installation of app dependencies off. Its node config gives the ClientApp the data folder, site "
+            "id, state folder (privacy ledger, preprocessed cache) and the lifetime privacy budget: rounds "
+            "that would exceed it are refused. Scans never leave the site."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    p.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (PEM)")
+    p.add_argument("--key", type=Path, required=True, help="the site's private key (site.key from keygen)")
+    p.add_argument("--data", type=Path, required=True, metavar="DATA_DIR", help="the site's data folder")
+    p.add_argument(
+        "--budget",
+        type=float,
+        required=True,
+        metavar="EPS",
+        help="lifetime privacy budget ε (all runs together)",
+    )
+    p.add_argument("--delta", type=float, default=1e-5, help="lifetime privacy budget δ")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="the site's own files: privacy ledger, preprocessed cache, personalised layers",
+    )
+    p.add_argument("--site-id", help="the id this site declares (default: the data folder's name)")
+    p.add_argument("--role", default="train", choices=["train", "holdout"], help="holdout: evaluate only")
+    p.add_argument(
+        "--runtime-port",
+        type=int,
+        default=DEFAULT_RUNTIME_PORT,
+        help="local port of the SuperNode's runtime API (give each SuperNode on one machine its own)",
+    )
+    p.add_argument("--protocol", default="tissue", help="label protocol the data is checked against")
+    p.add_argument("--contrast", default="T1w", help="the structural image the network reads (BIDS suffix)")
+    p.add_argument(
+        "--allow-no-dp",
+        action="store_true",
+        help="also train in runs without differential privacy (by default the site refuses such rounds, "
+        "whatever the coordinator asks)",
+    )
+    p.add_argument("--telemetry", action="store_true", help="allow Flower's anonymous usage telemetry")
+    p.set_defaults(handler=_run_start)
+
+
+def _run_start(args: argparse.Namespace) -> int:
+    from client.site_daemon import SiteDaemonConfig, start_site
+
+    config = SiteDaemonConfig(
+        coordinator=args.coordinator,
+        ca_cert=args.ca,
+        private_key=args.key,
+        data_dir=args.data,
+        budget_epsilon=args.budget,
+        budget_delta=args.delta,
+        state_dir=args.state_dir,
+        site_id=args.site_id,
+        role=args.role,
+        runtime_port=args.runtime_port,
+        protocol=args.protocol,
+        contrast=args.contrast,
+        allow_no_dp=args.allow_no_dp,
+    )
+    start_site(config, telemetry=args.telemetry)
+    return 0  # not reached: the process became the SuperNode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neurofed-site",
@@ -103,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_check(sub)
     _add_budget(sub)
+    _add_keygen(sub)
+    _add_start(sub)
     return parser
 
 

@@ -24,6 +24,10 @@ Written into the run directory::
     baselines/pooled.pt           the pooled model
     qc/<site>_<subject>_qc.png    the global model's segmentation of a few unseen-site subjects
 
+evaluation.json also holds ``membership_audit``: the membership-inference audit of the final global model
+(client/membership_audit.py): each training site's training split (members) vs its test split
+(non-members), calibrated on the unseen sites' subjects.
+
 Segmentation and QC are on the preprocessed grid (the plan's spacing, RAS axes), where the metrics are
 computed too; QC images overlay the prediction on the preprocessed image.
 
@@ -54,7 +58,10 @@ FORMAT_VERSION = 1
 FEDERATED = "federated"
 POOLED = "pooled"
 LOCAL_PREFIX = "local-only:"
-"""Model names in evaluation.json: ``federated``, ``pooled`` and ``local-only:<site>``."""
+PERSONALISED = "personalised"
+"""Model names in evaluation.json: ``federated``, ``pooled``, ``local-only:<site>`` and, for a FedBN run,
+``personalised``: each training site's own model (its normalization layers + the final global rest),
+scored on that site's test split only."""
 REPORTED_METRICS: tuple[str, ...] = ("dice", "hd95_mm", "assd_mm", "abs_volume_diff_ml")
 ROLE_HOLDOUT = "holdout"
 ROLE_TRAIN = "train"
@@ -267,6 +274,47 @@ class _Progress:
             self._bar.update(self._task, advance=1, what=what)
 
 
+def audit_final_model(model, sites: Sequence[StudySite], recipe: Any, on_subject=None):
+    """The membership-inference audit (client/membership_audit.py) of ``model``: each training site's
+    training split (members) vs its test split (non-members), calibrated on the unseen sites' subjects;
+    losses on the run's training patch size, seeded by the run's seed."""
+    from client.membership_audit import AuditSettings, audit_membership
+
+    return audit_membership(
+        model,
+        {s.site_id: (s.train, s.test) for s in sites if s.role == ROLE_TRAIN},
+        {s.site_id: s.test for s in sites if s.role == ROLE_HOLDOUT},
+        AuditSettings(patch_size=(recipe.patch_size,) * 3, seed=recipe.seed),
+        on_subject=on_subject,
+    )
+
+
+def personalised_models(run_dir: Path, global_model, sites: Sequence[StudySite], num_rounds: int) -> dict:
+    """FedBN: ``{site_id: (model, layers file relative to run_dir)}`` of each training site that kept
+    normalization layers: the final global model with the site's layers of its last trained round (in
+    a simulation they are in ``RUN_DIR/sites/<site>/``, client/app.py). A site without any is left out."""
+    import copy
+
+    import torch
+
+    from client.app import SiteSetup, _personal_path
+
+    out = {}
+    for site in sites:
+        if site.role != ROLE_TRAIN:
+            continue
+        setup = SiteSetup(
+            site.site_id, site.role, site.data_dir, None, run_dir / "sites" / site.site_id, True
+        )
+        path = next((p for r in range(num_rounds, 0, -1) if (p := _personal_path(setup, r)).is_file()), None)
+        if path is None:
+            continue
+        model = copy.deepcopy(global_model)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
+        out[site.site_id] = (model, str(path.relative_to(run_dir)))
+    return out
+
+
 def evaluate_study(
     run_dir: Path,
     data_root: Path | None = None,
@@ -315,7 +363,13 @@ def evaluate_study(
     budget = budget_rule(int(run_config["num_rounds"]), recipe.local_steps, len(trainers))
 
     n_test = sum(len(s.test) for s in sites)
-    total = budget["local_only_steps"] * len(trainers) + budget["pooled_steps"] + n_test * (len(trainers) + 2)
+    n_audited = sum(len(s.test) + len(s.train) for s in sites)
+    total = (
+        budget["local_only_steps"] * len(trainers)
+        + budget["pooled_steps"]
+        + n_test * (len(trainers) + 2)
+        + n_audited
+    )
     models: dict[str, Any] = {FEDERATED: load_model(final_model).model}
     descriptions = [
         {
@@ -365,11 +419,29 @@ def evaluate_study(
                 }
             )
 
+        personalised = (
+            personalised_models(run_dir, models[FEDERATED], sites, int(run_config["num_rounds"]))
+            if run_config.get("strategy") == "fedbn"
+            else {}
+        )
+        if personalised:
+            descriptions.append(
+                {
+                    "name": PERSONALISED,
+                    "kind": "personalised",
+                    "trained_on": sorted(personalised),
+                    "steps": budget["federated_steps_total"],
+                    "steps_per_site": budget["federated_steps_per_site"],
+                    "file": "final-model.pt",
+                    "site_layers": {site: file for site, (_, file) in personalised.items()},
+                }
+            )
         results = []
         qc = []
         for site in sites:
+            own = {PERSONALISED: personalised[site.site_id][0]} if site.site_id in personalised else {}
             for subject_id, image, label in site.test:
-                for name, model in models.items():
+                for name, model in {**models, **own}.items():
                     prediction, scores = _score(model, image, label, recipe, class_names, spacing)
                     dice = [v["dice"] for v in scores.values()]
                     results.append(
@@ -405,6 +477,10 @@ def evaluate_study(
                             }
                         )
 
+        audit = audit_final_model(
+            models[FEDERATED], sites, recipe, on_subject=lambda _s: bar.advance("audit")
+        )
+
     evaluation = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -429,6 +505,7 @@ def evaluate_study(
         "models": descriptions,
         "results": results,
         "qc": qc,
+        "membership_audit": audit.to_dict(),
     }
     path = run_dir / EVALUATION_FILE
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

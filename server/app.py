@@ -18,6 +18,15 @@ One run:
 3. A resumed run (``resume = true``) continues after the last complete checkpoint of ``run-dir`` with
    the settings stored there, so it ends with the weights an uninterrupted run would have.
 
+A site that fails or does not answer within ``round-timeout-s`` is dropped from that round (a ``dropped``
+event with the site, round and reason) as long as ``min-sites`` training sites replied; otherwise the run
+stops with an error that names the sites. Site discovery needs every site.
+
+Deployed (the coordinator's SuperLink sets ``NEUROFED_COORDINATOR_STATE_DIR``, server/coordinator_state.py),
+a relative ``run-dir`` lies in the coordinator's state directory, every run, site, round, contribution,
+refusal, dropout and reported ε goes to its audit log (server/audit_log.py), and the run's report is
+written when it finishes.
+
 Messages to and from sites carry only the model arrays, run settings (ConfigRecord) and aggregate
 metrics (MetricRecord of scalars); see client/app.py for what the sites send.
 """
@@ -37,8 +46,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 
 from models.errors import NeurofedError
+from server.audit_log import AuditLog
+from server.coordinator_state import CoordinatorState
 from server.run_config import RunConfig
 from server.run_directory import RunDirectory
+from server.site_registry import SiteRegistry
 from server.strategies import (
     check_float_arrays,
     check_updates,
@@ -53,6 +65,10 @@ if TYPE_CHECKING:
 
 RESUME_KEY = "resume"
 """Flower run-config key (bool): continue the run in ``run-dir`` instead of starting a new one."""
+RESUME_ROUNDS_KEY = "resume-rounds"
+"""Flower run-config key (int): with ``resume``, extend the run to this many rounds (0: as it was started).
+Flower hands the app pyproject's ``num-server-rounds`` whether or not it was asked for, so that key cannot
+say whether a resumed run should grow."""
 
 EventHook = Callable[[dict[str, Any]], None]
 """Called with every event written to metrics.jsonl (and ``round-start`` events), e.g. for a live view."""
@@ -207,6 +223,9 @@ class FederatedRun:
         resume: bool = False,
         on_event: EventHook | None = None,
         on_message: MessageHook | None = None,
+        audit: AuditLog | None = None,
+        enrolled_names: Mapping[int, str] | None = None,
+        flower_run_id: int | None = None,
     ) -> None:
         self.run_dir = RunDirectory(config.run_dir)
         if resume:
@@ -224,6 +243,9 @@ class FederatedRun:
         self.sites: list[Site] = []
         self.plan: dict[str, Any] = {}
         self.run_id = ""
+        self.audit = audit
+        self.enrolled_names = dict(enrolled_names or {})
+        self.flower_run_id = flower_run_id
 
     # -- messaging ----------------------------------------------------------------------------------
 
@@ -235,8 +257,27 @@ class FederatedRun:
         if self.on_event is not None:
             self.on_event(event)
 
-    def _send(self, messages: Iterable[Message], what: str, server_round: int) -> list[Message]:
+    def audit_event(self, event: str, **fields: Any) -> None:
+        """Write one event to the coordinator's audit log (deployments only), tagged with the run."""
+        if self.audit is not None:
+            self.audit.record(event, run_id=self.run_id or None, flower_run_id=self.flower_run_id, **fields)
+
+    def _site_name(self, node_id: int) -> str:
+        site = next((s for s in self.sites if s.node_id == node_id), None)
+        if site is not None:
+            return site.site_id
+        return self.enrolled_names.get(node_id, f"node {node_id}")
+
+    def _send(
+        self, messages: Iterable[Message], what: str, server_round: int, required: int | None = None
+    ) -> tuple[list[Message], list[dict[str, Any]]]:
+        """Send, wait up to ``round-timeout-s``; returns the good replies (in site-id order) and dropouts.
+
+        A site whose reply is an error or missing is dropped from this step (a ``dropped`` event each) when
+        at least ``required`` sites (default: all) replied; otherwise NeurofedError names them all.
+        """
         messages = list(messages)
+        required = len(messages) if required is None else required
         if self.on_message is not None:
             for m in messages:
                 self.on_message("to-site", m)
@@ -244,33 +285,55 @@ class FederatedRun:
         if self.on_message is not None:
             for r in replies:
                 self.on_message("from-site", r)
-        by_node = {s.node_id: s for s in self.sites}
-        failed = [r for r in replies if r.has_error()]
-        if failed or len(replies) < len(messages):
-            reasons = "; ".join(
-                f"{by_node[r.metadata.src_node_id].site_id if r.metadata.src_node_id in by_node else 'a site'}: "
-                f"{_short_reason(r.error.reason)}"
-                for r in failed
-            )
-            missing = len(messages) - len(replies)
+        # The SuperLink answers for a node it lost (no heartbeat) with an error reply of its own: match
+        # replies to what was sent, not to their sender.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+        def node_of(reply: Message) -> int:
+            return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+        answered = {node_of(r) for r in replies}
+        dropped = [
+            {"node_id": node_of(r), "reason": _short_reason(r.error.reason)} for r in replies if r.has_error()
+        ] + [
+            {
+                "node_id": m.metadata.dst_node_id,
+                "reason": f"no answer within round-timeout-s = {self.config.round_timeout_s:.0f} s",
+            }
+            for m in messages
+            if m.metadata.dst_node_id not in answered
+        ]
+        for d in dropped:
+            d["site"] = self._site_name(d["node_id"])
+        good = [r for r in replies if not r.has_error()]
+        if len(good) < required:
+            reasons = "; ".join(f"{d['site']}: {d['reason']}" for d in dropped)
             then = (
                 f"continue with --resume {self.config.run_dir}"
                 if self.run_dir.config_path.is_file()
                 else "start the run again"
             )
             raise NeurofedError(
-                f"round {server_round} {what}: {len(failed)} site(s) failed"
-                + (
-                    f", {missing} did not answer within {self.config.round_timeout_s:.0f} s"
-                    if missing
-                    else ""
-                )
-                + (f" ({reasons})" if reasons else "")
-                + f"; fix the site(s) and {then}"
+                f"round {server_round} {what}: {len(good)} of {len(messages)} site(s) replied, {required} "
+                f"needed ({reasons}); fix the site(s) and {then}"
+            )
+        by_node = {s.node_id: s for s in self.sites}
+        for d in dropped:
+            site = by_node.get(d["node_id"])
+            self._emit(
+                {
+                    "event": "dropped",
+                    "round": server_round,
+                    "stage": what,
+                    "site": d["site"],
+                    "role": site.role if site else None,
+                    "reason": d["reason"],
+                }
             )
         # Aggregation sums in reply order; a fixed order (by site id) makes runs reproducible to the bit.
         order = {s.node_id: s.site_id for s in self.sites}
-        return sorted(replies, key=lambda r: order.get(r.metadata.src_node_id, str(r.metadata.src_node_id)))
+        good.sort(key=lambda r: order.get(r.metadata.src_node_id, str(r.metadata.src_node_id)))
+        return good, [{"site": d["site"], "reason": d["reason"]} for d in dropped]
 
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + self.config.round_timeout_s
@@ -289,7 +352,7 @@ class FederatedRun:
         node_ids = self._wait_for_nodes()
         content = RecordDict({"config": site_config(self.config, 0)})
         messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
-        replies = self._send(messages, "site discovery", 0)
+        replies, _ = self._send(messages, "site discovery", 0)
         sites = []
         for r in replies:
             info, counts = r.content["site"], r.content["metrics"]
@@ -315,6 +378,12 @@ class FederatedRun:
             raise NeurofedError(
                 f"sites prepare their data with different preprocessing plans ({sorted(plans)}); every site "
                 "must run the same neurofed version with the run's settings"
+            )
+        trainers = sum(s.role == ROLE_TRAIN for s in sites)
+        if self.config.min_sites > trainers:
+            raise NeurofedError(
+                f"run setting 'min-sites' is {self.config.min_sites} but only {trainers} training site(s) "
+                f"joined ({ids}); lower min-sites or start more sites"
             )
         self.sites = sites
         self.plan = json.loads(plans.pop())
@@ -350,6 +419,21 @@ class FederatedRun:
         if not self.run_id:
             # Names the run in the sites' privacy ledgers, so a resumed run continues their count.
             self.run_id = uuid.uuid4().hex
+        self.audit_event(
+            "run-started",
+            run_dir=str(config.run_dir),
+            resume=self.resume,
+            first_round=start_round,
+            num_rounds=config.num_rounds,
+        )
+        for s in sites:
+            self.audit_event(
+                "site-joined",
+                node_id=s.node_id,
+                site=s.site_id,
+                enrolled_as=self.enrolled_names.get(s.node_id),
+                role=s.role,
+            )
         if not self.resume:
             self.run_dir.start(
                 config,
@@ -402,8 +486,10 @@ class FederatedRun:
                 site_config(config, server_round, self.run_id),
                 _NodeView(s.node_id for s in trainers),
             )
-            replies = self._send(messages, "training", server_round)
-            accepted = self._screen_updates(server_round, replies, arrays)
+            replies, dropped = self._send(
+                messages, "training", server_round, required=config.min_sites or len(trainers)
+            )
+            accepted = self._screen_updates(server_round, replies, arrays, dropped)
             if not accepted:
                 # No site's update is usable this round: the global model stays as it was.
                 self._emit(
@@ -446,6 +532,7 @@ class FederatedRun:
                 "final_model": str(self.run_dir.final_model_path),
             }
         )
+        self.audit_event("run-finished", run_dir=str(config.run_dir), num_rounds=config.num_rounds)
         return final
 
     def _finish_round(
@@ -454,13 +541,32 @@ class FederatedRun:
         if self.config.evaluates_after(server_round):
             self._emit({"event": "round-start", "round": server_round, "stage": "evaluating"}, log_it=False)
             self._evaluate(strategy, server_round, arrays)
+            self.write_interim_report(server_round)
         self.run_dir.save_checkpoint(
             server_round, arrays.to_torch_state_dict(), strategy_state(strategy), write_model
         )
         self._emit({"event": "checkpoint", "round": server_round}, log_it=False)
 
+    def write_interim_report(self, server_round: int) -> None:
+        """Rebuild report.md / report.html from the metrics so far (server/report.py; no model is evaluated).
+
+        The report is a view of the run, never a reason to stop it: a failure is logged as a
+        ``report-failed`` event with the reason, and the run goes on.
+        """
+        from server.report import write_report
+
+        try:
+            write_report(self.run_dir.root, after_round=server_round)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self._emit({"event": "report-failed", "round": server_round, "reason": reason})
+
     def _screen_updates(
-        self, server_round: int, replies: list[Message], global_arrays: ArrayRecord
+        self,
+        server_round: int,
+        replies: list[Message],
+        global_arrays: ArrayRecord,
+        dropped: list[dict[str, Any]] | None = None,
     ) -> list[Message]:
         """Log every training reply; return those to aggregate.
 
@@ -470,6 +576,9 @@ class FederatedRun:
         """
         by_node = {s.node_id: s for s in self.sites}
         offered: list[Message] = []
+        refused: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = []
+        epsilon: dict[str, Any] = {}
         for r in replies:
             site = by_node[r.metadata.src_node_id]
             metrics = dict(r.content["metrics"])
@@ -484,9 +593,11 @@ class FederatedRun:
             if "epsilon" in metrics:
                 event["epsilon"] = metrics["epsilon"]
                 event["delta"] = metrics.get("delta")
+                epsilon[site.site_id] = {"epsilon": metrics["epsilon"], "delta": metrics.get("delta")}
             if metrics.get(REFUSED_KEY):
                 reason = str(r.content["refusal"]["reason"]) if "refusal" in r.content else "no reason given"
                 self._emit({**event, "event": "refused", "reason": reason})
+                refused.append({"site": site.site_id, "reason": reason})
                 continue
             self._emit(event)
             offered.append(r)
@@ -509,6 +620,16 @@ class FederatedRun:
                     "update_norm": None if math.isnan(check.norm) else check.norm,
                 }
             )
+            rejected.append({"site": site.site_id, "reason": check.reason})
+        self.audit_event(
+            "round-trained",
+            round=server_round,
+            contributed=[by_node[r.metadata.src_node_id].site_id for r in accepted],
+            refused=refused,
+            rejected=rejected,
+            dropped=list(dropped or []),
+            epsilon=epsilon,
+        )
         return accepted
 
     def _evaluate(self, strategy: Any, server_round: int, arrays: ArrayRecord) -> None:
@@ -516,7 +637,13 @@ class FederatedRun:
         messages = strategy.configure_evaluate(
             server_round, arrays, site_config(self.config, server_round, self.run_id), _NodeView(by_node)
         )
-        replies = self._send(messages, "evaluation", server_round)
+        replies, dropped = self._send(messages, "evaluation", server_round, required=1)
+        self.audit_event(
+            "round-evaluated",
+            round=server_round,
+            evaluated=[by_node[r.metadata.src_node_id].site_id for r in replies],
+            dropped=dropped,
+        )
         for r in replies:
             site = by_node[r.metadata.src_node_id]
             metrics = dict(r.content["metrics"])
@@ -574,10 +701,49 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         settings = {**dict(context.run_config), **overrides}
         resume = bool(settings.pop(RESUME_KEY, False))
+        has_resume_rounds = RESUME_ROUNDS_KEY in settings
+        resume_rounds = int(settings.pop(RESUME_ROUNDS_KEY, 0))
         config = RunConfig.from_flower(settings)
-        FederatedRun(config, grid, resume=resume, on_event=on_event, on_message=on_message).execute()
+        if resume and has_resume_rounds:
+            # The stored rounds win (FederatedRun keeps the larger of the two) unless resume-rounds asks for more.
+            config = config.replace(num_rounds=max(resume_rounds, 1))
+        deployment = CoordinatorState.from_environment()
+        if deployment is None:
+            FederatedRun(config, grid, resume=resume, on_event=on_event, on_message=on_message).execute()
+            return
+        config = config.replace(run_dir=str(deployment.resolve_run_dir(config.run_dir)))
+        run = FederatedRun(
+            config,
+            grid,
+            resume=resume,
+            on_event=on_event,
+            on_message=on_message,
+            audit=AuditLog(deployment.audit_path),
+            enrolled_names=SiteRegistry(deployment).names_by_node_id(),
+            flower_run_id=context.run_id,
+        )
+        try:
+            run.execute()
+        except BaseException as exc:
+            run.audit_event("run-failed", run_dir=config.run_dir, reason=str(exc) or type(exc).__name__)
+            raise
+        try:
+            write_deployed_report(Path(config.run_dir))
+        except Exception as exc:  # the run itself completed: its files are all there
+            run.audit_event("report-failed", run_dir=config.run_dir, reason=f"{type(exc).__name__}: {exc}")
+            print(
+                f"neurofed: the run finished but its report failed ({exc}); run `neurofed report {config.run_dir}`"
+            )
 
     return server_app
+
+
+def write_deployed_report(run_dir: Path) -> None:
+    """The report of a finished deployed run (from its metrics; the cross-site study evaluation needs the
+    sites' data, which never reaches the coordinator)."""
+    from server.report import write_report
+
+    write_report(run_dir)
 
 
 app = make_server_app()

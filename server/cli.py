@@ -125,7 +125,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         "--test-fraction", type=float, default=d.test_fraction, help="share of each site's subjects held out"
     )
     p.add_argument(
-        "--eval-every", type=int, default=d.eval_every, help="evaluate every K rounds (and after the last)"
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help="evaluate every K rounds (and after the last); the run's report is rebuilt after each",
     )
     p.add_argument("--protocol", default=d.protocol, help="label protocol (tissue or aseg)")
     p.add_argument(
@@ -144,8 +147,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         "--dp",
         action=argparse.BooleanOptionalAction,
         default=d.dp,
-        help="subject-level DP-SGD at every training site; each site checks its privacy ledger every round "
-        "(simulated sites get a ledger in RUN_DIR/sites/<site>/ with a lifetime budget of ε=100, δ=1e-3)",
+        help="subject-level DP-SGD at every training site, on by default (--no-dp turns it off; the report "
+        "then says so in its first lines); each site checks its privacy ledger every round (simulated sites "
+        "get a ledger in RUN_DIR/sites/<site>/ with a lifetime budget of ε=100, δ=1e-3)",
     )
     p.add_argument(
         "--target-epsilon",
@@ -443,6 +447,190 @@ def _run_segment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _add_coordinator(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "coordinator",
+        help="run the federation's coordinator (Flower SuperLink) and manage which sites may join",
+        description=(
+            "The coordinator is Flower's SuperLink with TLS and SuperNode authentication on: only sites whose "
+            "public key was enrolled may join. `start` runs it in the foreground (as systemd does); `enroll`, "
+            "`sites` and `revoke` manage the enrolled sites of a running coordinator. Everything it keeps "
+            "(database, run directories, audit log) is in --state-dir."
+        ),
+    )
+    commands = p.add_subparsers(dest="coordinator_command", metavar="ACTION", required=True)
+
+    start = commands.add_parser(
+        "start",
+        help="run the SuperLink in the foreground (TLS, SuperNode authentication, no runtime installs)",
+        description=(
+            "Run Flower's SuperLink as the coordinator: one TLS port for the sites (Fleet API) and for "
+            "`neurofed run` / enrolment (Control API); SuperNode authentication on; runtime installation of "
+            "app dependencies off (the installed neurofed runs, offline); Flower's telemetry off unless "
+            "--telemetry. The TLS files are checked first (present, matching, signed by --ca-cert, in date). "
+            "Stop it with SIGTERM (systemctl stop); its state survives a restart, and an interrupted run "
+            "continues with `neurofed run --resume NAME`."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_state_dir(start)
+    start.add_argument(
+        "--address",
+        default="127.0.0.1:9091",
+        help="HOST:PORT to listen on. Flower serves its unauthenticated Control API (enrolment, runs) on the "
+        "same port as the sites' Fleet API: keep it on loopback and let sites in through the proxy of "
+        "deploy/nginx, which passes only /v1/fleet/ (deploy/README.md)",
+    )
+    start.add_argument("--ca-cert", type=Path, required=True, help="the federation's CA certificate (PEM)")
+    start.add_argument(
+        "--cert", type=Path, required=True, help="the coordinator's certificate (PEM), naming its host names"
+    )
+    start.add_argument("--key", type=Path, required=True, help="the coordinator's private key (PEM)")
+    start.add_argument("--telemetry", action="store_true", help="allow Flower's anonymous usage telemetry")
+    start.set_defaults(handler=_run_coordinator_start)
+
+    enroll = commands.add_parser(
+        "enroll",
+        help="allow a site to join: register its SuperNode public key under a name",
+        description=(
+            "Register a site's SuperNode public key (the site.pub from `neurofed-site keygen`) with the running "
+            "coordinator, under NAME. Only enrolled keys may connect. Recorded in STATE_DIR/sites.json and "
+            "the audit log."
+        ),
+    )
+    enroll.add_argument("public_key", type=Path, metavar="SITE_PUBKEY", help="the site's public key file")
+    enroll.add_argument("--name", required=True, help="the site's name, e.g. hospital-a")
+    _add_state_dir(enroll)
+    enroll.set_defaults(handler=_run_coordinator_enroll)
+
+    sites = commands.add_parser(
+        "sites",
+        help="list enrolled sites and whether their SuperNode is online",
+        description="List the enrolled sites: name, Flower node id, status (registered, online, offline).",
+    )
+    _add_state_dir(sites)
+    sites.set_defaults(handler=_run_coordinator_sites)
+
+    revoke = commands.add_parser(
+        "revoke",
+        help="stop a site from joining: unregister its SuperNode",
+        description=(
+            "Unregister the site's SuperNode at the coordinator: it is disconnected and can no longer join "
+            "(to readmit it, enroll a new key). Recorded in the audit log."
+        ),
+    )
+    revoke.add_argument("name", metavar="NAME", help="the site's enrolled name")
+    _add_state_dir(revoke)
+    revoke.set_defaults(handler=_run_coordinator_revoke)
+
+
+def _add_state_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        required=True,
+        help="the coordinator's state directory (database, sites.json, audit.jsonl, runs/)",
+    )
+
+
+def _run_coordinator_start(args: argparse.Namespace) -> int:
+    from server.coordinator import TlsFiles, start_coordinator
+
+    start_coordinator(
+        args.state_dir, TlsFiles(args.ca_cert, args.cert, args.key), args.address, args.telemetry
+    )
+    return 0  # not reached: the process became the SuperLink
+
+
+def _run_coordinator_enroll(args: argparse.Namespace) -> int:
+    from server.coordinator_state import CoordinatorState
+    from server.site_registry import SiteRegistry
+
+    site = SiteRegistry(CoordinatorState(args.state_dir)).enroll(args.public_key, args.name)
+    print(f"enrolled {site.name} (node {site.node_id}); the site can now start with its private key")
+    return 0
+
+
+def _run_coordinator_sites(args: argparse.Namespace) -> int:
+    from server.coordinator_state import CoordinatorState
+    from server.site_registry import SiteRegistry
+
+    sites = SiteRegistry(CoordinatorState(args.state_dir)).sites()
+    if not sites:
+        print("no site is enrolled; enroll one with `neurofed coordinator enroll SITE_PUBKEY --name NAME`")
+    for s in sites:
+        print(f"{s.name:<24} node {s.node_id:<22} {s.status:<16} enrolled {s.enrolled_at}")
+    return 0
+
+
+def _run_coordinator_revoke(args: argparse.Namespace) -> int:
+    from server.coordinator_state import CoordinatorState
+    from server.site_registry import SiteRegistry
+
+    site = SiteRegistry(CoordinatorState(args.state_dir)).revoke(args.name)
+    print(f"revoked {site.name} (node {site.node_id}); it can no longer join")
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="submit a federated run to the coordinator and follow it until it ends",
+        description=(
+            "Submit the neurofed Flower app to the coordinator (`flwr run` over TLS) with the run settings of "
+            "pyproject.toml [tool.flwr.app.config], overridden by CONFIG.toml and --set key=value; stream its "
+            "log; exit 0 only when the run completed (1 when it failed or was stopped). The run directory is "
+            "written on the coordinator, in STATE_DIR/runs/NAME (NAME: the UTC start time unless "
+            "--set run-dir=runs/NAME); a run interrupted by a coordinator restart continues from its last "
+            "checkpoint with --resume NAME."
+        ),
+    )
+    p.add_argument("config", type=Path, nargs="?", metavar="CONFIG.toml", help="TOML file of run settings")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one run setting (repeatable), e.g. --set num-server-rounds=10 --set strategy=fedprox",
+    )
+    p.add_argument("--resume", metavar="NAME", help="continue the interrupted run in STATE_DIR/runs/NAME")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="the coordinator's state directory (on the coordinator machine: address and CA from there)",
+    )
+    p.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="the coordinator's address (instead of --state-dir)"
+    )
+    p.add_argument("--ca", type=Path, help="the federation's CA certificate (with --coordinator)")
+    p.add_argument(
+        "--app", type=Path, help="the neurofed source folder to submit (default: this installation's)"
+    )
+    p.add_argument("--no-stream", action="store_true", help="do not print the run's log, only how it ended")
+    p.set_defaults(handler=_run_run)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from server.coordinator_state import Connection, CoordinatorState
+    from server.job_submission import default_app_dir, report_outcome, run_settings, submit_run
+
+    if args.coordinator or args.ca:
+        if not (args.coordinator and args.ca):
+            raise NeurofedError("--coordinator and --ca go together (or pass --state-dir on the coordinator)")
+        connection = Connection(args.coordinator, args.ca)
+    elif args.state_dir:
+        connection = CoordinatorState(args.state_dir).read_connection()
+    else:
+        raise NeurofedError(
+            "say where the coordinator is: --state-dir DIR, or --coordinator HOST:PORT --ca CA.crt"
+        )
+    settings = run_settings(args.config, args.settings, resume=args.resume)
+    app_dir = args.app or default_app_dir()
+    outcome = submit_run(connection, settings, app_dir, stream=not args.no_stream)
+    return report_outcome(outcome)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neurofed",
@@ -458,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(sub)
     _add_simulate(sub)
     _add_report(sub)
+    _add_coordinator(sub)
+    _add_run(sub)
     return parser
 
 

@@ -24,7 +24,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,9 @@ EVALUATION_FILE = "evaluation.json"
 FEDERATED = "federated"
 POOLED = "pooled"
 LOCAL_PREFIX = "local-only:"
+PERSONALISED = "personalised"
+"""FedBN: each training site's personalised model (its normalization layers + the global rest), scored on
+its own test split only (evaluation.json model ``personalised``)."""
 ROLE_HOLDOUT = "holdout"
 MIN_WILCOXON_PAIRS = 6
 """Below 6 pairs the exact two-sided signed-rank p-value cannot fall below 0.05 (its minimum is 2 / 2^n)."""
@@ -356,6 +359,8 @@ class _Results:
 
 
 def _model_label(name: str) -> str:
+    if name == PERSONALISED:
+        return "personalised (own site's normalization layers)"
     return name.removeprefix(LOCAL_PREFIX) + " (local-only)" if name.startswith(LOCAL_PREFIX) else name
 
 
@@ -371,8 +376,158 @@ def _class_table(results: _Results, site: str, models: Sequence[str]) -> Table:
     return Table(header, rows)
 
 
-def build_sections(records: RunRecords) -> list[Section]:
-    """Every section of the report; writes the figures it references under ``RUN_DIR/figures``."""
+def privacy_audit_section(records: RunRecords, epsilon: Mapping[str, Sequence[tuple[int, float]]]) -> Section:
+    """The membership-inference audit of the final model (evaluation.json ``membership_audit``), per training
+    site beside the ε it spent."""
+    section = Section("Privacy audit")
+    audit = (records.evaluation or {}).get("membership_audit")
+    if not audit:
+        section.blocks.append(
+            "Not measured: evaluation.json holds no membership audit (missing, or written before the audit "
+            f"existed); build it with `neurofed report {records.root} --re-evaluate`."
+        )
+        return section
+    settings = audit.get("settings", {})
+    fpr_target = settings.get("reference_fpr", 0.1)
+    reference = ", ".join(audit.get("reference_sites") or []) or "none"
+    section.blocks.append(
+        "Membership-inference attacks on the final global model: from the model's loss on a subject (mean "
+        f"Dice + CE over {settings.get('patches_per_subject')} fixed patches), can an attacker tell a site's "
+        "training subjects (members) from its held-out test subjects (non-members)? Loss-threshold AUC: "
+        "0.5 is chance, 1.0 tells them apart perfectly. Calibrated attack: the loss threshold is set on the "
+        f"unseen site(s) ({reference}), known non-members, for at most {fpr_target:.0%} false positives "
+        "there; TPR is the share of the site's members below it, FPR the share of its own non-members, "
+        "advantage = TPR - FPR. With n members and m non-members the AUC takes only n x m + 1 values: "
+        "per-site values are coarse, the pooled row less so. The unseen site also has another scanner, so "
+        "'AUC members vs unseen' measures site shift as well as membership; the loss-threshold AUC, within "
+        "a site, does not."
+    )
+    dp_on = bool(records.run_config.get("dp"))
+    delta = records.run_config.get("dp_delta")
+
+    def eps_cell(site: str) -> str:
+        points = epsilon.get(site)
+        if points:
+            return f"{points[-1][1]:.3g}"
+        return "DP on, none reported" if dp_on else "no DP"
+
+    def num(value: float | None, digits: int = 2) -> str:
+        return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+    rows = []
+    groups = [(g, eps_cell(g["name"])) for g in audit.get("sites", [])]
+    if audit.get("pooled"):
+        finals = [epsilon[g["name"]][-1][1] for g in audit.get("sites", []) if epsilon.get(g["name"])]
+        groups.append((audit["pooled"], f"max {max(finals):.3g}" if finals else eps_cell("")))
+    for group, eps in groups:
+        calibrated = group.get("calibrated") or {}
+        rows.append(
+            [
+                group["name"],
+                eps,
+                str(group["n_members"]),
+                str(group["n_nonmembers"]),
+                num(group.get("auc")),
+                num(calibrated.get("tpr")),
+                num(calibrated.get("fpr")),
+                num(calibrated.get("advantage")),
+                num(calibrated.get("auc_members_vs_reference")),
+            ]
+        )
+    eps_header = f"ε spent (δ = {delta:g})" if delta else "ε spent"
+    section.blocks.append(
+        Table(
+            [
+                "training site",
+                eps_header,
+                "members",
+                "non-members",
+                "loss-threshold AUC",
+                "calibrated TPR",
+                "calibrated FPR",
+                "advantage",
+                "AUC members vs unseen",
+            ],
+            rows,
+        )
+    )
+    return section
+
+
+LEFT_OUT_EVENTS: dict[str, str] = {
+    "refused": "declined by the site (e.g. its privacy budget, or DP required)",
+    "rejected": "update rejected by the coordinator (NaN/Inf or norm outlier)",
+    "dropped": "failed or did not answer in time",
+}
+
+
+def participation_section(events: Sequence[Mapping[str, Any]]) -> Section:
+    """Which sites were left out of which round, and why (``refused``/``rejected``/``dropped`` events)."""
+    rows = [
+        [
+            str(e.get("round", "")),
+            str(e.get("site", "")),
+            str(e["event"]) + (f" ({e['stage']})" if e.get("stage") else ""),
+            str(e.get("reason", "")),
+        ]
+        for e in events
+        if e.get("event") in LEFT_OUT_EVENTS
+    ]
+    if not rows:
+        return Section("Participation", ["Every training site contributed to every round."])
+    legend = "; ".join(f"{k}: {v}" for k, v in LEFT_OUT_EVENTS.items())
+    return Section(
+        "Participation",
+        [
+            f"Sites left out of a round ({legend}); the round went on with the others.",
+            Table(["round", "site", "what", "reason"], rows),
+        ],
+    )
+
+
+def interim_line(after_round: int, num_rounds: int) -> str:
+    """The line an interim report (written while the run goes on) starts with."""
+    return f"interim report after round {after_round} of {num_rounds}"
+
+
+def latest_evaluation_table(events: Sequence[Mapping[str, Any]]) -> list[Block] | None:
+    """The sites' own evaluation of the last evaluated round: per site and model (global; FedBN's
+    personalised), mean over the site's test subjects of the mean Dice and of each class's Dice."""
+    evaluated = [e for e in events if e.get("event") == "evaluate" and e.get("metrics")]
+    if not evaluated:
+        return None
+    last = max(int(e["round"]) for e in evaluated)
+    rows = [e for e in evaluated if int(e["round"]) == last]
+    classes = [
+        k.removeprefix("dice-") for k in rows[0]["metrics"] if k.startswith("dice-") and k != "dice-mean"
+    ]
+
+    def cell(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
+
+    table = Table(
+        ["site", "role", "model", "test subjects", "mean Dice", *(f"Dice {c}" for c in classes)],
+        [
+            [
+                e["site"],
+                "unseen" if e.get("role") == ROLE_HOLDOUT else "training",
+                str(e.get("model", "global")),
+                str(e["metrics"].get("num-examples", "")),
+                cell(e["metrics"].get("dice-mean")),
+                *(cell(e["metrics"].get(f"dice-{c}")) for c in classes),
+            ]
+            for e in sorted(rows, key=lambda e: (e["site"], e.get("model", "global")))
+        ],
+    )
+    return [f"The sites' own evaluation after round {last} (mean over each site's test subjects):", table]
+
+
+def build_sections(records: RunRecords, after_round: int | None = None) -> list[Section]:
+    """Every section of the report; writes the figures it references under ``RUN_DIR/figures``.
+
+    ``after_round``: an interim report of a run still going on, from metrics.jsonl only (the comparison
+    with local-only and pooled models comes at the end).
+    """
     root = records.root
     sites = records.sites()
     site_ids = [s["site"] for s in sites]
@@ -382,7 +537,13 @@ def build_sections(records: RunRecords) -> list[Section]:
 
     overview = Section("Run", [_dp_line(records, epsilon), _settings_line(records)])
     sections = [overview]
-    if records.evaluation is not None:
+    if after_round is not None:
+        overview.blocks.append(
+            f"This is an {interim_line(after_round, int(records.run_config.get('num_rounds', 0)))}: the "
+            "sites' own evaluations so far (metrics.jsonl). The comparison with local-only and pooled "
+            "models is added when the run has finished."
+        )
+    elif records.evaluation is not None:
         budget = records.evaluation.get("budget", {})
         overview.blocks.append(
             f"Comparison models trained with the same budget: {budget.get('rule', '')}. Federated: "
@@ -396,24 +557,40 @@ def build_sections(records: RunRecords) -> list[Section]:
             f"{EVALUATION_FILE} is missing: the comparison with local-only and pooled models was not run; "
             f"build it with `neurofed report {root}`."
         )
+    sections.append(participation_section(records.events))
+    if after_round is None:  # the audit runs with the final evaluation
+        sections.append(privacy_audit_section(records, epsilon))
 
     if records.evaluation is not None:
         results = _Results(records.evaluation)
         locals_ = [m for m in results.models if m.startswith(LOCAL_PREFIX)]
         pooled = [m for m in results.models if m == POOLED]
+        personalised = [m for m in results.models if m == PERSONALISED]
 
         sections.append(
             Section(
                 "Per-site results (training sites' test splits)",
-                ["Each training site: the federated model vs that site's own local-only model vs pooled."],
+                ["Each training site: the federated model vs that site's own local-only model vs pooled."]
+                + (
+                    [
+                        "FedBN: 'federated' is the global model (the averaged shared layers; its "
+                        "normalization layers stay as initialised, since every site keeps its own); "
+                        "'personalised' is that site's own model: its normalization layers with the global "
+                        "rest. Personalised vs global shows what keeping the normalization local buys on the "
+                        "site's own scanner."
+                    ]
+                    if personalised
+                    else []
+                ),
             )
         )
         for site in trainers:
             own = [m for m in locals_ if m == LOCAL_PREFIX + site]
-            sections.append(Section(site, [_class_table(results, site, [FEDERATED, *own, *pooled])], level=3))
+            compared = [FEDERATED, *personalised, *own, *pooled]
+            sections.append(Section(site, [_class_table(results, site, compared)], level=3))
 
         # Generalization matrix: models x every site.
-        rows = [*locals_, *pooled, FEDERATED]
+        rows = [*locals_, *pooled, FEDERATED, *personalised]
         columns = [f"{s} (unseen)" if s in unseen else s for s in site_ids]
         matrix = np.array(
             [[np.mean(v) if (v := results.mean_dice(m, s)) else np.nan for s in site_ids] for m in rows]
@@ -425,7 +602,13 @@ def build_sections(records: RunRecords) -> list[Section]:
                 "Generalization matrix (train site x test site)",
                 [
                     "Mean over test subjects of the per-subject mean Dice; rows: the model (trained on), "
-                    "columns: the site it is tested on. Unseen sites never trained.",
+                    "columns: the site it is tested on. Unseen sites never trained."
+                    + (
+                        " The personalised row holds each training site's own personalised model on its own "
+                        "test split (an unseen site has none)."
+                        if personalised
+                        else ""
+                    ),
                     Table(
                         ["model \\ test site", *columns],
                         [
@@ -499,6 +682,9 @@ def build_sections(records: RunRecords) -> list[Section]:
                 label += f" [{e['model']}]"
             dice.setdefault(label, []).append((int(e["round"]), float(e["metrics"]["dice-mean"])))
     rounds = Section("Training progress")
+    latest = latest_evaluation_table(records.events)
+    if latest is not None:
+        rounds.blocks += latest
     if dice:
         path = f"{FIGURES_DIR}/dice_per_round.png"
         plot_per_round(
@@ -515,11 +701,19 @@ def build_sections(records: RunRecords) -> list[Section]:
     return sections
 
 
-def write_report(run_dir: Path) -> tuple[Path, Path]:
-    """Render ``report.md`` and ``report.html`` (and ``figures/``) of a run directory; returns both paths."""
+def write_report(run_dir: Path, after_round: int | None = None) -> tuple[Path, Path]:
+    """Render ``report.md`` and ``report.html`` (and ``figures/``) of a run directory; returns both paths.
+
+    ``after_round``: write the interim report of a run still going on (after that round's evaluation);
+    it reads only config.json and metrics.jsonl (an evaluation.json of an earlier, extended run is ignored)
+    and evaluates no model, so the coordinator can afford it every ``eval-every`` rounds.
+    """
     records = read_run(Path(run_dir))
-    sections = build_sections(records)
     title = f"neurofed run {records.root.name}"
+    if after_round is not None:
+        records = replace(records, evaluation=None)
+        title += f": {interim_line(after_round, int(records.run_config.get('num_rounds', 0)))}"
+    sections = build_sections(records, after_round)
     outputs = []
     for name, text in (
         (REPORT_MD, render_markdown(title, sections)),

@@ -57,8 +57,10 @@ class RunConfig:
         spacing_mm: isotropic voxel size the sites resample to, in mm.
         field_of_view_mm: extent of the sites' preprocessing grid in mm, ``"X,Y,Z"`` (RAS order); empty
             for the preprocessing plan's default (a whole adult head).
-        dp: subject-level DP-SGD at every training site (privacy/dp_sgd.py). Each site checks every round
-            against its own privacy ledger and lifetime budget and refuses rounds that would exceed it.
+        dp: subject-level DP-SGD at every training site (privacy/dp_sgd.py); on by default, so a run
+            without it says so explicitly (and its report says so in its first lines). Each site checks
+            every round against its own privacy ledger and lifetime budget and refuses rounds that would
+            exceed it.
         dp_target_epsilon: ε the whole run may spend per site at ``dp_delta``; each site derives its noise
             multiplier for the planned rounds x local steps. Used when ``dp_noise_multiplier`` is 0.
         dp_noise_multiplier: Gaussian noise std / clipping norm; > 0 replaces ``dp_target_epsilon``.
@@ -73,6 +75,9 @@ class RunConfig:
             times the median norm of the other sites' updates is rejected; 0 disables the norm rule (an
             update with NaN or Inf is always rejected).
         round_timeout_s: seconds the server waits for replies in one round.
+        min_sites: training sites whose updates a round needs; a site that fails or does not answer
+            within ``round_timeout_s`` is dropped from that round (logged with the reason) as long as at
+            least this many replied. 0: every training site (any dropout stops the run).
     """
 
     num_rounds: int = 5
@@ -96,7 +101,7 @@ class RunConfig:
     contrast: str = "T1w"
     spacing_mm: float = 2.0
     field_of_view_mm: str = ""
-    dp: bool = False
+    dp: bool = True
     dp_target_epsilon: float = 8.0
     dp_noise_multiplier: float = 0.0
     dp_max_grad_norm: float = 1.0
@@ -107,6 +112,7 @@ class RunConfig:
     server_dp_clipping_norm: float = 1.0
     update_norm_limit: float = 10.0
     round_timeout_s: float = 3600.0
+    min_sites: int = 0
 
     def __post_init__(self) -> None:
         def bad(name: str, what: str) -> NeurofedError:
@@ -161,6 +167,8 @@ class RunConfig:
             raise bad("server_dp_noise_multiplier", f"must be >= 0, got {self.server_dp_noise_multiplier}")
         if not self.server_dp_clipping_norm > 0:
             raise bad("server_dp_clipping_norm", f"must be positive, got {self.server_dp_clipping_norm}")
+        if self.min_sites < 0:
+            raise bad("min_sites", f"must be >= 0 (0: every training site), got {self.min_sites}")
         if not self.update_norm_limit >= 0:
             raise bad("update_norm_limit", f"must be >= 0 (0: off), got {self.update_norm_limit}")
 

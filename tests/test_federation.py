@@ -89,6 +89,7 @@ def site(monkeypatch, tmp_path, task_identity):
             "data-dir": str(tmp_path / "site-a"),
             "site-id": "site-a",
             "state-dir": str(tmp_path / "state"),
+            "require-dp": False,  # this site opts in to runs without DP (the tests below are non-DP)
         },
         state=RecordDict(),
         run_config={},
@@ -100,6 +101,7 @@ def site(monkeypatch, tmp_path, task_identity):
         patch_size=16,
         batch_size=1,
         run_dir=str(tmp_path),
+        dp=False,  # these tests look into the plain training loop
     )
 
     def call(strategy_name: str, server_round: int, state_dict, kind: str = "train", **changes) -> Message:
@@ -115,6 +117,7 @@ def site(monkeypatch, tmp_path, task_identity):
         return site_app.app(message, context)
 
     call.seen = seen  # type: ignore[attr-defined]
+    call.context = context  # type: ignore[attr-defined]
     call.tmp_path = tmp_path  # type: ignore[attr-defined]
     return call
 
@@ -124,6 +127,34 @@ def _initial_state() -> dict[str, torch.Tensor]:
     from server.app import initial_state_dict
 
     return initial_state_dict(recipe_config)
+
+
+def test_a_deployed_site_refuses_to_train_without_dp_unless_its_operator_allows_it(site) -> None:
+    state = _initial_state()
+    del site.context.node_config["require-dp"]  # a site started without --allow-no-dp
+    reply = site("fedavg", 1, state)
+    assert not reply.has_error()
+    assert reply.content["metrics"][site_app.REFUSED_KEY] == 1
+    reason = str(reply.content["refusal"]["reason"])
+    assert "site-a" in reason and "dp=false" in reason and "--allow-no-dp" in reason
+    assert site.seen == []  # nothing was trained
+    site.context.node_config["require-dp"] = "false"
+    reply = site("fedavg", 1, state)
+    assert "refusal" not in reply.content and len(site.seen) == 1
+
+
+def test_the_site_daemon_asks_for_dp_unless_allow_no_dp() -> None:
+    from client.site_daemon import SiteDaemonConfig, node_config
+
+    base = SiteDaemonConfig(
+        coordinator="c:9092",
+        ca_cert=Path("ca.crt"),
+        private_key=Path("k"),
+        data_dir=Path("d"),
+        budget_epsilon=5,
+    )
+    assert "require-dp='true'" in node_config(base)
+    assert "require-dp='false'" in node_config(base.__class__(**{**base.__dict__, "allow_no_dp": True}))
 
 
 def test_fedprox_mu_and_global_weights_reach_the_sites_training_loop(site) -> None:
@@ -220,6 +251,7 @@ def simulated_run(tmp_path_factory):
         spacing_mm=4.0,
         field_of_view_mm="64,64,64",
         round_timeout_s=300.0,
+        dp=False,  # exact FedAvg arithmetic on plain updates; DP runs: test_federation_privacy.py
     )
     messages: list[tuple[str, Message]] = []
     run_dir = run_simulation(

@@ -54,6 +54,7 @@ def _config(root: Path, **changes) -> RunConfig:
         spacing_mm=4.0,
         field_of_view_mm="64,64,64",
         round_timeout_s=300.0,
+        dp=False,  # DP is on by default; the subject-level DP run asks for it explicitly
     )
     return RunConfig(**{**settings, **changes})
 

@@ -42,6 +42,7 @@ def study(tmp_path_factory):
         "--test-fraction", "0.34",
         "--spacing", "4",
         "--fov", "64,64,64",
+        "--no-dp",
     ]  # fmt: skip
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -206,3 +207,66 @@ def test_report_of_a_folder_without_a_run_names_the_folder(tmp_path, capsys) -> 
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "config.json" in err
+
+
+@pytest.mark.slow
+def test_report_has_a_privacy_audit_of_every_training_site_beside_its_epsilon(study, tmp_path) -> None:
+    from server.report import write_report
+
+    evaluation = study["evaluation"]
+    sites = {s["site"]: s for s in evaluation["sites"]}
+    training = [name for name, s in sites.items() if s["role"] == "train"]
+    (unseen,) = [name for name, s in sites.items() if s["role"] == "holdout"]
+    audit = evaluation["membership_audit"]
+    # Members are exactly a site's training split, non-members its test split; the unseen site calibrates.
+    assert [g["name"] for g in audit["sites"]] == training
+    for group in audit["sites"]:
+        assert sorted(group["member_losses"]) == sorted(sites[group["name"]]["train_subjects"])
+        assert sorted(group["nonmember_losses"]) == sorted(sites[group["name"]]["test_subjects"])
+        assert 0.0 <= group["auc"] <= 1.0 and group["calibrated"]["n_reference"] == len(
+            sites[unseen]["test_subjects"]
+        )
+    assert audit["reference_sites"] == [unseen]
+    assert audit["pooled"]["n_members"] == sum(len(sites[s]["train_subjects"]) for s in training)
+
+    text = (study["run"] / "report.md").read_text()
+    sections = re.split(r"\n## ", text)
+    titles = [s.splitlines()[0] for s in sections]
+    assert titles.index("Privacy audit") < titles.index("Per-site results (training sites' test splits)")
+    (section,) = [s for s in sections if s.startswith("Privacy audit")]
+    rows = [line for line in section.splitlines() if line.startswith("| site-")]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == training
+    assert all(" | no DP | " in row for row in rows)
+
+    # The same run with ε reported by the sites: each site's ε stands beside its attack results.
+    run = tmp_path / "dp"
+    shutil.copytree(study["run"], run, ignore=shutil.ignore_patterns("cache", "checkpoints", "baselines"))
+    spent = {site: 0.5 + i for i, site in enumerate(training)}
+    events = [
+        {**e, "epsilon": spent[e["site"]] * e["round"]} if e["event"] == "train" else e
+        for e in study["events"]
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    markdown, _ = write_report(run)
+    (section,) = [s for s in re.split(r"\n## ", markdown.read_text()) if s.startswith("Privacy audit")]
+    for site, eps in spent.items():
+        (row,) = [line for line in section.splitlines() if line.startswith(f"| {site} |")]
+        assert f" | {eps * ROUNDS:.3g} | " in row
+
+
+def test_the_participation_section_names_every_site_left_out_of_a_round_and_why() -> None:
+    from server.report import participation_section, render_markdown
+
+    events = [
+        {"event": "train", "round": 1, "site": "site-a"},
+        {"event": "dropped", "round": 1, "site": "site-c", "stage": "training", "reason": "node lost"},
+        {"event": "refused", "round": 2, "site": "site-b", "reason": "budget ε=1 would be exceeded"},
+        {"event": "rejected", "round": 2, "site": "site-a", "reason": "update has NaN"},
+    ]
+    text = render_markdown("r", [participation_section(events)])
+    assert "| 1 | site-c | dropped (training) | node lost |" in text
+    assert "| 2 | site-b | refused | budget ε=1 would be exceeded |" in text
+    assert "| 2 | site-a | rejected | update has NaN |" in text
+    assert "site-a | dropped" not in text
+    text = render_markdown("r", [participation_section(events[:1])])
+    assert "Every training site contributed to every round." in text

@@ -1,0 +1,318 @@
+"""Accuracy of the federated strategies on real anatomy, every arm with the same compute budget.
+
+Four simulated hospitals (one scanner each) are synthesized once from the real FreeSurfer label maps
+(../shared/data/label_maps, or --label-maps / $NEUROFED_LABEL_MAPS); sites 1-3 train, site 4 is the
+unseen site that never trains. Tissue protocol (CSF, grey matter, white matter), no DP. With 4 subjects
+per site the 15 maps give 16 subjects: the unseen site's last subject reuses the first map (with its own
+deformation and the unseen site's scanner). Arms:
+
+- FedAvg, FedProx, FedBN: each a `neurofed simulate`-equivalent run (Flower's simulation engine) on
+  the same data, seed, network and settings; every site evaluates the global model (and, for FedBN,
+  its personalised model: its own normalization layers + the global rest) after every ``eval-every``
+  rounds, so the Dice per round shows whether the run converged;
+- local-only (one per training site) and pooled: trained once, by the study evaluation of the FedAvg
+  run (client/study_evaluation.py), with its budget rule: local-only gets ``rounds x local_steps``
+  optimizer steps (what a site ran in the federation), pooled ``rounds x local_steps x 3`` (the
+  federation's total).
+
+Scores are mean Dice over the tissue classes of each test subject, averaged over the test subjects of
+a site: the training sites' held-out test splits and all subjects of the unseen site. Federated scores
+are those the sites reported for the final round (the study evaluation reproduces them exactly; see
+tests/test_report.py). Figures are printed, never asserted::
+
+    .venv/bin/python bench/bench_strategies.py [--out /tmp/neurofed-bench-strategies] [--rounds 10]
+        [--local-steps 25] [--label-maps DIR] [--reuse]
+
+``--reuse`` keeps finished arm runs (and the baselines) of an earlier call with the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+LABEL_MAPS = Path(os.environ.get("NEUROFED_LABEL_MAPS", ROOT.parent / "shared" / "data" / "label_maps"))
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+TRAINING_SITES, UNSEEN_SITES = 3, 1
+FEDERATED_ARMS: tuple[str, ...] = ("fedavg", "fedprox", "fedbn")
+BASELINE_ARM = "fedavg"
+"""The arm whose study evaluation trains and scores the local-only and pooled models (once)."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Every setting of the benchmark; printed with the results."""
+
+    rounds: int = 10
+    local_steps: int = 25
+    subjects_per_site: int = 4
+    spacing_mm: float = 3.0
+    patch_size: int = 32
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    proximal_mu: float = 0.01
+    test_fraction: float = 0.25
+    eval_every: int = 2
+    network_preset: str = "tiny"
+    seed: int = 0
+
+
+def synthesize_once(data_root: Path, label_maps: Path, settings: BenchSettings) -> Path:
+    """The four site folders (reused when a previous run of this script wrote them with the same settings)."""
+    from client.synthesis import synthesize_sites
+
+    stamp = data_root / ".bench-settings.json"
+    wanted = {
+        "label_maps": str(label_maps),
+        "sites": TRAINING_SITES + UNSEEN_SITES,
+        "subjects_per_site": settings.subjects_per_site,
+        "spacing_mm": settings.spacing_mm,
+        "seed": settings.seed,
+    }
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        print(f"reusing the synthesized sites in {data_root}", flush=True)
+        return data_root
+    started = time.perf_counter()
+    synthesize_sites(
+        data_root,
+        n_sites=TRAINING_SITES + UNSEEN_SITES,
+        subjects_per_site=settings.subjects_per_site,
+        label_maps_dir=label_maps,
+        spacing_mm=settings.spacing_mm,
+        seed=settings.seed,
+        overwrite=True,
+    )
+    stamp.write_text(json.dumps(wanted))
+    print(f"synthesized {wanted['sites']} sites in {time.perf_counter() - started:.0f} s", flush=True)
+    return data_root
+
+
+def _finished_with(run_dir: Path, config) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly ``config``."""
+    from server.run_directory import RunDirectory
+
+    try:
+        return (run_dir / "final-model.pt").is_file() and RunDirectory(run_dir).read_config() == config
+    except Exception:
+        return False
+
+
+def run_arm(strategy: str, data_root: Path, out: Path, settings: BenchSettings, reuse: bool = False):
+    """One federated run of ``strategy``; returns its RunDirectory (``reuse``: a finished identical one)."""
+    from client.app import app as client_app
+    from server.run_config import RunConfig
+    from server.run_directory import RunDirectory
+    from server.simulation import run_simulation
+
+    config = RunConfig(
+        num_rounds=settings.rounds,
+        strategy=strategy,
+        proximal_mu=settings.proximal_mu,
+        local_steps=settings.local_steps,
+        protocol="tissue",
+        dp=False,  # the strategies are compared without DP noise (bench_dp_accuracy.py measures its cost)
+        network_preset=settings.network_preset,
+        patch_size=settings.patch_size,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        seed=settings.seed,
+        test_fraction=settings.test_fraction,
+        num_sites=TRAINING_SITES + UNSEEN_SITES,
+        unseen_sites=UNSEEN_SITES,
+        eval_every=settings.eval_every,
+        data_root=str(data_root),
+        run_dir=str(out / f"run-{strategy}"),
+        spacing_mm=settings.spacing_mm,
+    )
+    run_dir = Path(config.run_dir)
+    if reuse and _finished_with(run_dir, config):
+        print(f"\n== {strategy}: reusing the finished run in {run_dir}", flush=True)
+        return RunDirectory(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an unfinished or differently configured run of an earlier benchmark
+    run_dir.mkdir(parents=True)
+    # Every arm preprocesses the same data with the same plan: one cache serves them all.
+    shared_cache = out / "cache"
+    shared_cache.mkdir(exist_ok=True)
+    if not (run_dir / "cache").exists():
+        (run_dir / "cache").symlink_to(shared_cache, target_is_directory=True)
+    print(f"\n== {strategy}: {settings.rounds} rounds x {settings.local_steps} local steps", flush=True)
+    started = time.perf_counter()
+    result = run_simulation(config, client_app, live=None)
+    print(f"== {strategy} finished in {time.perf_counter() - started:.0f} s", flush=True)
+    return result
+
+
+def dice_per_round(events: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, float]]:
+    """``{(site, model): {round: mean Dice}}`` of the sites' evaluations (model ``global``/``personal``)."""
+    out: dict[tuple[str, str], dict[int, float]] = {}
+    for e in events:
+        if e.get("event") == "evaluate" and e["metrics"].get("dice-mean") is not None:
+            out.setdefault((e["site"], e.get("model", "global")), {})[int(e["round"])] = float(
+                e["metrics"]["dice-mean"]
+            )
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def print_convergence(arm: str, per_round: dict, trainers: list[str], unseen: list[str]) -> None:
+    for model in ("global", "personal"):
+        curves = {site: per_round.get((site, model)) for site in trainers + unseen}
+        if not all(curves.values()):
+            continue
+        rounds = sorted(next(iter(curves.values())))
+        label = f"{arm} {'personalised' if model == 'personal' else 'global'}"
+        print(f"\nDice per round, {label} (mean of the training sites' test splits | unseen site):")
+        print("round | train-site mean | " + " | ".join(unseen))
+        for r in rounds:
+            train = _mean([curves[s][r] for s in trainers])
+            print(f"{r:5d} | {train:15.3f} | " + " | ".join(f"{curves[s][r]:.3f}" for s in unseen))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    d = BenchSettings()
+    parser.add_argument(
+        "--out", type=Path, default=Path("/tmp/neurofed-bench-strategies"), help="work folder"
+    )
+    parser.add_argument("--label-maps", type=Path, default=LABEL_MAPS, help="folder of training_seg_*.nii.gz")
+    parser.add_argument("--rounds", type=int, default=d.rounds)
+    parser.add_argument("--local-steps", type=int, default=d.local_steps)
+    parser.add_argument("--subjects-per-site", type=int, default=d.subjects_per_site)
+    parser.add_argument("--eval-every", type=int, default=d.eval_every)
+    parser.add_argument("--proximal-mu", type=float, default=d.proximal_mu)
+    parser.add_argument("--spacing", type=float, default=d.spacing_mm, help="voxel size, mm")
+    parser.add_argument("--patch-size", type=int, default=d.patch_size, help="training patch edge, voxels")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse finished arm runs with the same settings (and the FedAvg run's baselines) in --out",
+    )
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--arms", default=",".join(FEDERATED_ARMS), help=f"federated arms, from {','.join(FEDERATED_ARMS)}"
+    )
+    args = parser.parse_args()
+    if not args.label_maps.is_dir() or not any(args.label_maps.glob("*.nii*")):
+        print(
+            f"skipped: no label maps in {args.label_maps}; pass --label-maps DIR or set NEUROFED_LABEL_MAPS "
+            "to the folder of the real FreeSurfer label maps (training_seg_*.nii.gz)"
+        )
+        return 0
+    arms = [a for a in args.arms.split(",") if a]
+    if BASELINE_ARM not in arms or set(arms) - set(FEDERATED_ARMS):
+        parser.error(f"--arms must include {BASELINE_ARM} and only name {', '.join(FEDERATED_ARMS)}")
+    settings = BenchSettings(
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        subjects_per_site=args.subjects_per_site,
+        eval_every=args.eval_every,
+        proximal_mu=args.proximal_mu,
+        spacing_mm=args.spacing,
+        patch_size=args.patch_size,
+        seed=args.seed,
+    )
+    out = args.out.resolve()
+    print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
+    print("settings: " + json.dumps(asdict(settings)), flush=True)
+    wall_started = time.perf_counter()
+    data_root = synthesize_once(out / "data", args.label_maps.resolve(), settings)
+
+    runs = {arm: run_arm(arm, data_root, out, settings, reuse=args.reuse) for arm in arms}
+
+    from client.study_evaluation import evaluate_study
+
+    evaluation_path = runs[BASELINE_ARM].root / "evaluation.json"
+    if args.reuse and evaluation_path.is_file():
+        print(f"\nreusing the baselines of {evaluation_path}")
+    else:
+        started = time.perf_counter()
+        evaluate_study(runs[BASELINE_ARM].root, data_root, progress=False)
+        print(
+            f"\nlocal-only and pooled baselines trained and scored in {time.perf_counter() - started:.0f} s"
+        )
+    evaluation = json.loads(evaluation_path.read_text())
+
+    sites = evaluation["sites"]
+    trainers = [s["site"] for s in sites if s["role"] == "train"]
+    unseen = [s["site"] for s in sites if s["role"] == "holdout"]
+    per_round = {arm: dice_per_round(runs[arm].read_events()) for arm in arms}
+    for arm in arms:
+        print_convergence(arm, per_round[arm], trainers, unseen)
+
+    def baseline(model: str, site: str) -> float:
+        return _mean(
+            [r["mean_dice"] for r in evaluation["results"] if r["model"] == model and r["site"] == site]
+        )
+
+    def final(arm: str, model: str, site: str) -> float:
+        curve = per_round[arm].get((site, model), {})
+        return curve[max(curve)] if curve else float("nan")
+
+    rows: list[tuple[str, dict[str, float]]] = [
+        ("pooled", {s: baseline("pooled", s) for s in trainers + unseen}),
+    ]
+    for own in trainers:
+        rows.append((f"local-only {own}", {s: baseline(f"local-only:{own}", s) for s in trainers + unseen}))
+    rows.append(
+        (
+            "local-only, each site's own",
+            {s: baseline(f"local-only:{s}", s) for s in trainers} | {u: float("nan") for u in unseen},
+        )
+    )
+    names = {"fedavg": "FedAvg", "fedprox": f"FedProx (mu={settings.proximal_mu:g})", "fedbn": "FedBN"}
+    for arm in arms:
+        rows.append((f"{names[arm]} global", {s: final(arm, "global", s) for s in trainers + unseen}))
+        if arm == "fedbn":
+            rows.append(
+                (f"{names[arm]} personalised", {s: final(arm, "personal", s) for s in trainers + unseen})
+            )
+
+    budget = evaluation["budget"]
+    print(
+        f"\nMean tissue Dice (CSF, GM, WM) after {settings.rounds} rounds; same budget for every arm: "
+        f"federated {budget['federated_steps_per_site']} steps per site ({budget['federated_steps_total']} in "
+        f"all), local-only {budget['local_only_steps']} steps, pooled {budget['pooled_steps']} steps; "
+        f"patch {settings.patch_size}^3, batch {settings.batch_size}, {settings.network_preset} network."
+    )
+    header = [
+        "model",
+        *[f"{s} test" for s in trainers],
+        "train-site mean",
+        *[f"{u} (unseen)" for u in unseen],
+    ]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, values in rows:
+        train_mean = _mean([values[s] for s in trainers])
+        cells = [*(values[s] for s in trainers), train_mean, *(values[u] for u in unseen)]
+        print("| " + " | ".join([name, *("—" if v != v else f"{v:.3f}" for v in cells)]) + " |")
+    chance = _mean([v for s in sites for v in s["chance_mean_dice"].values()])
+    tests = {s["site"]: len(s["test_subjects"]) for s in sites}
+    print(
+        f"test subjects per site: {tests}; chance level (random labels, true proportions) {chance:.3f}. "
+        "FedBN personalised on the unseen site is its global model (a site that never trained has no "
+        "normalization layers of its own)."
+    )
+    print(f"total wall time {time.perf_counter() - wall_started:.0f} s; run folders under {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

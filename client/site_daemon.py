@@ -1,0 +1,183 @@
+"""`neurofed-site start`: check the site's data, then run Flower's SuperNode for this site.
+
+The SuperNode connects to the coordinator over TLS (verifying it with the federation's CA certificate),
+authenticates with the site's private key (enrolled at the coordinator), and runs the ClientApp
+(client/app.py) with the site's data folder, id, state folder and privacy budget in its node config.
+Runtime installation of app dependencies stays off: the site runs the neurofed installed here, offline.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.site_keys import check_private_key
+from models.errors import NeurofedError
+
+DEFAULT_STATE_DIR = Path("~/.neurofed/site")
+DEFAULT_RUNTIME_PORT = 9094
+
+
+@dataclass(frozen=True)
+class SiteDaemonConfig:
+    """Everything `neurofed-site start` needs.
+
+    Attributes:
+        coordinator: the coordinator's ``HOST:PORT`` (HOST must be a name in its certificate).
+        ca_cert: the federation's CA certificate (PEM).
+        private_key: the site's SuperNode private key (`neurofed-site keygen`).
+        data_dir: the site's data folder (checked first; never modified).
+        budget_epsilon, budget_delta: the site's lifetime privacy budget (all runs together).
+        state_dir: the site's own files: privacy ledger, preprocessed cache, personalised layers.
+        site_id: the id the site declares to the coordinator (default: the data folder's name).
+        role: ``train`` or ``holdout`` (evaluates only).
+        runtime_port: local port of the SuperNode's runtime API (one per SuperNode on a machine).
+        protocol, contrast: what `neurofed-site check` validates the data against.
+        allow_no_dp: train rounds of runs without differential privacy too. Off by default: the site
+            refuses such rounds whatever the coordinator asks (node config ``require-dp``).
+    """
+
+    coordinator: str
+    ca_cert: Path
+    private_key: Path
+    data_dir: Path
+    budget_epsilon: float
+    budget_delta: float = 1e-5
+    state_dir: Path = DEFAULT_STATE_DIR
+    site_id: str | None = None
+    role: str = "train"
+    runtime_port: int = DEFAULT_RUNTIME_PORT
+    protocol: str = "tissue"
+    contrast: str = "T1w"
+    allow_no_dp: bool = False
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir.expanduser() / "privacy-ledger.jsonl"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir.expanduser() / "cache"
+
+
+def node_config(config: SiteDaemonConfig) -> str:
+    """The SuperNode's ``--node-config`` string (read by client/app.py's ``site_setup``)."""
+    values: dict[str, str | float] = {
+        "data-dir": str(config.data_dir.expanduser().resolve()),
+        "site-id": config.site_id or config.data_dir.expanduser().resolve().name,
+        "role": config.role,
+        "state-dir": str(config.state_dir.expanduser().resolve()),
+        "cache-dir": str(config.cache_dir.resolve()),
+        "ledger": str(config.ledger_path.resolve()),
+        "budget-epsilon": float(config.budget_epsilon),
+        "budget-delta": float(config.budget_delta),
+        "require-dp": "false" if config.allow_no_dp else "true",
+    }
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, str):
+            if "'" in value or '"' in value:
+                raise NeurofedError(
+                    f"{key} {value!r}: quotes are not allowed in paths and names passed to Flower"
+                )
+            parts.append(f"{key}='{value}'")
+        else:
+            parts.append(f"{key}={value!r}")
+    return " ".join(parts)
+
+
+def check_site_config(config: SiteDaemonConfig) -> None:
+    """Check options and files; NeurofedError naming the option and what to do."""
+    host, sep, port = config.coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise NeurofedError(
+            f"--coordinator {config.coordinator!r}: expected HOST:PORT, e.g. coordinator.example.org:9092"
+        )
+    if not config.ca_cert.expanduser().is_file():
+        raise NeurofedError(
+            f"--ca {config.ca_cert}: file not found; ask the coordinator's operator for the CA certificate"
+        )
+    check_private_key(config.private_key)
+    if not config.data_dir.expanduser().is_dir():
+        raise NeurofedError(f"--data {config.data_dir}: not a folder; pass the site's data folder")
+    if not config.budget_epsilon > 0:
+        raise NeurofedError(
+            f"--budget {config.budget_epsilon}: the lifetime ε must be positive, e.g. --budget 10"
+        )
+    if not 0 < config.budget_delta < 1:
+        raise NeurofedError(f"--delta {config.budget_delta}: must be in (0, 1), e.g. 1e-5")
+    if config.role not in ("train", "holdout"):
+        raise NeurofedError(f"--role {config.role!r}: use train or holdout")
+
+
+def check_site_data(config: SiteDaemonConfig) -> None:
+    """Run `neurofed-site check` on the data folder (its table is printed); refuse unusable data."""
+    from client.site_check import run_site_check
+
+    if run_site_check(config.data_dir.expanduser(), protocol=config.protocol, contrast=config.contrast) != 0:
+        raise NeurofedError(
+            f"--data {config.data_dir}: no usable subject (see the reasons above); the site does not join "
+            "until `neurofed-site check` finds usable subjects"
+        )
+
+
+def supernode_command(config: SiteDaemonConfig) -> list[str]:
+    """The ``flower-supernode`` command line of this site."""
+    return [
+        _executable("flower-supernode"),
+        "--superlink",
+        config.coordinator,
+        "--root-certificates",
+        str(config.ca_cert.expanduser().resolve()),
+        "--auth-supernode-private-key",
+        str(config.private_key.expanduser().resolve()),
+        "--node-config",
+        node_config(config),
+        "--port",
+        str(config.runtime_port),
+    ]
+
+
+def supernode_environment(telemetry: bool = False) -> dict[str, str]:
+    """This environment for the SuperNode: no runtime installs, no update checks, telemetry off."""
+    env = dict(os.environ)
+    # The SuperNode starts its helper processes (flower-superexec, flwr-clientapp) by name.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["FLWR_TELEMETRY_ENABLED"] = "1" if telemetry else "0"
+    return env
+
+
+def _executable(name: str) -> str:
+    import shutil
+
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        raise NeurofedError(
+            f"Flower's `{name}` command is not installed; install neurofed with its dependencies"
+        )
+    return found
+
+
+def start_site(config: SiteDaemonConfig, telemetry: bool = False) -> None:
+    """Check the options and the data, then become the SuperNode (``exec``; never returns)."""
+    check_site_config(config)
+    check_site_data(config)
+    state_dir = config.state_dir.expanduser()
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise NeurofedError(f"--state-dir {config.state_dir}: cannot create it ({exc.strerror})") from exc
+    command = supernode_command(config)
+    env = supernode_environment(telemetry)
+    env.setdefault("FLWR_HOME", str(state_dir.resolve() / "flwr-home"))
+    print(
+        f"neurofed-site: joining {config.coordinator} as {node_config(config).split()[1]} "
+        f"(ledger {config.ledger_path}, lifetime budget ε={config.budget_epsilon}, δ={config.budget_delta})",
+        flush=True,
+    )
+    os.execve(command[0], command, env)

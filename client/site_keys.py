@@ -1,0 +1,96 @@
+"""`neurofed-site keygen`: the site's SuperNode key pair for Flower's node authentication.
+
+The coordinator admits only SuperNodes whose public key it enrolled; the SuperNode proves it holds the
+private key by signing its requests. Keys are ECDSA on NIST P-384, in OpenSSH format, as Flower reads
+them (`flower-supernode --auth-supernode-private-key`, `flwr supernode register`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.errors import NeurofedError
+
+PRIVATE_KEY_FILE = "site.key"
+PUBLIC_KEY_FILE = "site.pub"
+
+
+@dataclass(frozen=True)
+class SiteKeyPair:
+    """Where a key pair was written: ``private_key`` (mode 0600, stays at the site) and ``public_key``
+    (sent to the coordinator's operator for `neurofed coordinator enroll`)."""
+
+    private_key: Path
+    public_key: Path
+
+
+def generate_site_keys(out_dir: Path, comment: str = "neurofed-site") -> SiteKeyPair:
+    """Write a new P-384 key pair into ``out_dir``; refuses to replace an existing pair."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out_dir = out_dir.expanduser()
+    pair = SiteKeyPair(out_dir / PRIVATE_KEY_FILE, out_dir / PUBLIC_KEY_FILE)
+    for path in (pair.private_key, pair.public_key):
+        if path.exists():
+            raise NeurofedError(
+                f"--out {out_dir}: {path.name} already exists; a site keeps its key (the coordinator enrolled "
+                "it). To replace it, move the old pair away first and have the new public key enrolled"
+            )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise NeurofedError(f"--out {out_dir}: cannot create it ({exc.strerror})") from exc
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _write_new(pair.private_key, private, 0o600)
+    _write_new(pair.public_key, public + f" {comment}\n".encode(), 0o644)
+    return pair
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    # Created with its final mode (never briefly world-readable), under a temporary name, then renamed.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # the umask may have narrowed it; never widened beyond `mode`
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_private_key(path: Path) -> None:
+    """Check that ``path`` is a readable OpenSSH EC private key readable by its owner only."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = path.expanduser()
+    if not path.is_file():
+        raise NeurofedError(
+            f"--key {path}: file not found; make the site's key pair with `neurofed-site keygen`"
+        )
+    if path.stat().st_mode & 0o077:
+        raise NeurofedError(
+            f"--key {path}: other users may read this private key (mode {path.stat().st_mode & 0o777:o}); "
+            f"run `chmod 600 {path}`"
+        )
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise NeurofedError(
+            f"--key {path}: not an unencrypted OpenSSH private key ({exc}); pass the site.key from "
+            "`neurofed-site keygen`"
+        ) from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise NeurofedError(
+            f"--key {path}: Flower needs an EC (NIST curve) key; make one with `neurofed-site keygen`"
+        )

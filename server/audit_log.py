@@ -1,0 +1,79 @@
+"""The coordinator's audit log: who took part in which run and round, and who was refused or dropped.
+
+One JSON object per line in ``<state-dir>/audit.jsonl`` (see server/coordinator_state.py), appended and
+flushed to disk at once, never rewritten. Every line has ``time`` (UTC, ISO 8601), ``unix`` (seconds)
+and ``event``; the ServerApp (server/app.py) writes:
+
+- ``run-started``: ``run_id`` (neurofed's run id, also in the sites' privacy ledgers), ``flower_run_id``,
+  ``run_dir``, ``resume``, ``first_round``, ``num_rounds``.
+- ``site-joined``: ``node_id``, ``site`` (the id the site declares), ``enrolled_as`` (the name it was
+  enrolled under with `neurofed coordinator enroll`; null when unknown), ``role``.
+- ``round-trained``: ``round``, ``contributed`` (sites whose update was aggregated), ``refused`` (sites
+  that declined the round, e.g. their privacy budget, with ``reason``), ``rejected`` (updates the server
+  refused, with ``reason``), ``dropped`` (sites that failed or did not answer, with ``reason``) and
+  ``epsilon`` (site -> the run's cumulative ε the site reported, at ``delta``).
+- ``round-evaluated``: ``round``, ``evaluated``, ``dropped``.
+- ``run-finished`` / ``run-failed`` (with ``reason``).
+
+The coordinator commands add ``site-enrolled`` / ``site-revoked`` (server/site_registry.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class AuditLog:
+    """Append-only JSON-lines audit log at ``path``."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def record(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Append one event (with the current time) and flush it to disk; returns what was written."""
+        now = time.time()
+        entry = {
+            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+            "unix": round(now, 3),
+            "event": event,
+            **_json_safe(fields),
+        }
+        line = json.dumps(entry, sort_keys=True) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # O_APPEND: concurrent writers (a ServerApp and an operator command) never overwrite each other.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            os.write(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return entry
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every event so far, in order (a torn last line from a crash is skipped)."""
+        if not self.path.is_file():
+            return []
+        events = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events

@@ -1,0 +1,579 @@
+"""The deployment on Flower's deployment engine, with real processes on loopback.
+
+A real coordinator (`neurofed coordinator start`: SuperLink, TLS, SuperNode authentication) and three real
+sites (`neurofed-site start`: SuperNodes) run a 2-round job submitted with `neurofed run`. During round 1
+one site is killed (the round completes with the other two, above ``min-sites``); after round 1's
+checkpoint the coordinator is stopped and started again, and `neurofed run --resume` finishes the run from
+that checkpoint. Sites whose key was never enrolled, or was revoked, are refused. Certificates come from
+deploy/make-certs.sh; every process a test starts is stopped by its fixture (the whole process tree).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from client.site_keys import check_private_key, generate_site_keys
+from models.errors import NeurofedError
+from server.audit_log import AuditLog
+from server.coordinator_state import CoordinatorState
+from server.job_submission import run_settings
+from server.run_directory import RunDirectory
+from server.site_registry import SiteRegistry
+
+ROOT = Path(__file__).resolve().parents[1]
+MAKE_CERTS = ROOT / "deploy" / "make-certs.sh"
+RUN_NAME = "study"
+SITES = ("site-1", "site-2", "site-3")
+KILLED = "site-3"
+JOB = [
+    "num-server-rounds=2",
+    "local-steps=2",
+    "patch-size=16",
+    "batch-size=1",
+    "num-sites=3",
+    "unseen-sites=0",
+    "min-sites=2",
+    "spacing-mm=4.0",
+    "field-of-view-mm='64,64,64'",
+    "test-fraction=0.34",
+    "eval-every=2",
+    "round-timeout-s=400.0",
+    "dp=true",
+    f"run-dir='runs/{RUN_NAME}'",
+]
+WAIT_S = 420.0
+"""Upper bound for one step of the job on two loaded cores (each Flower message starts a fresh process)."""
+
+
+# --- processes -----------------------------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Daemon:
+    """A command run in its own session, its output in a log file; `stop` ends it and every descendant
+    (Flower starts helper processes in sessions of their own)."""
+
+    def __init__(self, command: list[str], log: Path, env: dict[str, str]) -> None:
+        self.log = log
+        self._out = log.open("ab")
+        self.process = subprocess.Popen(
+            command, stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, grace_s: float = 20.0) -> None:
+        tree = _descendants(self.process.pid)
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        for pid in tree + _descendants(self.process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._out.close()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(condition, what: str, timeout_s: float = WAIT_S, every_s: float = 0.5, logs=()):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every_s)
+    tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists())
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tails}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --- the federation ------------------------------------------------------------------------------------
+
+
+def _write_tiny_site(folder: Path, n_subjects: int, gain: float, seed: int) -> None:
+    """A BIDS site of 20^3-voxel (4 mm) spherical heads: CSF (24), cortex (3), white matter (2), ventricle (4)."""
+    rng = np.random.default_rng(seed)
+    axes = np.meshgrid(*[np.arange(20)] * 3, indexing="ij")
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    intensity = np.zeros(25, np.float32)
+    intensity[[24, 3, 2, 4]] = (1.0, 2.0, 3.0, 1.0)
+    for j in range(n_subjects):
+        radius = np.sqrt(sum((a - c) ** 2 for a, c in zip(axes, 9.5 + rng.normal(0, 1, 3), strict=True)))
+        label = np.zeros((20, 20, 20), np.int32)
+        label[radius < 8], label[radius < 6.5], label[radius < 4.5], label[radius < 1.5] = 24, 3, 2, 4
+        image = intensity[label] * gain + rng.normal(0, 0.2, label.shape).astype(np.float32)
+        sub = f"sub-{j + 1:02d}"
+        anat = folder / sub / "anat"
+        labels = folder / "derivatives" / "labels" / sub / "anat"
+        anat.mkdir(parents=True)
+        labels.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), anat / f"{sub}_T1w.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), labels / f"{sub}_dseg.nii.gz")
+
+
+def _make_certs(folder: Path) -> tuple[Path, Path, Path]:
+    """CA and coordinator certificate for loopback, made by the deployment kit's script."""
+    if not MAKE_CERTS.is_file():
+        pytest.skip(f"{MAKE_CERTS} is missing")
+    subprocess.run(["bash", str(MAKE_CERTS), str(folder)], check=True, capture_output=True, timeout=120)
+    return folder / "ca.crt", folder / "server.crt", folder / "server.key"
+
+
+class Federation:
+    """A coordinator on a free loopback port and the site daemons started against it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.state = CoordinatorState(root / "coordinator")
+        self.ca, self.cert, self.key = _make_certs(root / "certs")
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(root / "flwr-home"),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        }
+        self.coordinator: Daemon | None = None
+        self.sites: dict[str, Daemon] = {}
+        self.daemons: list[Daemon] = []
+        self.logs = root / "logs"
+        self.logs.mkdir()
+
+    def cli(self, module: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", module, *args]
+
+    def start_coordinator(self) -> None:
+        command = self.cli(
+            "server.cli",
+            "coordinator",
+            "start",
+            "--state-dir",
+            str(self.state.root),
+            "--address",
+            f"127.0.0.1:{self.port}",
+            "--ca-cert",
+            str(self.ca),
+            "--cert",
+            str(self.cert),
+            "--key",
+            str(self.key),
+        )
+        self.coordinator = Daemon(command, self.logs / "coordinator.log", self.env)
+        self.daemons.append(self.coordinator)
+        _wait_for(lambda: _port_open(self.port), "the coordinator's port", 120, logs=[self.coordinator.log])
+
+    def start_site(self, name: str, key: Path, data: Path) -> Daemon:
+        command = self.cli(
+            "client.cli",
+            "start",
+            "--coordinator",
+            f"127.0.0.1:{self.port}",
+            "--ca",
+            str(self.ca),
+            "--key",
+            str(key),
+            "--data",
+            str(data),
+            "--budget",
+            "50",
+            "--state-dir",
+            str(self.root / "site-state" / name),
+            "--site-id",
+            name,
+            "--runtime-port",
+            str(_free_port()),
+        )
+        daemon = Daemon(command, self.logs / f"{name}.log", self.env)
+        self.sites[name] = daemon
+        self.daemons.append(daemon)
+        return daemon
+
+    def run(self, *args: str) -> list[str]:
+        return self.cli("server.cli", "run", "--state-dir", str(self.state.root), *args)
+
+    def stop_all(self) -> None:
+        for daemon in reversed(self.daemons):
+            daemon.stop(signal.SIGKILL, grace_s=5)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A running coordinator with three enrolled sites' keys (sites not started yet)."""
+    root = tmp_path_factory.mktemp("deployment")
+    fed = Federation(root)
+    try:
+        fed.start_coordinator()
+        fed.keys = {name: generate_site_keys(root / "keys" / name) for name in SITES}
+        # One enrolment through the command line, the others through the same library call.
+        subprocess.run(
+            fed.cli(
+                "server.cli",
+                "coordinator",
+                "enroll",
+                str(fed.keys[SITES[0]].public_key),
+                "--name",
+                SITES[0],
+                "--state-dir",
+                str(fed.state.root),
+            ),
+            check=True,
+            env=fed.env,
+            cwd=ROOT,
+            timeout=120,
+        )
+        registry = SiteRegistry(fed.state)
+        for name in SITES[1:]:
+            registry.enroll(fed.keys[name].public_key, name)
+        for i, name in enumerate(SITES):
+            _write_tiny_site(root / "data" / name, 3, gain=1.0 + 0.3 * i, seed=i)
+        yield fed
+    finally:
+        fed.stop_all()
+
+
+@pytest.fixture(scope="module")
+def interrupted_study(federation):
+    """The 2-round job: site-3 killed in round 1, the coordinator restarted after round 1, then resumed."""
+    fed = federation
+    for name in SITES:
+        fed.start_site(name, fed.keys[name].private_key, fed.root / "data" / name)
+    run_dir = RunDirectory(fed.state.runs_dir / RUN_NAME)
+    settings = [a for s in JOB for a in ("--set", s)]
+    first = Daemon(fed.run(*settings), fed.logs / "run-1.log", fed.env)
+    fed.daemons.append(first)
+    logs = [first.log, fed.coordinator.log, *(d.log for d in fed.sites.values())]
+
+    # Round 1 starts right after site discovery: kill one site while it trains.
+    _wait_for(lambda: any(e["event"] == "sites" for e in run_dir.read_events()), "site discovery", logs=logs)
+    fed.sites[KILLED].stop(signal.SIGKILL, grace_s=5)
+    _wait_for(lambda: 1 in run_dir.completed_rounds(), "round 1's checkpoint", logs=logs)
+
+    # The coordinator goes down between rounds (as `systemctl restart` would do it) ...
+    fed.coordinator.stop(signal.SIGTERM)
+    first_exit = first.process.wait(timeout=300)
+    first.stop()
+    # ... and comes back with its state; the killed site's daemon is restarted by its hospital.
+    fed.start_coordinator()
+    fed.start_site(KILLED, fed.keys[KILLED].private_key, fed.root / "data" / KILLED)
+    resumed = subprocess.run(
+        fed.run("--resume", RUN_NAME),
+        env=fed.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=2 * WAIT_S,
+    )
+    return {
+        "run_dir": run_dir,
+        "first_exit": first_exit,
+        "resumed": resumed,
+        "audit": AuditLog(fed.state.audit_path).read(),
+    }
+
+
+# --- tests -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sites_never_enrolled_or_revoked_are_refused(federation) -> None:
+    fed = federation
+    stranger = generate_site_keys(fed.root / "keys" / "stranger")
+    revoked = generate_site_keys(fed.root / "keys" / "revoked")
+    registry = SiteRegistry(fed.state)
+    registry.enroll(revoked.public_key, "revoked-site")
+    assert "revoked-site" in {s.name for s in registry.sites()}
+    registry.revoke("revoked-site")
+    data = fed.root / "data" / SITES[0]
+    attempts = {
+        "stranger": fed.start_site("stranger", stranger.private_key, data),
+        "revoked-site": fed.start_site("revoked-site", revoked.private_key, data),
+    }
+    for name, daemon in attempts.items():
+        code = daemon.process.wait(timeout=WAIT_S)
+        assert code != 0, f"{name} was let in:\n{daemon.text()[-2000:]}"
+        assert "Failed to activate SuperNode" in daemon.text(), daemon.text()[-2000:]
+    listed = {s.name: s.status for s in registry.sites()}
+    assert "stranger" not in listed and "revoked-site" not in listed
+    events = [(e["event"], e.get("site")) for e in AuditLog(fed.state.audit_path).read()]
+    assert ("site-enrolled", "revoked-site") in events and ("site-revoked", "revoked-site") in events
+
+
+@pytest.mark.slow
+def test_run_survives_a_killed_site_and_a_coordinator_restart(interrupted_study) -> None:
+    resumed = interrupted_study["resumed"]
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # The first submission saw its coordinator go away: it must not report success.
+    assert interrupted_study["first_exit"] != 0
+    run_dir = interrupted_study["run_dir"]
+    events = run_dir.read_events()
+    aggregated = [e["round"] for e in events if e["event"] == "aggregate-train"]
+    assert aggregated == [1, 2]  # round 1 once (not redone after the restart), then round 2
+    assert run_dir.final_model_path.is_file()
+    assert (run_dir.root / "report.md").is_file() and (run_dir.root / "report.html").is_file()
+
+    trained = {r: {e["site"] for e in events if e["event"] == "train" and e["round"] == r} for r in (1, 2)}
+    assert trained[1] == set(SITES) - {KILLED}
+    assert trained[2] == set(SITES)  # the restarted site is back
+    dropped = [e for e in events if e["event"] == "dropped"]
+    assert [(e["round"], e["site"], e["stage"]) for e in dropped] == [(1, KILLED, "training")]
+    assert dropped[0]["reason"]
+    participation = (
+        (run_dir.root / "report.md").read_text().split("## Participation", 1)[1].split("\n## ", 1)[0]
+    )
+    assert f"| 1 | {KILLED} | dropped (training) |" in participation
+
+
+@pytest.mark.slow
+def test_audit_log_names_sites_rounds_contributions_dropouts_and_epsilon(interrupted_study) -> None:
+    audit = interrupted_study["audit"]
+    assert all("time" in e and "event" in e for e in audit)
+    starts = [e for e in audit if e["event"] == "run-started"]
+    assert [(e["resume"], e["first_round"], e["num_rounds"]) for e in starts] == [(False, 1, 2), (True, 2, 2)]
+    assert starts[0]["run_id"] == starts[1]["run_id"]  # the sites' ledgers see one run
+    joined = [e for e in audit if e["event"] == "site-joined"]
+    assert {e["site"] for e in joined} == set(SITES)
+    assert all(e["enrolled_as"] == e["site"] and isinstance(e["node_id"], int) for e in joined)
+    rounds = {e["round"]: e for e in audit if e["event"] == "round-trained"}
+    assert sorted(rounds) == [1, 2]
+    assert sorted(rounds[1]["contributed"]) == sorted(set(SITES) - {KILLED})
+    assert [d["site"] for d in rounds[1]["dropped"]] == [KILLED]
+    assert sorted(rounds[2]["contributed"]) == sorted(SITES)
+    for server_round, entry in rounds.items():
+        assert set(entry["epsilon"]) == set(entry["contributed"]), server_round
+        assert all(0 < v["epsilon"] < 50 for v in entry["epsilon"].values())
+    # ε accumulates over the run: round 2 spends on top of round 1.
+    for site in set(rounds[1]["contributed"]):
+        assert rounds[2]["epsilon"][site]["epsilon"] > rounds[1]["epsilon"][site]["epsilon"]
+    assert audit[-1]["event"] == "run-finished"
+
+
+# --- fast checks of the commands' inputs ----------------------------------------------------------------
+
+
+def test_keygen_writes_an_owner_only_private_key_and_never_overwrites(tmp_path) -> None:
+    pair = generate_site_keys(tmp_path / "keys")
+    assert pair.private_key.stat().st_mode & 0o777 == 0o600
+    assert pair.public_key.read_text().startswith("ecdsa-sha2-nistp384 ")
+    check_private_key(pair.private_key)
+    before = pair.private_key.read_bytes()
+    with pytest.raises(NeurofedError, match="already exists"):
+        generate_site_keys(tmp_path / "keys")
+    assert pair.private_key.read_bytes() == before
+    pair.private_key.chmod(0o644)
+    with pytest.raises(NeurofedError, match="chmod 600"):
+        check_private_key(pair.private_key)
+
+
+def test_site_start_refuses_unusable_data_and_names_the_problem(tmp_path) -> None:
+    pair = generate_site_keys(tmp_path / "keys")
+    data = tmp_path / "data"
+    anat = data / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), anat / "sub-01_T1w.nii.gz")
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not used: the data check comes first\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "client.cli", "start", "--coordinator", "127.0.0.1:1", "--ca", str(ca)]
+        + ["--key", str(pair.private_key), "--data", str(data), "--budget", "5"]
+        + ["--state-dir", str(tmp_path / "state"), "--runtime-port", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert f"--data {data}" in done.stderr and "no usable subject" in done.stderr
+    assert "sub-01" in done.stdout  # the check's table names the subject and why it cannot be used
+    assert not (tmp_path / "state").exists()
+
+
+def test_coordinator_start_names_a_missing_or_mismatched_certificate_file(tmp_path) -> None:
+    ca, cert, key = _make_certs(tmp_path / "certs")
+    other_ca, _, other_key = _make_certs(tmp_path / "other")
+
+    def start(*files: Path) -> subprocess.CompletedProcess:
+        args = ["--ca-cert", str(files[0]), "--cert", str(files[1]), "--key", str(files[2])]
+        return subprocess.run(
+            [sys.executable, "-m", "server.cli", "coordinator", "start", "--state-dir", str(tmp_path / "s")]
+            + ["--address", "127.0.0.1:1"]
+            + args,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+
+    missing = start(ca, tmp_path / "nope.crt", key)
+    assert missing.returncode == 2 and f"--cert {tmp_path / 'nope.crt'}: file not found" in missing.stderr
+    wrong_key = start(ca, cert, other_key)
+    assert (
+        wrong_key.returncode == 2
+        and "--key" in wrong_key.stderr
+        and "not the private key" in wrong_key.stderr
+    )
+    wrong_ca = start(other_ca, cert, key)
+    assert wrong_ca.returncode == 2 and "--ca-cert" in wrong_ca.stderr and "issued by" in wrong_ca.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_run_settings_merge_file_and_overrides_and_reject_unknown_keys(tmp_path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('strategy = "fedprox"\nnum-server-rounds = 3\n')
+    settings = run_settings(job, ["num-server-rounds=7", "contrast=T2w"])
+    assert settings["strategy"] == "fedprox" and settings["num-server-rounds"] == 7
+    assert settings["contrast"] == "T2w"
+    assert settings["run-dir"].startswith("runs/") and "resume" not in settings
+    resumed = run_settings(None, [], resume="study")
+    assert resumed["resume"] is True and resumed["run-dir"] == "runs/study"
+    assert resumed["resume-rounds"] == 0  # the stored number of rounds, not pyproject's default
+    assert run_settings(None, ["num-server-rounds=9"], resume="study")["resume-rounds"] == 9
+    with pytest.raises(NeurofedError, match="num-rounds"):
+        run_settings(None, ["num-rounds=3"])
+    with pytest.raises(NeurofedError, match="min-sites"):
+        run_settings(None, ["min-sites=-1"])
+
+
+def test_a_relative_run_dir_lies_in_the_coordinator_state_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("NEUROFED_COORDINATOR_STATE_DIR", str(tmp_path))
+    state = CoordinatorState.from_environment()
+    assert state is not None and state.resolve_run_dir("runs/a") == tmp_path / "runs" / "a"
+    assert state.resolve_run_dir(str(tmp_path / "elsewhere")) == tmp_path / "elsewhere"
+    with pytest.raises(NeurofedError, match="--state-dir"):
+        SiteRegistry(state).sites()
+    assert (
+        json.loads(json.dumps(AuditLog(tmp_path / "audit.jsonl").record("x", value=float("nan"))))["value"]
+        is None
+    )
+
+
+def test_a_failed_or_stopped_run_exits_non_zero_and_says_how_to_continue(capsys) -> None:
+    from server.job_submission import RunOutcome, report_outcome
+
+    assert report_outcome(RunOutcome(7, "finished:completed", "", "runs/a")) == 0
+    for status in ("finished:failed", "finished:stopped"):
+        assert (
+            report_outcome(RunOutcome(7, status, "round 2 training: 1 of 3 site(s) replied", "runs/a")) == 1
+        )
+        err = capsys.readouterr().err
+        assert status in err and "1 of 3 site(s) replied" in err and "--resume a" in err
+
+
+class _FlakyGrid:
+    """Answers each message with a reply, an error reply (``failing`` nodes) or nothing (``silent`` nodes)."""
+
+    def __init__(self, failing: set[int], silent: set[int]) -> None:
+        self.failing, self.silent = failing, silent
+
+    def send_and_receive(self, messages, timeout):
+        from flwr.app import Message, MetricRecord, RecordDict
+        from flwr.app.error import Error
+
+        replies = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id  # what the real Grid does when it sends
+            if m.metadata.dst_node_id in self.silent:
+                continue
+            if m.metadata.dst_node_id in self.failing:
+                error = Message(Error(code=0, reason="disk full"), reply_to=m)
+                # As the SuperLink's own error replies for a lost node: sent by the SuperLink (node 1).
+                error.metadata.__dict__["_src_node_id"] = 1
+                replies.append(error)
+            else:
+                replies.append(Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=m))
+        return replies
+
+
+@pytest.fixture()
+def task_identity():
+    """Flower messages read the run/task identity of the process, which its runtime normally sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def test_dropped_sites_are_logged_while_min_sites_replied_and_stop_the_run_below(
+    tmp_path, task_identity
+) -> None:
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from server.app import FederatedRun, Site
+    from server.run_config import RunConfig
+
+    sites = [
+        Site(node_id=10 + n, site_id=f"site-{n}", role="train", num_train=2, num_test=1) for n in (1, 2, 3, 4)
+    ]
+
+    def send(required: int) -> tuple[list, list]:
+        config = RunConfig(num_sites=4, unseen_sites=0, min_sites=required, run_dir=str(tmp_path / "run"))
+        run = FederatedRun(config, _FlakyGrid(failing={12}, silent={14}))
+        run.sites = sites
+        messages = [
+            Message(
+                RecordDict({"config": ConfigRecord({"r": 1})}),
+                dst_node_id=s.node_id,
+                message_type=MessageType.TRAIN,
+            )
+            for s in sites
+        ]
+        return run._send(messages, "training", 3, required=required)
+
+    good, dropped = send(required=2)
+    assert [r.metadata.src_node_id for r in good] == [11, 13]
+    assert [d["site"] for d in dropped] == ["site-2", "site-4"]
+    events = [e for e in RunDirectory(tmp_path / "run").read_events() if e["event"] == "dropped"]
+    assert [(e["round"], e["site"], e["stage"]) for e in events] == [
+        (3, "site-2", "training"),
+        (3, "site-4", "training"),
+    ]
+    assert "disk full" in events[0]["reason"] and "round-timeout-s" in events[1]["reason"]
+
+    with pytest.raises(
+        NeurofedError, match=r"2 of 4 site\(s\) replied, 3 needed.*site-2: .*disk full.*site-4"
+    ):
+        send(required=3)
