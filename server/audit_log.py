@@ -20,24 +20,12 @@ The coordinator commands add ``site-enrolled`` / ``site-revoked`` (server/site_r
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
+from server.json_lines import append_json_line, json_safe, read_json_lines
 
 
 class AuditLog:
@@ -49,31 +37,17 @@ class AuditLog:
     def record(self, event: str, **fields: Any) -> dict[str, Any]:
         """Append one event (with the current time) and flush it to disk; returns what was written."""
         now = time.time()
-        entry = {
-            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
-            "unix": round(now, 3),
-            "event": event,
-            **_json_safe(fields),
-        }
-        line = json.dumps(entry, sort_keys=True) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # O_APPEND: concurrent writers (a ServerApp and an operator command) never overwrite each other.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        entry = json_safe(
+            {
+                "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+                "unix": round(now, 3),
+                "event": event,
+                **fields,
+            }
+        )
+        append_json_line(self.path, entry, mode=0o640)
         return entry
 
     def read(self) -> list[dict[str, Any]]:
         """Every event so far, in order (a torn last line from a crash is skipped)."""
-        if not self.path.is_file():
-            return []
-        events = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return events
+        return read_json_lines(self.path)

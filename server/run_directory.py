@@ -16,7 +16,6 @@ file is written first, the model file last).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import NeurofedError
+from server.json_lines import append_json_line, json_safe, read_json_lines
 from server.run_config import RunConfig
 
 CONFIG_FILE = "config.json"
@@ -43,17 +43,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _json_safe(value: Any) -> Any:
-    # NaN/inf (e.g. HD95 of a class a prediction misses) are not JSON: written as null.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)
@@ -119,7 +108,7 @@ class RunDirectory:
         self.check_new()
         self.root.mkdir(parents=True, exist_ok=True)
         document = {"run_config": config.to_dict(), **dict(extra or {})}
-        atomic_write(self.config_path, lambda tmp: tmp.write_text(json.dumps(_json_safe(document), indent=2)))
+        atomic_write(self.config_path, lambda tmp: tmp.write_text(json.dumps(json_safe(document), indent=2)))
 
     def read_document(self) -> dict[str, Any]:
         """The whole ``config.json``: ``run_config`` plus the extra descriptions."""
@@ -148,24 +137,11 @@ class RunDirectory:
         ``role`` (``train``/``holdout``), ``split`` and ``metrics`` (name -> number); the ServerApp adds
         ``time`` (Unix seconds). Non-finite numbers are written as null.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(_json_safe(dict(event)), sort_keys=True)
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_json_line(self.metrics_path, event)
 
     def read_events(self) -> list[dict[str, Any]]:
         """Every event written so far, in order (a torn last line from a crash is skipped)."""
-        if not self.metrics_path.is_file():
-            return []
-        events = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return events
+        return read_json_lines(self.metrics_path)
 
     def drop_events_after(self, server_round: int) -> None:
         """Remove events of rounds after ``server_round`` (what an interrupted round had logged)."""
