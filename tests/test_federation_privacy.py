@@ -117,6 +117,22 @@ def test_reported_epsilon_is_the_site_ledgers_cumulative_epsilon_for_the_run(dp_
 
 
 @pytest.mark.slow
+def test_the_report_states_the_epsilon_the_site_ledgers_recorded(dp_run) -> None:
+    from server.report import write_report
+
+    markdown, _ = write_report(dp_run["run_dir"].root)
+    text = markdown.read_text()
+    spent = []
+    for site in ("site-01", "site-02"):
+        ledger = PrivacyLedger(dp_run["root"] / "run" / "sites" / site / site_app.LEDGER_FILE)
+        (run_id,) = {r.run_id for r in ledger.releases()}
+        spent.append(ledger.run_epsilon(run_id))
+    dp_line = next(line for line in text.splitlines() if line.startswith("Differential privacy:"))
+    assert dp_line.startswith("Differential privacy: ON")
+    assert f"largest final ε over sites {max(spent):.3g}" in dp_line and f"δ = {DELTA:g}" in dp_line
+
+
+@pytest.mark.slow
 def test_a_site_over_its_budget_is_refused_and_the_run_goes_on_without_it(dp_run) -> None:
     events = dp_run["events"]
     (refused,) = [e for e in events if e["event"] == "refused"]
