@@ -136,8 +136,8 @@ def free_port() -> int:
 
 def simulate(root: Path, n_sites: int, local_steps: int) -> float:
     import client.app as site_app
-    from server.run_config import RunConfig
-    from server.simulation import run_simulation
+    from contract.run_config import RunConfig
+    from study.simulation import run_simulation
 
     settings = job_settings(n_sites, local_steps, str(root / "simulation"))
     config = RunConfig.from_flower({**settings, "data-root": str(root / "data")})

@@ -4,12 +4,12 @@ On real anatomy (the FreeSurfer label maps of ``../shared/data/label_maps``, or 
 training sites + 1 unseen site, one simulated scanner each, tissue protocol, synthesized once and reused by
 every arm. Arms: no DP, and DP-SGD at a target ε of 1, 3 and 8 per site for the whole run (δ = 1e-5 per
 site); every arm has the same rounds, local steps, network, learning rate and seed. Each arm is a
-federated run (`server.simulation.run_simulation`, FedAvg); the sites evaluate the global model once,
+federated run (`study.simulation.run_simulation`, FedAvg); the sites evaluate the global model once,
 after the last round. The local-only and pooled baselines are left out: they do not depend on DP.
 
 Printed per arm: ε each site spent (from the sites' ``train`` events, i.e. their privacy ledgers), mean
 Dice of the final global model on the training sites' test splits and on the unseen site, and the
-membership-inference audit of the final model (client/membership_audit.py): loss-threshold AUC of each
+membership-inference audit of the final model (study/membership_audit.py): loss-threshold AUC of each
 site's members vs its own test subjects pooled over the training sites, and the calibrated attack (TPR,
 FPR on the sites' own non-members at a threshold giving <= 10 % false positives on the unseen site).
 Figures are printed, never asserted. Usage::
@@ -46,7 +46,7 @@ def synthesize(data_root: Path, label_maps: Path, seed: int, spacing_mm: float) 
     Returns the removed subjects (``site/subject``)."""
     import nibabel as nib  # noqa: F401  (fail early if the environment lacks it)
 
-    from client.synthesis import synthesize_sites
+    from study.synthesis import synthesize_sites
 
     maps = sorted(label_maps.glob("*.nii*"))
     synthesize_sites(
@@ -57,7 +57,7 @@ def synthesize(data_root: Path, label_maps: Path, seed: int, spacing_mm: float) 
         spacing_mm=spacing_mm,
         seed=seed,
     )
-    # Site s subject k uses map (s*K + k) mod M (client.synthesis): a wrapped index repeats a map.
+    # Site s subject k uses map (s*K + k) mod M (study.synthesis): a wrapped index repeats a map.
     removed = []
     unseen = sorted(p for p in data_root.iterdir() if p.is_dir())[-1]
     subjects = sorted(p for p in unseen.iterdir() if p.is_dir() and p.name.startswith("sub-"))
@@ -72,11 +72,10 @@ def synthesize(data_root: Path, label_maps: Path, seed: int, spacing_mm: float) 
 
 def run_arm(name: str, config, data_root: Path, seed_cache: Path | None) -> dict:
     """One federated run and the audit of its final model."""
-    from client.app import Recipe
     from client.app import app as client_app
-    from client.study_evaluation import audit_final_model, load_study_sites
     from models.model_file import load_model
-    from server.simulation import run_simulation
+    from study.simulation import run_simulation
+    from study.study_evaluation import audit_final_model, load_study_sites
 
     run_path = Path(config.run_dir)
     if seed_cache is not None and seed_cache.is_dir():
@@ -99,7 +98,7 @@ def run_arm(name: str, config, data_root: Path, seed_cache: Path | None) -> dict
         and e["round"] == config.num_rounds
         and e.get("model", "global") == "global"
     }
-    recipe = Recipe.from_config({**config.to_flower(), "server-round": config.num_rounds})
+    recipe = config
     sites = load_study_sites(run_path, data_root, recipe, document["sites"])
     audit = audit_final_model(load_model(run_dir.final_model_path).model, sites, recipe)
     pooled = audit.pooled if audit.pooled is not None else audit.sites[0]
@@ -174,7 +173,7 @@ def main() -> int:
         print(f"error: --out {out} is not empty; choose a new folder", file=sys.stderr)
         return 2
 
-    from server.run_config import RunConfig
+    from contract.run_config import RunConfig
 
     base = RunConfig(
         num_rounds=args.rounds,

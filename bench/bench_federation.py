@@ -73,7 +73,7 @@ class ScaleSettings:
 
 def synthesize(data_root: Path, n_sites: int, subjects_per_site: int, spacing_mm: float) -> Path:
     """Phantom site folders (built-in head phantom), written once and reused by later runs of this script."""
-    from client.synthesis import synthesize_sites
+    from study.synthesis import synthesize_sites
 
     stamp = data_root / ".bench-settings.json"
     wanted = {"sites": n_sites, "subjects_per_site": subjects_per_site, "spacing_mm": spacing_mm}
@@ -149,14 +149,14 @@ class RunWatch:
 
 def _run(config, watch: RunWatch) -> None:
     from client.app import app as client_app
-    from server.simulation import run_simulation
+    from study.simulation import run_simulation
 
     run_simulation(config, client_app, on_event=watch.on_event, on_message=watch.on_message, live=False)
 
 
 def model_bytes(config) -> int:
     """Raw size of the global model's arrays (sum of numel x itemsize)."""
-    from server.app import initial_state_dict
+    from server.global_model import initial_state_dict
 
     return sum(t.numel() * t.element_size() for t in initial_state_dict(config).values())
 
@@ -167,7 +167,7 @@ def model_bytes(config) -> int:
 def overhead(out: Path, settings: OverheadSettings) -> None:
     import shutil
 
-    from server.run_config import RunConfig
+    from contract.run_config import RunConfig
 
     n_sites = settings.training_sites + settings.unseen_sites
     data_root = synthesize(out / "overhead-data", n_sites, settings.subjects_per_site, settings.spacing_mm)
@@ -255,7 +255,7 @@ def _descendants_rss_bytes(root_pid: int) -> int:
 
 def scale_child(n_sites: int, data_root: Path, out: Path, settings: ScaleSettings) -> None:
     """One scale run (in its own process); prints one JSON line of its figures."""
-    from server.run_config import RunConfig
+    from contract.run_config import RunConfig
 
     config = RunConfig(
         num_rounds=settings.rounds,

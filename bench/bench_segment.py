@@ -29,9 +29,9 @@ def _one_mm_head(folder: Path) -> tuple[Path, str]:
     import nibabel as nib
     import numpy as np
 
-    from client.head_phantom import make_head_phantom
-    from client.scanner_profiles import site_profiles
-    from client.synthesis import find_label_maps, load_label_map, synthesize_subject
+    from study.head_phantom import make_head_phantom
+    from study.scanner_profiles import site_profiles
+    from study.synthesis import find_label_maps, load_label_map, synthesize_subject
 
     rng = np.random.default_rng(0)
     maps = find_label_maps(LABEL_MAPS) if LABEL_MAPS.is_dir() else []

@@ -11,7 +11,7 @@ deformation and the unseen site's scanner). Arms:
   its personalised model: its own normalization layers + the global rest) after every ``eval-every``
   rounds, so the Dice per round shows whether the run converged;
 - local-only (one per training site) and pooled: trained once, by the study evaluation of the FedAvg
-  run (client/study_evaluation.py), with its budget rule: local-only gets ``rounds x local_steps``
+  run (study/study_evaluation.py), with its budget rule: local-only gets ``rounds x local_steps``
   optimizer steps (what a site ran in the federation), pooled ``rounds x local_steps x 3`` (the
   federation's total).
 
@@ -70,7 +70,7 @@ class BenchSettings:
 
 def synthesize_once(data_root: Path, label_maps: Path, settings: BenchSettings) -> Path:
     """The four site folders (reused when a previous run of this script wrote them with the same settings)."""
-    from client.synthesis import synthesize_sites
+    from study.synthesis import synthesize_sites
 
     stamp = data_root / ".bench-settings.json"
     wanted = {
@@ -111,9 +111,9 @@ def _finished_with(run_dir: Path, config) -> bool:
 def run_arm(strategy: str, data_root: Path, out: Path, settings: BenchSettings, reuse: bool = False):
     """One federated run of ``strategy``; returns its RunDirectory (``reuse``: a finished identical one)."""
     from client.app import app as client_app
-    from server.run_config import RunConfig
+    from contract.run_config import RunConfig
     from server.run_directory import RunDirectory
-    from server.simulation import run_simulation
+    from study.simulation import run_simulation
 
     config = RunConfig(
         num_rounds=settings.rounds,
@@ -236,7 +236,7 @@ def main() -> int:
 
     runs = {arm: run_arm(arm, data_root, out, settings, reuse=args.reuse) for arm in arms}
 
-    from client.study_evaluation import evaluate_study
+    from study.study_evaluation import evaluate_study
 
     evaluation_path = runs[BASELINE_ARM].root / "evaluation.json"
     if args.reuse and evaluation_path.is_file():

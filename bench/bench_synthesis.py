@@ -31,9 +31,9 @@ from pathlib import Path  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from client.head_phantom import make_head_phantom  # noqa: E402
-from client.scanner_profiles import site_profiles  # noqa: E402
-from client.synthesis import find_label_maps, load_label_map, synthesize_subject  # noqa: E402
+from study.head_phantom import make_head_phantom  # noqa: E402
+from study.scanner_profiles import site_profiles  # noqa: E402
+from study.synthesis import find_label_maps, load_label_map, synthesize_subject  # noqa: E402
 
 DEFAULT_LABEL_MAPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "label_maps"
 

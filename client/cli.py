@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.command_line import run_command
 from models.errors import NeurofedError
 
 
@@ -192,12 +193,58 @@ def _run_start(args: argparse.Namespace) -> int:
     return 0  # not reached: the process became the SuperNode
 
 
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="segment scans with a trained model (native-space label map, volumes, QC image)",
+        description=(
+            "Segment one scan, several scans, or every NIfTI file in a folder. For each input writes the "
+            "label map in the input's native space (same shape and affine; *_dseg.nii.gz), a volumes table "
+            "in mL per structure (*_volumes.csv and *_volumes.json) and a QC image with axial, coronal "
+            "and sagittal slices and the label overlay (*_qc.png). Inputs are validated first; a bad input "
+            "is reported and skipped. Exits 1 if any input failed."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "inputs", type=Path, nargs="+", metavar="INPUT", help="NIfTI scan(s) or folder(s) of scans"
+    )
+    p.add_argument(
+        "--model", type=Path, required=True, help="model file written by `neurofed train` or a federated run"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="for one input file: the label map to write (OUT_dseg.nii.gz); otherwise a folder",
+    )
+    p.set_defaults(handler=_run_segment)
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    from client.segmentation import segment_inputs
+
+    written, failed = segment_inputs(args.model, args.inputs, args.output)
+    for out in written:
+        print(f"{out.source} -> {out.label_map} (volumes: {out.volumes_csv.name}, QC: {out.qc_png.name})")
+    for source, reason in failed:
+        print(f"FAILED {source}: {reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def add_segment_command(sub: argparse._SubParsersAction) -> None:
+    """Add ``segment``: what a hospital runs on its own scans (also `neurofed segment`)."""
+    _add_segment(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neurofed-site",
         description=(
             "neurofed site daemon tools for hospital research IT: check the site's data before joining a "
-            "federation. Scans never leave the site. Run `neurofed-site COMMAND --help` for options."
+            "federation, keep its privacy budget, start its daemon, and segment its own scans with a "
+            "trained model. Scans never leave the site. Run `neurofed-site COMMAND --help` for options."
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -205,19 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget(sub)
     _add_keygen(sub)
     _add_start(sub)
+    _add_segment(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except NeurofedError as exc:
-        print(f"neurofed-site {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(build_parser(), argv, (NeurofedError,))
 
 
 if __name__ == "__main__":

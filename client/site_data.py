@@ -7,19 +7,29 @@ A subject that fails validation or preprocessing is skipped with its reasons log
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from client.preprocessed_cache import PreprocessedCache
+from client.preprocessed_cache import PreprocessedCache, default_cache_dir
 from client.preprocessing import PreprocessedSubject, PreprocessingPlan, preprocess_subject
 from client.site_layout import discover_site
+from client.site_split import split_subjects
 from client.subjects import Problem, SubjectCheck, SubjectFiles
 from client.validation import validate_subject
+from contract.wire import ROLE_HOLDOUT
 from models.errors import NeurofedError
-from models.label_protocols import LabelProtocol
+from models.label_protocols import LabelProtocol, get_protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from client.site_setup import SiteSetup
+    from contract.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +149,97 @@ def _check(
                 )
             )
     return check
+
+
+@dataclass(frozen=True)
+class SplitSite:
+    """A site's usable labelled subjects, split as the federation splits them (`split_subjects`)."""
+
+    root: Path
+    train: list[PreprocessedSubject]
+    test: list[PreprocessedSubject]
+
+
+def prepare_split_site(
+    data_dir: Path,
+    plan: PreprocessingPlan,
+    protocol: LabelProtocol,
+    *,
+    test_fraction: float,
+    seed: int,
+    cache: PreprocessedCache | None = None,
+    require_label: bool = True,
+    progress: bool = False,
+) -> SplitSite:
+    """`prepare_site`, then the site's deterministic train/test split of its labelled subjects."""
+    prepared = prepare_site(data_dir, plan, protocol, cache=cache, require_label=require_label, progress=progress)
+    by_id = {s.subject_id: s for s in prepared.subjects if s.label is not None}
+    if not by_id:
+        raise NeurofedError(
+            f"no usable labelled subject in {data_dir}; run `neurofed-site check {data_dir}` to see why"
+        )
+    split = split_subjects(by_id, test_fraction, seed)
+    return SplitSite(
+        root=prepared.root, train=[by_id[i] for i in split.train], test=[by_id[i] for i in split.test]
+    )
+
+
+def run_preprocessing_plan(run: RunConfig) -> PreprocessingPlan:
+    """The federation's preprocessing plan, from the run settings every site gets."""
+    spacing = (run.spacing_mm,) * 3
+    fov = run.field_of_view()
+    if fov is None:
+        return PreprocessingPlan(input_contrasts=(run.contrast,), target_spacing_mm=spacing)
+    return PreprocessingPlan(input_contrasts=(run.contrast,), target_spacing_mm=spacing, field_of_view_mm=fov)
+
+
+def role_test_fraction(role: str, run: RunConfig) -> float:
+    """A holdout site tests on every subject; a training site holds out the run's test fraction."""
+    return 1.0 if role == ROLE_HOLDOUT else run.test_fraction
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """The site's preprocessed subjects, split; arrays as ``(image (C,X,Y,Z) float32, label (X,Y,Z) uint8)``."""
+
+    train: list[tuple[np.ndarray, np.ndarray]]
+    test: list[tuple[np.ndarray, np.ndarray]]
+    plan: PreprocessingPlan
+    spacing_mm: tuple[float, float, float]
+
+
+_LOADED: OrderedDict[tuple, SiteData] = OrderedDict()
+_MAX_LOADED = 4
+"""Sites whose arrays one worker process keeps in memory (a simulation worker serves several sites)."""
+
+
+def load_site_data(setup: SiteSetup, run: RunConfig) -> SiteData:
+    """Preprocess (or read from the cache) the site's labelled subjects and split them; kept in memory
+    for the next message of the same worker."""
+    plan = run_preprocessing_plan(run)
+    fraction = role_test_fraction(setup.role, run)
+    key = (str(setup.data_dir), plan.fingerprint(), run.protocol, fraction, run.seed)
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
+    try:
+        split = prepare_split_site(
+            setup.data_dir,
+            plan,
+            get_protocol(run.protocol),
+            test_fraction=fraction,
+            seed=run.seed,
+            cache=PreprocessedCache(setup.cache_dir or default_cache_dir()),
+        )
+    except NeurofedError as exc:
+        raise NeurofedError(f"site {setup.site_id}: {exc}") from exc
+    data = SiteData(
+        train=[(s.image, s.label) for s in split.train],
+        test=[(s.image, s.label) for s in split.test],
+        plan=plan,
+        spacing_mm=tuple(plan.target_spacing_mm),
+    )
+    _LOADED[key] = data
+    while len(_LOADED) > _MAX_LOADED:
+        _LOADED.popitem(last=False)
+    return data

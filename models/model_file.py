@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from common.atomic_files import atomic_write
 from models.errors import NeurofedError
 from models.label_protocols import LabelProtocol
 from models.networks import NetworkConfig, build_network
@@ -135,16 +135,7 @@ def save_model(
             for name, tensor in model_state_dict.items()
         },
     }
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(content, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(content, tmp))
     return path
 
 

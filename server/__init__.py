@@ -1,5 +1,5 @@
-"""The coordinator: Flower ServerApp, strategies, reports, and the `neurofed` CLI.
+"""The coordinator: Flower ServerApp and its run loop, update screening, strategies, the run directory,
+reports, the SuperLink with its enrolled sites and audit log, and `neurofed coordinator` / `neurofed run`.
 
-Uses models/ and privacy/. Its CLI (server/cli.py) is the composition root of researcher commands
-and may also call client/ (data synthesis, local training on site data).
+Uses contract/, models/, privacy/ and common/; never client/ or study/ (it never sees a site's data).
 """

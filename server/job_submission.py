@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from contract.run_config import RunConfig, flower_key
 from models.errors import NeurofedError
 from server.coordinator_state import Connection
 from server.flower_control import CONNECTION_NAME, FlowerControl
-from server.run_config import RunConfig, flower_key
 
 RUNS_FOLDER = "runs"
 """Run directories of a deployment go to ``<coordinator state-dir>/runs/<name>``."""

@@ -5,7 +5,7 @@ Reads only the run directory (the coordinator never needs the sites' data):
 - ``config.json``: the run's settings and its sites;
 - ``metrics.jsonl``: per-round events (test Dice per site per round; ``epsilon`` per site per round once
   differential privacy is on);
-- ``evaluation.json`` (client/study_evaluation.py): per model, site and subject, Dice / HD95 (mm) /
+- ``evaluation.json`` (study/study_evaluation.py): per model, site and subject, Dice / HD95 (mm) /
   ASSD (mm) / |volume difference| (mL) per class, for the federated, local-only and pooled models.
 
 Writes ``report.md`` and ``report.html`` (the same content; the HTML needs nothing but the image files

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contract.run_config import RunConfig
 from models.errors import NeurofedError
 from server.json_lines import append_json_line, json_safe, read_json_lines
-from server.run_config import RunConfig
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

@@ -12,15 +12,13 @@ What each strategy asks of the sites travels in the train/evaluate ConfigRecord:
   personalised model (global arrays + their own normalization layers).
 
 Site-level DP (``server-dp``): Flower's server-side fixed or adaptive clipping wrapper around the chosen
-strategy clips each site's update and noises the aggregate. `check_updates` is the sanity check every
-update passes before any of this.
+strategy clips each site's update and noises the aggregate. Every update passes the screening of
+server/update_screening.py before any of this.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -37,10 +35,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from server.run_config import RunConfig
-
-PERSONAL_LAYERS_KEY = "personal-layers"
-EVALUATE_PERSONAL_KEY = "evaluate-personal"
+from contract.run_config import RunConfig
+from contract.wire import EVALUATE_PERSONAL_KEY, PERSONAL_LAYERS_KEY
 
 
 class FedBN(FedAvg):
@@ -141,80 +137,6 @@ def inner_strategy(strategy: Strategy) -> Strategy:
     return strategy
 
 
-def check_float_arrays(arrays: ArrayRecord) -> None:
-    """Raise ValueError naming any non-floating-point array: site-level DP noises every array it sends.
-
-    Integer buffers (e.g. BatchNorm's ``num_batches_tracked``) cannot carry Gaussian noise; the networks
-    here use InstanceNorm without running statistics, which has none.
-    """
-    integer = [k for k, a in arrays.items() if not np.issubdtype(np.dtype(a.numpy().dtype), np.floating)]
-    if integer:
-        raise ValueError(f"site-level DP needs floating-point arrays only; these are not: {integer}")
-
-
-@dataclass(frozen=True)
-class UpdateCheck:
-    """The sanity verdict on one site's update.
-
-    Attributes:
-        index: position of the reply in the list checked.
-        norm: L2 norm of (site arrays - global arrays) over all arrays the site sent; NaN if not finite.
-        reason: why the update is rejected, or None when it is accepted.
-    """
-
-    index: int
-    norm: float
-    reason: str | None
-
-    @property
-    def accepted(self) -> bool:
-        return self.reason is None
-
-
-def update_norm(site_arrays: ArrayRecord, global_arrays: ArrayRecord) -> float:
-    """L2 norm of ``site - global`` over the arrays the site sent (float64); NaN if any value is NaN/Inf."""
-    total = 0.0
-    for key, array in site_arrays.items():
-        site = np.asarray(array.numpy(), dtype=np.float64)
-        if not np.all(np.isfinite(site)):
-            return math.nan
-        total += float(np.sum((site - np.asarray(global_arrays[key].numpy(), dtype=np.float64)) ** 2))
-    return math.sqrt(total)
-
-
-def check_updates(
-    updates: Sequence[ArrayRecord], global_arrays: ArrayRecord, norm_limit: float
-) -> list[UpdateCheck]:
-    """Sanity of each site's update before aggregation.
-
-    Rules: an update holding NaN or Inf, or an array the global model lacks, is rejected. With
-    ``norm_limit`` > 0 and at least two finite updates, update ``i`` is rejected when its norm exceeds
-    ``norm_limit`` x the median norm of the *other* finite updates (compared with the others, so one huge
-    update cannot raise its own yardstick; with a median of 0 the rule is skipped).
-    """
-    norms: list[float] = []
-    reasons: list[str | None] = []
-    for arrays in updates:
-        unknown = sorted(set(arrays) - set(global_arrays))
-        if unknown:
-            norms.append(math.nan)
-            reasons.append(f"arrays not in the global model: {unknown[:5]}")
-            continue
-        norm = update_norm(arrays, global_arrays)
-        norms.append(norm)
-        reasons.append("update contains NaN or Inf values" if math.isnan(norm) else None)
-    finite = [i for i, n in enumerate(norms) if math.isfinite(n)]
-    if norm_limit > 0 and len(finite) >= 2:
-        for i in finite:
-            median = float(np.median([norms[j] for j in finite if j != i]))
-            if median > 0 and norms[i] > norm_limit * median:
-                reasons[i] = (
-                    f"update norm {norms[i]:.4g} is more than {norm_limit:g} x the median norm of the other "
-                    f"sites' updates ({median:.4g})"
-                )
-    return [UpdateCheck(i, norms[i], reasons[i]) for i in range(len(updates))]
-
-
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
     """What ``strategy`` carries from one round to the next, as tensors (for ``torch.save``).
 
@@ -257,3 +179,19 @@ def arrays_to_state_dict(arrays: ArrayRecord) -> dict[str, Any]:
 def state_dict_to_arrays(state_dict: Mapping[str, Any]) -> ArrayRecord:
     """torch state dict -> Flower arrays (a copy, in the state dict's order)."""
     return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in state_dict.items()})
+
+
+def server_dp_epsilon(config: RunConfig, releases: int) -> float:
+    """Site-level ε (at ``dp-delta``) of ``releases`` noised aggregates of the server-side DP wrapper.
+
+    Every training site takes part in every round (sample rate 1), and Flower's wrapper adds noise of std
+    ``noise_multiplier x clipping_norm`` to the sum of clipped updates: the Gaussian mechanism, composed
+    by the RDP accountant of privacy/accounting.py. Infinite without noise. Adaptive clipping splits the
+    same privacy between the update and the clipped-count release (Andrew et al., 2021), so it has the
+    same ε.
+    """
+    from privacy.accounting import epsilon_for
+
+    if config.server_dp_noise_multiplier == 0:
+        return float("inf")
+    return epsilon_for(releases, 1.0, config.server_dp_noise_multiplier, config.dp_delta)

@@ -175,7 +175,7 @@ def test_script_is_strict_and_passes_shellcheck() -> None:
 def assert_cli_accepts(argv: list[str], where: str) -> None:
     """``argv`` (program name first) parses with the installed CLI's argparse parser; nothing is run."""
     from client.cli import build_parser as site_parser
-    from server.cli import build_parser as coordinator_parser
+    from study.cli import build_parser as coordinator_parser
 
     parsers = {"neurofed": coordinator_parser, "neurofed-site": site_parser}
     program = Path(argv[0]).name

@@ -542,8 +542,9 @@ def test_dropped_sites_are_logged_while_min_sites_replied_and_stop_the_run_below
 ) -> None:
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from server.app import FederatedRun, Site
-    from server.run_config import RunConfig
+    from contract.run_config import RunConfig
+    from server.federated_run import FederatedRun
+    from server.site_discovery import Site
 
     sites = [
         Site(node_id=10 + n, site_id=f"site-{n}", role="train", num_train=2, num_test=1) for n in (1, 2, 3, 4)

@@ -25,8 +25,12 @@ import torch  # noqa: E402
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 
 import client.app as site_app  # noqa: E402
-from server.app import site_config  # noqa: E402
-from server.run_config import RunConfig  # noqa: E402
+from client.site_data import SiteData, run_preprocessing_plan  # noqa: E402
+from client.site_model import build_model  # noqa: E402
+from client.site_state import normalization_keys  # noqa: E402
+from contract.run_config import RunConfig  # noqa: E402
+from contract.wire import REFUSED_KEY  # noqa: E402
+from server.federated_run import site_config  # noqa: E402
 from server.strategies import make_strategy, state_dict_to_arrays  # noqa: E402
 
 SITES, UNSEEN, ROUNDS = 3, 1, 2
@@ -54,7 +58,7 @@ class _Nodes:
         return list(self.ids)
 
 
-def _fake_site_data(recipe: site_app.Recipe) -> site_app.SiteData:
+def _fake_site_data(run: RunConfig) -> SiteData:
     rng = np.random.default_rng(0)
     subjects = []
     for _ in range(3):
@@ -62,10 +66,10 @@ def _fake_site_data(recipe: site_app.Recipe) -> site_app.SiteData:
         label[4:12, 4:12, 4:12] = 1 + rng.integers(0, 3, size=(8, 8, 8))
         image = (label.astype(np.float32) + rng.normal(0, 0.3, label.shape).astype(np.float32))[None]
         subjects.append((image, label))
-    return site_app.SiteData(
+    return SiteData(
         train=subjects[:2],
         test=subjects[2:],
-        plan=site_app.preprocessing_plan(recipe),
+        plan=run_preprocessing_plan(run),
         spacing_mm=(2.0, 2.0, 2.0),
     )
 
@@ -73,7 +77,7 @@ def _fake_site_data(recipe: site_app.Recipe) -> site_app.SiteData:
 @pytest.fixture()
 def site(monkeypatch, tmp_path, task_identity):
     """Calls the real ClientApp handlers of a deployed training site, with made-up site data."""
-    monkeypatch.setattr(site_app, "load_site_data", lambda setup, recipe: _fake_site_data(recipe))
+    monkeypatch.setattr(site_app, "load_site_data", lambda setup, run: _fake_site_data(run))
     seen: list[dict] = []
     real_train_steps = __import__("models.training", fromlist=["train_steps"]).train_steps
 
@@ -124,7 +128,7 @@ def site(monkeypatch, tmp_path, task_identity):
 
 def _initial_state() -> dict[str, torch.Tensor]:
     recipe_config = RunConfig()
-    from server.app import initial_state_dict
+    from server.global_model import initial_state_dict
 
     return initial_state_dict(recipe_config)
 
@@ -134,7 +138,7 @@ def test_a_deployed_site_refuses_to_train_without_dp_unless_its_operator_allows_
     del site.context.node_config["require-dp"]  # a site started without --allow-no-dp
     reply = site("fedavg", 1, state)
     assert not reply.has_error()
-    assert reply.content["metrics"][site_app.REFUSED_KEY] == 1
+    assert reply.content["metrics"][REFUSED_KEY] == 1
     reason = str(reply.content["refusal"]["reason"])
     assert "site-a" in reason and "dp=false" in reason and "--allow-no-dp" in reason
     assert site.seen == []  # nothing was trained
@@ -172,8 +176,8 @@ def test_fedprox_mu_and_global_weights_reach_the_sites_training_loop(site) -> No
 
 def test_fedbn_site_keeps_its_normalization_layers_and_sends_the_rest(site) -> None:
     state = _initial_state()
-    model = site_app.build_model(site_app.Recipe.from_config({**RunConfig().to_flower(), "server-round": 1}))
-    norm_keys = site_app.normalization_keys(model)
+    model = build_model(RunConfig())
+    norm_keys = normalization_keys(model)
     norm_modules = {k.rsplit(".", 1)[0] for k in norm_keys}
     assert norm_keys and all(
         isinstance(model.get_submodule(m), torch.nn.modules.instancenorm._InstanceNorm) for m in norm_modules
@@ -231,7 +235,7 @@ def _write_tiny_sites(root: Path, n_sites: int, n_subjects: int) -> None:
 @pytest.fixture(scope="module")
 def simulated_run(tmp_path_factory):
     """A 2-round FedAvg run (2 training sites + 1 unseen) with every message recorded."""
-    from server.simulation import run_simulation
+    from study.simulation import run_simulation
 
     root = tmp_path_factory.mktemp("federation")
     data_root = root / "data"
@@ -287,7 +291,7 @@ def test_fedavg_global_weights_are_the_sample_weighted_mean_of_site_updates(simu
 
 
 def _initial_state_for(config: RunConfig) -> dict[str, torch.Tensor]:
-    from server.app import initial_state_dict
+    from server.global_model import initial_state_dict
 
     return initial_state_dict(config)
 
@@ -337,7 +341,7 @@ def test_nothing_voxel_shaped_or_larger_than_a_parameter_leaves_a_site(simulated
 @pytest.mark.slow
 def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(simulated_run) -> None:
     from server.run_directory import RunDirectory
-    from server.simulation import run_simulation
+    from study.simulation import run_simulation
 
     original = simulated_run["run_dir"]
     copy = RunDirectory(simulated_run["root"] / "interrupted")
@@ -360,7 +364,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(simulated
 @pytest.mark.slow
 def test_a_second_run_into_the_same_folder_is_refused(simulated_run) -> None:
     from models.errors import NeurofedError
-    from server.simulation import run_simulation
+    from study.simulation import run_simulation
 
     with pytest.raises(NeurofedError, match="--resume"):
         run_simulation(simulated_run["config"], site_app.app, live=False)
@@ -370,7 +374,7 @@ def test_a_second_run_into_the_same_folder_is_refused(simulated_run) -> None:
 
 
 def test_simulate_refuses_a_bad_dp_setting_naming_it_and_writes_nothing(tmp_path, capsys) -> None:
-    from server.cli import main
+    from study.cli import main
 
     assert main(["simulate", "--dp", "--delta", "2", "--out", str(tmp_path / "run")]) == 2
     assert "'dp-delta'" in capsys.readouterr().err
@@ -378,8 +382,8 @@ def test_simulate_refuses_a_bad_dp_setting_naming_it_and_writes_nothing(tmp_path
 
 
 def test_simulate_refuses_a_folder_that_holds_a_run(tmp_path, capsys) -> None:
-    from server.cli import main
     from server.run_directory import RunDirectory
+    from study.cli import main
 
     RunDirectory(tmp_path / "run").start(RunConfig())
     assert main(["simulate", "--out", str(tmp_path / "run")]) == 2
@@ -388,7 +392,7 @@ def test_simulate_refuses_a_folder_that_holds_a_run(tmp_path, capsys) -> None:
 
 
 def test_resume_of_a_folder_without_a_run_names_the_folder(tmp_path, capsys) -> None:
-    from server.cli import main
+    from study.cli import main
 
     assert main(["simulate", "--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -25,12 +25,14 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict  # noqa: E
 from test_federation import _write_tiny_sites  # noqa: E402
 
 import client.app as site_app  # noqa: E402
+from client.site_setup import LEDGER_FILE  # noqa: E402
+from contract.run_config import RunConfig  # noqa: E402
 from privacy.accounting import epsilon_for  # noqa: E402
 from privacy.dp_sgd import DPConfig  # noqa: E402
 from privacy.privacy_ledger import PrivacyLedger  # noqa: E402
-from server.app import FederatedRun  # noqa: E402
-from server.run_config import RunConfig  # noqa: E402
-from server.strategies import check_updates, state_dict_to_arrays  # noqa: E402
+from server.federated_run import FederatedRun  # noqa: E402
+from server.strategies import state_dict_to_arrays  # noqa: E402
+from server.update_screening import check_updates  # noqa: E402
 
 SITES, UNSEEN, ROUNDS, LOCAL_STEPS = 3, 1, 2, 3
 TRAIN_SUBJECTS = 2  # of 3 per site, test fraction 0.25
@@ -69,14 +71,14 @@ def _planned_noise() -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
     """A DP simulation in which site-02's ledger budget allows round 1 but not round 2."""
-    from server.simulation import run_simulation
+    from study.simulation import run_simulation
 
     root = tmp_path_factory.mktemp("federation-dp")
     _write_tiny_sites(root / "data", SITES, 3)
     sample_rate, noise = _planned_noise()
     one_round = epsilon_for(LOCAL_STEPS, sample_rate, noise, DELTA)
     two_rounds = epsilon_for(2 * LOCAL_STEPS, sample_rate, noise, DELTA)
-    small_ledger = PrivacyLedger(root / "run" / "sites" / "site-02" / site_app.LEDGER_FILE)
+    small_ledger = PrivacyLedger(root / "run" / "sites" / "site-02" / LEDGER_FILE)
     small_ledger.path.parent.mkdir(parents=True)
     small_ledger.set_budget((one_round + two_rounds) / 2, 1e-4)
     config = _config(root, dp=True, dp_target_epsilon=TARGET_EPSILON, dp_delta=DELTA)
@@ -95,7 +97,7 @@ def test_reported_epsilon_is_the_site_ledgers_cumulative_epsilon_for_the_run(dp_
     }
     trained = [e for e in events if e["event"] == "train" and e["site"] == "site-01"]
     assert [e["round"] for e in trained] == [1, 2]
-    ledger = PrivacyLedger(dp_run["root"] / "run" / "sites" / "site-01" / site_app.LEDGER_FILE)
+    ledger = PrivacyLedger(dp_run["root"] / "run" / "sites" / "site-01" / LEDGER_FILE)
     (run_id,) = {r.run_id for r in ledger.releases()}
     releases = ledger.releases(run_id)
     assert [(r.server_round, r.status, r.steps) for r in releases] == [
@@ -124,7 +126,7 @@ def test_the_report_states_the_epsilon_the_site_ledgers_recorded(dp_run) -> None
     text = markdown.read_text()
     spent = []
     for site in ("site-01", "site-02"):
-        ledger = PrivacyLedger(dp_run["root"] / "run" / "sites" / site / site_app.LEDGER_FILE)
+        ledger = PrivacyLedger(dp_run["root"] / "run" / "sites" / site / LEDGER_FILE)
         (run_id,) = {r.run_id for r in ledger.releases()}
         spent.append(ledger.run_epsilon(run_id))
     dp_line = next(line for line in text.splitlines() if line.startswith("Differential privacy:"))
@@ -142,7 +144,7 @@ def test_a_site_over_its_budget_is_refused_and_the_run_goes_on_without_it(dp_run
     round_two = {e["site"] for e in events if e["event"] == "train" and e["round"] == 2}
     assert round_two == {"site-01"}
     # The refused round is not recorded as spent in the site's ledger.
-    ledger = PrivacyLedger(dp_run["root"] / "run" / "sites" / "site-02" / site_app.LEDGER_FILE)
+    ledger = PrivacyLedger(dp_run["root"] / "run" / "sites" / "site-02" / LEDGER_FILE)
     assert [r.server_round for r in ledger.releases()] == [1]
     assert dp_run["run_dir"].final_model_path.is_file()
     assert any(e["event"] == "aggregate-train" and e["round"] == 2 for e in events)
@@ -268,7 +270,7 @@ def test_site_level_dp_wrapper_runs_two_rounds_and_logs_its_epsilon(tmp_path, ta
     config = _config(
         tmp_path, local_steps=1, server_dp=mode, server_dp_noise_multiplier=0.5, server_dp_clipping_norm=0.05
     )
-    initial = state_dict_to_arrays(__import__("server.app", fromlist=["x"]).initial_state_dict(config))
+    initial = state_dict_to_arrays(__import__("server.global_model", fromlist=["x"]).initial_state_dict(config))
     assert all(np.issubdtype(a.numpy().dtype, np.floating) for a in initial.values())
     final = FederatedRun(config, InProcessGrid(SITES)).execute()
     from server.run_directory import RunDirectory

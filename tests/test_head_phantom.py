@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.head_phantom import make_head_phantom
 from models.label_protocols import TISSUE
+from study.head_phantom import make_head_phantom
 
 LEFT_RIGHT = {
     "cerebral white matter": (2, 41),

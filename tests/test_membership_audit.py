@@ -1,4 +1,4 @@
-"""The membership-inference audit (client/membership_audit.py) and its section of the report.
+"""The membership-inference audit (study/membership_audit.py) and its section of the report.
 
 The attacks are checked on hand-made losses; the loss measurement and an overfitted model on tiny random
 volumes (16^3 voxels, the tiny network); the report section on a hand-made run directory. The audit of a
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.membership_audit import (
+from study.membership_audit import (
     POOLED,
     AuditSettings,
     attack_auc,

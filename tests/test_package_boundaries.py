@@ -1,25 +1,36 @@
-"""The dependency direction of the design card, and lazy heavy imports in the CLIs."""
+"""The house's rules, as a permanent test: one direction of dependency, one job a file, lazy CLIs.
+
+Floors, lowest first: common/ (standard library only); models/ and privacy/ (leaves); contract/ (what
+coordinator and sites agree on); client/ (the site) and server/ (the coordinator), which never import
+each other; study/ (a researcher's machine, composes everything). Arrows point down only; bench/ and
+tests/ may import anything.
+"""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("common", "models", "privacy", "contract", "client", "server", "study")
 
-# package -> top-level project packages it must never import
-FORBIDDEN = {
-    "models": {"client", "server", "privacy"},
-    "privacy": {"client", "server"},
-    "client": {"server"},
-    "server": {"client"},
+# package -> the project packages it may import (besides itself)
+ALLOWED = {
+    "common": set(),
+    "models": {"common"},
+    "privacy": {"common"},
+    "contract": {"common", "models"},
+    "client": {"common", "models", "privacy", "contract"},
+    "server": {"common", "models", "privacy", "contract"},
+    "study": {"common", "models", "privacy", "contract", "client", "server"},
 }
-# The `neurofed` CLI is the composition root of researcher commands (synthesis, local training).
-COMPOSITION_ROOTS = {ROOT / "server" / "cli.py"}
+MAX_LINES = 450
+"""A file longer than this likely holds more than one job."""
 
 
 def _imported_top_levels(path: Path) -> set[str]:
@@ -33,29 +44,49 @@ def _imported_top_levels(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("package", sorted(FORBIDDEN))
-def test_package_imports_follow_dependency_direction(package: str) -> None:
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_imports_only_lower_floors(package: str) -> None:
+    forbidden = set(PACKAGES) - ALLOWED[package] - {package}
     offenders = []
     for path in sorted((ROOT / package).rglob("*.py")):
-        if path in COMPOSITION_ROOTS:
-            continue
-        bad = _imported_top_levels(path) & FORBIDDEN[package]
+        bad = _imported_top_levels(path) & forbidden
         if bad:
             offenders.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
     assert not offenders, "dependency direction violated:\n" + "\n".join(offenders)
 
 
-def test_nothing_outside_server_imports_server() -> None:
+def test_common_uses_the_standard_library_only() -> None:
     offenders = [
-        str(path.relative_to(ROOT))
-        for package in ("models", "privacy", "client")
-        for path in (ROOT / package).rglob("*.py")
-        if "server" in _imported_top_levels(path)
+        f"{path.relative_to(ROOT)} imports {sorted(names)}"
+        for path in sorted((ROOT / "common").rglob("*.py"))
+        if (names := _imported_top_levels(path) - set(sys.stdlib_module_names) - {"__future__"})
     ]
     assert offenders == []
 
 
-@pytest.mark.parametrize("module", ["server.cli", "client.cli"])
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_file_holds_more_than_one_job(package: str) -> None:
+    long_files = [
+        f"{path.relative_to(ROOT)} ({n} lines)"
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    ]
+    assert long_files == [], f"files over {MAX_LINES} lines: split them by job"
+
+
+def test_every_package_is_installed_and_in_the_image() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    included = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
+    assert on_disk == set(PACKAGES) and included == set(PACKAGES)
+    docker = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    ignore = (ROOT / "deploy" / "docker" / "Dockerfile.dockerignore").read_text().split()
+    for package in PACKAGES:
+        assert f"COPY {package} ./{package}" in docker, f"the Dockerfile does not copy {package}/"
+        assert f"!{package}/" in ignore, f"the Docker build context leaves out {package}/"
+
+
+@pytest.mark.parametrize("module", ["study.cli", "server.cli", "client.cli"])
 def test_cli_help_does_not_import_heavy_libraries(module: str) -> None:
     code = (
         f"import sys, {module} as cli\n"

@@ -23,7 +23,7 @@ SITES, UNSEEN, ROUNDS, LOCAL_STEPS = 3, 1, 2, 3
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A finished `neurofed simulate` run with its evaluation and report, and what the command printed."""
-    from server.cli import main
+    from study.cli import main
 
     root = tmp_path_factory.mktemp("study")
     _write_tiny_sites(root / "data", SITES, 3)
@@ -162,7 +162,7 @@ def test_html_report_references_only_existing_images_including_unseen_qc(study) 
 
 @pytest.mark.slow
 def test_report_command_rebuilds_the_report_without_reevaluating(study, tmp_path, capsys) -> None:
-    from server.cli import main
+    from study.cli import main
 
     run = tmp_path / "copy"
     shutil.copytree(study["run"], run, ignore=shutil.ignore_patterns("cache", "checkpoints", "report.*"))
@@ -202,7 +202,7 @@ def test_wilcoxon_line_says_not_applicable_with_too_few_pairs_and_tests_otherwis
 
 
 def test_report_of_a_folder_without_a_run_names_the_folder(tmp_path, capsys) -> None:
-    from server.cli import main
+    from study.cli import main
 
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err

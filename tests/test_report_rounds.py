@@ -23,14 +23,14 @@ SITES, UNSEEN, ROUNDS, LOCAL_STEPS = 3, 1, 2, 3
 @pytest.fixture(scope="module")
 def fedbn_study(tmp_path_factory):
     """A finished FedBN `neurofed simulate` run, and report.md as it was when round 2 started."""
-    import server.simulation
-    from server.cli import main
+    import study.simulation
+    from study.cli import main
 
     root = tmp_path_factory.mktemp("fedbn")
     _write_tiny_sites(root / "data", SITES, 3)
     run = root / "run"
     seen_at_round_two: list[str | None] = []
-    real_run_simulation = server.simulation.run_simulation
+    real_run_simulation = study.simulation.run_simulation
 
     def watching_run_simulation(*args, **kwargs):
         def on_event(event: dict) -> None:
@@ -59,7 +59,7 @@ def fedbn_study(tmp_path_factory):
         "--fov", "64,64,64",
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
-        patch.setattr(server.simulation, "run_simulation", watching_run_simulation)
+        patch.setattr(study.simulation, "run_simulation", watching_run_simulation)
         assert main(argv) == 0
     return {
         "run": run,
@@ -95,8 +95,8 @@ def test_an_interim_report_of_round_one_is_there_before_round_two_trains(fedbn_s
 
 def test_a_failing_interim_report_is_logged_and_the_run_goes_on(tmp_path, monkeypatch) -> None:
     import server.report
-    from server.app import FederatedRun
-    from server.run_config import RunConfig
+    from contract.run_config import RunConfig
+    from server.federated_run import FederatedRun
     from server.run_directory import RunDirectory
 
     config = RunConfig(run_dir=str(tmp_path / "run"), dp=False)

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 
 from client.site_split import split_subjects  # noqa: E402
+from contract.run_config import RunConfig  # noqa: E402
 from models.errors import NeurofedError  # noqa: E402
-from server.run_config import RunConfig  # noqa: E402
 from server.run_directory import RunDirectory  # noqa: E402
 from server.strategies import FedBN, make_strategy, restore_strategy_state, strategy_state  # noqa: E402
 

@@ -10,12 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import client.synthesis as synthesis
-from client.head_phantom import make_head_phantom
-from client.scanner_profiles import ScannerProfile, site_profiles
-from client.synthesis import find_label_maps, load_label_map, synthesize_sites, synthesize_subject
+import study.synthesis as synthesis
 from models.errors import NeurofedError
 from models.label_protocols import TISSUE
+from study.head_phantom import make_head_phantom
+from study.scanner_profiles import ScannerProfile, site_profiles
+from study.synthesis import find_label_maps, load_label_map, synthesize_sites, synthesize_subject
 
 SEED = 7
 N_SITES, N_SUBJECTS = 2, 3
@@ -204,7 +204,7 @@ def test_label_map_problems_name_the_file(tmp_path: Path) -> None:
 
 
 def test_cli_reports_a_bad_option_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from server.cli import main
+    from study.cli import main
 
     assert main(["synth", str(tmp_path / "out"), "--sites", "1", "--contrasts", "T1w,T9w"]) == 2
     err = capsys.readouterr().err

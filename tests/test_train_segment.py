@@ -19,7 +19,7 @@ PATCH = 32
 @pytest.fixture(scope="module")
 def synth_sites(tmp_path_factory, anatomy_label_maps) -> Path:
     """Two synthesized sites x 5 subjects: real anatomy where the label maps are present, else the phantom."""
-    from client.synthesis import synthesize_sites
+    from study.synthesis import synthesize_sites
 
     out = tmp_path_factory.mktemp("synth")
     synthesize_sites(
@@ -33,11 +33,11 @@ def trained(synth_sites, tmp_path_factory):
     """A tiny network trained on site-01 (local-only) with validation every 40 steps."""
     import torch
 
-    from client.local_training import LocalTrainingSetup, load_sites, train_centralised
     from client.preprocessed_cache import PreprocessedCache
     from client.preprocessing import PreprocessingPlan
     from models.networks import NetworkConfig
     from models.training import TrainingConfig
+    from study.local_training import LocalTrainingSetup, load_sites, train_centralised
 
     torch.set_num_threads(2)
     plan = PreprocessingPlan(target_spacing_mm=(SPACING_MM,) * 3)
@@ -62,9 +62,9 @@ def trained(synth_sites, tmp_path_factory):
 def test_training_lowers_loss_and_beats_untrained_model_on_held_out_subjects(trained) -> None:
     import torch
 
-    from client.local_training import mean_foreground_dice
     from models.networks import build_network
     from models.training import evaluate_subjects
+    from study.local_training import mean_foreground_dice
 
     history = trained["history"]
     losses = np.asarray(history.losses)
@@ -87,9 +87,9 @@ def test_training_lowers_loss_and_beats_untrained_model_on_held_out_subjects(tra
 
 
 def test_segment_writes_native_space_label_map_volumes_and_qc(trained, synth_sites, tmp_path) -> None:
-    from client.local_training import LocalTrainingSetup, training_provenance
     from models.model_file import save_model
-    from server.cli import main
+    from study.cli import main
+    from study.local_training import LocalTrainingSetup, training_provenance
 
     model_path = tmp_path / "model.pt"
     provenance = training_provenance(trained["sites"], LocalTrainingSetup(steps=120), trained["history"])
@@ -129,7 +129,7 @@ def test_segment_writes_native_space_label_map_volumes_and_qc(trained, synth_sit
 
 def test_segment_reports_bad_input_by_name_and_keeps_going(trained, tmp_path, capsys) -> None:
     from models.model_file import save_model
-    from server.cli import main
+    from study.cli import main
 
     model_path = tmp_path / "model.pt"
     save_model(
@@ -155,7 +155,7 @@ def test_segment_reports_bad_input_by_name_and_keeps_going(trained, tmp_path, ca
 
 
 def test_segment_refuses_model_file_that_is_not_a_model(tmp_path, capsys) -> None:
-    from server.cli import main
+    from study.cli import main
 
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"\x00" * 100)

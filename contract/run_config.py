@@ -3,8 +3,9 @@
 Flower hands the ServerApp a flat mapping of run settings (``[tool.flwr.app.config]`` in
 pyproject.toml, overridden by ``flwr run --run-config`` or by ``neurofed simulate``). `RunConfig` is
 that mapping parsed and checked once; it is written into the run directory as ``config.json`` so every
-result can be reproduced, and the part a site needs travels to the sites in each message's
-ConfigRecord.
+result can be reproduced, and the part a site needs (all but `SERVER_ONLY_SETTINGS`) travels to the
+sites in each message's ConfigRecord, where the site parses it with the same class
+(contract/site_task.py).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.errors import NeurofedError
+
+if TYPE_CHECKING:
+    from models.networks import NetworkConfig
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn")
 """fedavg: weighted mean of site models; fedprox: fedavg + proximal term in the sites' loss;
@@ -195,6 +199,18 @@ class RunConfig:
         """Whether sites evaluate the global model after ``server_round`` (1-based)."""
         return server_round % self.eval_every == 0 or server_round == self.num_rounds
 
+    def network_config(self) -> NetworkConfig:
+        """The network the run trains: the preset, one input channel, one output per protocol class."""
+        from models.label_protocols import get_protocol
+        from models.networks import NetworkConfig
+
+        return NetworkConfig.preset(
+            self.network_preset,
+            in_channels=1,
+            out_channels=get_protocol(self.protocol).num_classes,
+            architecture=self.architecture,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (field names as keys), as written to ``config.json``."""
         return dataclasses.asdict(self)
@@ -233,6 +249,31 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+SERVER_ONLY_SETTINGS = frozenset(
+    {
+        "proximal-mu",
+        "server-learning-rate",
+        "round-timeout-s",
+        "server-dp",
+        "server-dp-noise-multiplier",
+        "server-dp-clipping-norm",
+        "update-norm-limit",
+    }
+)
+"""Run settings (flat Flower keys) sites do not get: strategies add what a site needs (FedProx adds
+``proximal-mu``)."""
+
+
+def setting_choices() -> dict[str, tuple[str, ...]]:
+    """The settings (by field name) that take one of a few named values, and those values."""
+    return {"strategy": STRATEGIES, "server_dp": SERVER_DP_MODES, "dp_grad_sample_mode": GRAD_SAMPLE_MODES}
+
+
+def site_settings() -> frozenset[str]:
+    """The flat keys of the run settings every site message carries."""
+    return frozenset(flower_key(f.name) for f in fields(RunConfig)) - SERVER_ONLY_SETTINGS
 
 
 def flower_key(field_name: str) -> str:

@@ -28,16 +28,16 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from client.head_phantom import make_head_phantom
-from client.scanner_profiles import (
+from models.errors import NeurofedError
+from models.label_protocols import NON_BRAIN_LABEL_MIN, TISSUE
+from study.head_phantom import make_head_phantom
+from study.scanner_profiles import (
     LABEL_TO_GROUP,
     MIN_FOV_MARGIN_MM,
     ScannerProfile,
     site_profiles,
     tissue_group,
 )
-from models.errors import NeurofedError
-from models.label_protocols import NON_BRAIN_LABEL_MIN, TISSUE
 
 if TYPE_CHECKING:
     from rich.progress import Progress

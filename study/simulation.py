@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from contract.run_config import RunConfig
+from contract.run_layout import site_folders
 from models.errors import NeurofedError
-from server.run_config import RunConfig
 from server.run_directory import RunDirectory
 
 if TYPE_CHECKING:
@@ -26,13 +27,6 @@ if TYPE_CHECKING:
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-
-
-def site_folders(data_root: Path) -> list[Path]:
-    """The site folders of a data root, in the order partitions get them (by name)."""
-    if not data_root.is_dir():
-        raise NeurofedError(f"data root {data_root} is not a folder; give a folder of site folders")
-    return sorted(p for p in data_root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def backend_config(num_sites: int, cpus: int | None = None) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 A simulated study holds all sites' data on one machine, so after the rounds the researcher can train the
 comparison models and score every model on every site's test split. This needs the data, hence it lives
-on the site side (client/); the coordinator's report (server/report.py) reads only what it writes.
+in study/ (a researcher's machine); the coordinator's report (server/report/) reads only what it writes
+(the schema: contract/evaluation.py).
 
 Comparison models (same network, initialisation seed, patch size, batch size, learning rate, augmentation
 and preprocessing plan as the run; each trained centrally with one optimizer):
@@ -25,7 +26,7 @@ Written into the run directory::
     qc/<site>_<subject>_qc.png    the global model's segmentation of a few unseen-site subjects
 
 evaluation.json also holds ``membership_audit``: the membership-inference audit of the final global model
-(client/membership_audit.py): each training site's training split (members) vs its test split
+(study/membership_audit.py): each training site's training split (members) vs its test split
 (non-members), calibrated on the unseen sites' subjects.
 
 Segmentation and QC are on the preprocessed grid (the plan's spacing, RAS axes), where the metrics are
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,24 +47,20 @@ from typing import Any
 
 import numpy as np
 
-from client.site_split import split_subjects
+from common.atomic_files import atomic_write_text
+from contract.evaluation import (
+    FEDERATED,
+    FORMAT,
+    FORMAT_VERSION,
+    PERSONALISED,
+    POOLED,
+    REPORTED_METRICS,
+    local_model_name,
+)
+from contract.run_config import RunConfig
+from contract.run_layout import BASELINES_DIR, EVALUATION_FILE, QC_DIR, SITE_CACHE_DIR, SITE_STATE_DIR
+from contract.wire import ROLE_HOLDOUT, ROLE_TRAIN
 from models.errors import NeurofedError
-
-EVALUATION_FILE = "evaluation.json"
-BASELINES_DIR = "baselines"
-QC_DIR = "qc"
-FORMAT = "neurofed-evaluation"
-FORMAT_VERSION = 1
-FEDERATED = "federated"
-POOLED = "pooled"
-LOCAL_PREFIX = "local-only:"
-PERSONALISED = "personalised"
-"""Model names in evaluation.json: ``federated``, ``pooled``, ``local-only:<site>`` and, for a FedBN run,
-``personalised``: each training site's own model (its normalization layers + the final global rest),
-scored on that site's test split only."""
-REPORTED_METRICS: tuple[str, ...] = ("dice", "hd95_mm", "assd_mm", "abs_volume_diff_ml")
-ROLE_HOLDOUT = "holdout"
-ROLE_TRAIN = "train"
 
 
 @dataclass(frozen=True)
@@ -83,10 +79,6 @@ class StudySite:
     grid: dict[str, np.ndarray]
 
 
-def model_name_local(site_id: str) -> str:
-    return f"{LOCAL_PREFIX}{site_id}"
-
-
 def budget_rule(num_rounds: int, local_steps: int, n_training_sites: int) -> dict[str, Any]:
     """Optimizer steps of each comparison model, from the run's rounds, local steps and training sites."""
     per_site = num_rounds * local_steps
@@ -103,37 +95,17 @@ def budget_rule(num_rounds: int, local_steps: int, n_training_sites: int) -> dic
     }
 
 
-def _run_document(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise NeurofedError(
-            f"{run_dir} is not a run directory (config.json is missing): pass the folder a run wrote with --out"
-        )
-    return json.loads(path.read_text())
-
-
-def _recipe(run_config: Mapping[str, Any]):
-    """The sites' Recipe (client/app.py) of the run's settings, so baselines train exactly as sites did."""
-    from client.app import Recipe
-
-    flat = {
-        ("num-server-rounds" if k == "num_rounds" else k.replace("_", "-")): v for k, v in run_config.items()
-    }
-    return Recipe.from_config({**flat, "server-round": int(run_config["num_rounds"])})
-
-
 def load_study_sites(
-    run_dir: Path, data_root: Path, recipe: Any, sites: Sequence[Mapping[str, Any]]
+    run_dir: Path, data_root: Path, recipe: RunConfig, sites: Sequence[Mapping[str, Any]]
 ) -> list[StudySite]:
     """Prepare every site of the run (through the run's preprocessed cache) and split it as the run did."""
-    from client.app import preprocessing_plan
     from client.preprocessed_cache import PreprocessedCache
-    from client.site_data import prepare_site
+    from client.site_data import prepare_split_site, role_test_fraction, run_preprocessing_plan
     from models.label_protocols import get_protocol
 
-    plan = preprocessing_plan(recipe)
+    plan = run_preprocessing_plan(recipe)
     protocol = get_protocol(recipe.protocol)
-    cache = PreprocessedCache(run_dir / "cache")
+    cache = PreprocessedCache(run_dir / SITE_CACHE_DIR)
     out = []
     for site in sites:
         site_id, role = str(site["site"]), str(site["role"])
@@ -142,18 +114,17 @@ def load_study_sites(
             raise NeurofedError(
                 f"site {site_id} of the run has no folder {data_dir}: pass the run's data root with --data-root"
             )
-        prepared = prepare_site(data_dir, plan, protocol, cache=cache, require_label=True, progress=False)
-        by_id = {s.subject_id: s for s in prepared.subjects if s.label is not None}
-        fraction = 1.0 if role == ROLE_HOLDOUT else recipe.test_fraction
-        split = split_subjects(by_id, fraction, recipe.seed)
+        split = prepare_split_site(
+            data_dir, plan, protocol, test_fraction=role_test_fraction(role, recipe), seed=recipe.seed, cache=cache
+        )
         out.append(
             StudySite(
                 site_id=site_id,
                 role=role,
                 data_dir=data_dir,
-                train=[(i, by_id[i].image, by_id[i].label) for i in split.train],
-                test=[(i, by_id[i].image, by_id[i].label) for i in split.test],
-                grid={i: np.asarray(s.transform.grid_affine) for i, s in by_id.items()},
+                train=[(s.subject_id, s.image, s.label) for s in split.train],
+                test=[(s.subject_id, s.image, s.label) for s in split.test],
+                grid={s.subject_id: np.asarray(s.transform.grid_affine) for s in split.train + split.test},
             )
         )
     return out
@@ -174,14 +145,14 @@ def _baseline_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def train_baseline(
-    recipe: Any,
+    recipe: RunConfig,
     subjects: Sequence[tuple[str, np.ndarray, np.ndarray]],
     steps: int,
     name: str,
     step_hook: Callable[[int, float], None] | None = None,
 ):
     """A network trained centrally for ``steps`` steps on ``subjects``, initialised as the run's model."""
-    from client.app import build_model
+    from client.site_model import build_model
     from models.label_protocols import get_protocol
     from models.training import TrainingConfig, train_steps
 
@@ -204,26 +175,18 @@ def train_baseline(
     return model, result
 
 
-def _save_baseline(path: Path, model, recipe: Any, provenance: dict[str, Any]) -> None:
-    from client.app import preprocessing_plan
+def _save_baseline(path: Path, model, recipe: RunConfig, provenance: dict[str, Any]) -> None:
+    from client.site_data import run_preprocessing_plan
     from models.label_protocols import get_protocol
     from models.model_file import save_model
-    from models.networks import NetworkConfig
 
-    protocol = get_protocol(recipe.protocol)
-    network = NetworkConfig.preset(
-        recipe.network_preset,
-        in_channels=1,
-        out_channels=protocol.num_classes,
-        architecture=recipe.architecture,
-    )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(
         path,
         model.state_dict(),
-        network=network,
-        protocol=protocol,
-        plan=preprocessing_plan(recipe).to_dict(),
+        network=recipe.network_config(),
+        protocol=get_protocol(recipe.protocol),
+        plan=run_preprocessing_plan(recipe).to_dict(),
         training=provenance,
     )
 
@@ -275,10 +238,10 @@ class _Progress:
 
 
 def audit_final_model(model, sites: Sequence[StudySite], recipe: Any, on_subject=None):
-    """The membership-inference audit (client/membership_audit.py) of ``model``: each training site's
+    """The membership-inference audit (study/membership_audit.py) of ``model``: each training site's
     training split (members) vs its test split (non-members), calibrated on the unseen sites' subjects;
     losses on the run's training patch size, seeded by the run's seed."""
-    from client.membership_audit import AuditSettings, audit_membership
+    from study.membership_audit import AuditSettings, audit_membership
 
     return audit_membership(
         model,
@@ -292,21 +255,25 @@ def audit_final_model(model, sites: Sequence[StudySite], recipe: Any, on_subject
 def personalised_models(run_dir: Path, global_model, sites: Sequence[StudySite], num_rounds: int) -> dict:
     """FedBN: ``{site_id: (model, layers file relative to run_dir)}`` of each training site that kept
     normalization layers: the final global model with the site's layers of its last trained round (in
-    a simulation they are in ``RUN_DIR/sites/<site>/``, client/app.py). A site without any is left out."""
+    a simulation they are in ``RUN_DIR/sites/<site>/``, client/site_state.py). A site without any is left
+    out."""
     import copy
 
     import torch
 
-    from client.app import SiteSetup, _personal_path
+    from client.site_setup import SiteSetup
+    from client.site_state import personal_layers_path
 
     out = {}
     for site in sites:
         if site.role != ROLE_TRAIN:
             continue
         setup = SiteSetup(
-            site.site_id, site.role, site.data_dir, None, run_dir / "sites" / site.site_id, True
+            site.site_id, site.role, site.data_dir, None, run_dir / SITE_STATE_DIR / site.site_id, True
         )
-        path = next((p for r in range(num_rounds, 0, -1) if (p := _personal_path(setup, r)).is_file()), None)
+        path = next(
+            (p for r in range(num_rounds, 0, -1) if (p := personal_layers_path(setup, r)).is_file()), None
+        )
         if path is None:
             continue
         model = copy.deepcopy(global_model)
@@ -336,17 +303,19 @@ def evaluate_study(
     from client.segmentation import write_qc_png
     from models.label_protocols import get_protocol
     from models.model_file import load_model
+    from server.run_directory import RunDirectory
 
     run_dir = Path(run_dir)
-    document = _run_document(run_dir)
+    run_files = RunDirectory(run_dir)
+    document = run_files.read_document()
     run_config = document["run_config"]
-    final_model = run_dir / "final-model.pt"
+    final_model = run_files.final_model_path
     if not final_model.is_file():
         raise NeurofedError(
             f"{run_dir} holds no final model (final-model.pt): the run did not finish; continue it with "
             f"`neurofed simulate --resume {run_dir}`"
         )
-    recipe = _recipe(run_config)
+    recipe = RunConfig.from_dict(run_config)
     if data_root is None:
         data_root = Path(str(run_config.get("data_root") or "")) if run_config.get("data_root") else None
     if data_root is None or not Path(data_root).is_dir():
@@ -382,7 +351,7 @@ def evaluate_study(
         }
     ]
     with _Progress(progress, total) as bar:
-        plans = [(model_name_local(s.site_id), [s], budget["local_only_steps"]) for s in trainers]
+        plans = [(local_model_name(s.site_id), [s], budget["local_only_steps"]) for s in trainers]
         plans.append((POOLED, trainers, budget["pooled_steps"]))
         for name, on_sites, steps in plans:
             subjects = [subject for s in on_sites for subject in s.train]
@@ -508,10 +477,5 @@ def evaluate_study(
         "membership_audit": audit.to_dict(),
     }
     path = run_dir / EVALUATION_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(evaluation, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(evaluation, indent=1))
     return path

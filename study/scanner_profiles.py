@@ -27,7 +27,7 @@ ORIENTATIONS: tuple[str, ...] = ("LIA", "RAS", "LPS", "LAS", "RPI", "ASL")
 """On-disk voxel orientations (nibabel axis codes) given to sites 1, 2, 3, ... in turn."""
 
 PROFILE_STREAM = 0
-"""First spawn-key element of the random streams that draw site profiles (see client.synthesis)."""
+"""First spawn-key element of the random streams that draw site profiles (see study.synthesis)."""
 
 MIN_FOV_MARGIN_MM = 4.0
 """The field of view always extends at least this far beyond the brain: a site never cuts the brain."""

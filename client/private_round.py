@@ -1,0 +1,196 @@
+"""One round of subject-level DP-SGD at a site, checked against and recorded in the site's ledger.
+
+The privacy unit is the subject: each step includes each training subject with probability
+``batch_size / len(subjects)`` (one fresh patch of it). The accountant continues from the run's releases
+in the ledger, so ε is cumulative for the run; the noise multiplier comes from ``dp-noise-multiplier`` or
+from ``dp-target-epsilon`` for the planned rounds x local steps. A round the ledger does not allow is a
+`Refusal`: nothing is trained or recorded.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from client.site_setup import SIMULATED_BUDGET, SiteSetup
+from contract.site_task import SiteTask
+from models.errors import NeurofedError
+
+if TYPE_CHECKING:
+    from privacy.dp_sgd import DPConfig
+    from privacy.privacy_ledger import PrivacyLedger
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The site declines to train a round: the round would exceed its lifetime privacy budget, or the run
+    asks for training without DP at a site that requires it."""
+
+    reason: str
+    epsilon: float
+    delta: float
+
+
+def site_rng(task: SiteTask, site_id: str) -> np.random.Generator:
+    # Training depends only on (seed, round, site), so a resumed round repeats the interrupted one.
+    return np.random.default_rng([task.run.seed, task.server_round, zlib.crc32(site_id.encode())])
+
+
+def dp_config(task: SiteTask) -> DPConfig:
+    """The site's DP-SGD settings for this run (the noise multiplier wins over the target ε)."""
+    from privacy.dp_sgd import DPConfig
+
+    run = task.run
+    return DPConfig(
+        enabled=True,
+        noise_multiplier=run.dp_noise_multiplier or None,
+        target_epsilon=run.dp_target_epsilon,
+        max_grad_norm=run.dp_max_grad_norm,
+        delta=run.dp_delta,
+        grad_sample_mode=run.dp_grad_sample_mode,
+    )
+
+
+def prepare_ledger(setup: SiteSetup) -> PrivacyLedger:
+    """The site's ledger, its folder created and its lifetime budget set from the node config.
+
+    A budget in the node config (``budget-epsilon``, ``budget-delta``) replaces the ledger's; a simulated
+    site whose ledger has none gets `SIMULATED_BUDGET`. A deployed site without either is refused every
+    DP round, with a reason that says how to set one.
+    """
+    ledger = setup.ledger
+    ledger.path.parent.mkdir(parents=True, exist_ok=True)
+    current = ledger.budget()
+    wanted = setup.budget or (SIMULATED_BUDGET if setup.simulated and current is None else None)
+    if wanted is not None and (current is None or (current.epsilon, current.delta) != wanted):
+        ledger.set_budget(*wanted)
+    return ledger
+
+
+def no_dp_refusal(task: SiteTask, setup: SiteSetup) -> Refusal:
+    """The refusal of a site that trains only with DP, asked to train without it."""
+    return Refusal(
+        f"site {setup.site_id} trains only with differential privacy and this run has dp=false; "
+        "run with dp=true, or the site operator starts the site with --allow-no-dp",
+        setup.ledger.run_epsilon(task.run_id) if setup.ledger.path.is_file() else 0.0,
+        task.run.dp_delta,
+    )
+
+
+class SubjectPatches(torch.utils.data.Dataset):
+    """Patches arranged as ``privacy.dp_sgd.PrivacyUnitDataset`` requires: item ``u + n * k`` is the
+    ``k``-th patch of subject ``u`` (of ``n``), each ``(image (C, *patch) float32, label (1, *patch) int64)``.
+
+    One `models.training.PatchDataset` per subject, so a unit never draws another subject's patch.
+    """
+
+    def __init__(self, subjects: list, config: Any, patches_per_subject: int, seed: int) -> None:
+        from models.training import PatchDataset
+
+        seeds = np.random.default_rng(seed).integers(0, 2**63 - 1, size=len(subjects))
+        self.per_subject = [
+            PatchDataset.from_config([subject], config, length=patches_per_subject, seed=int(s))
+            for subject, s in zip(subjects, seeds, strict=True)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.per_subject) * len(self.per_subject[0])
+
+    def __getitem__(self, index: int) -> Any:
+        draw, unit = divmod(index, len(self.per_subject))
+        return self.per_subject[unit][draw]
+
+
+def train_private_round(
+    model: torch.nn.Module,
+    subjects: list,
+    config: Any,
+    task: SiteTask,
+    setup: SiteSetup,
+    proximal_to: Mapping[str, torch.Tensor] | None,
+) -> tuple[Any, dict[str, float]] | Refusal:
+    """Train one round with subject-level DP-SGD (see the module docstring).
+
+    Returns:
+        ``(TrainResult, {"epsilon", "delta", "noise-multiplier", "sample-rate"})`` with the run's ε after
+        this round, or a `Refusal` when the ledger does not allow the round (nothing is trained or recorded).
+    """
+    from models.training import TrainResult, make_loss, make_optimizer, training_step
+    from privacy.dp_sgd import PrivacyUnitDataset, make_private_training
+    from privacy.errors import PrivacyBudgetExceeded, PrivacyError
+
+    if not task.run_id:
+        raise NeurofedError("the server's message lacks 'run-id', which DP needs; update the coordinator")
+    run, dp = task.run, dp_config(task)
+    ledger = prepare_ledger(setup)
+    n_subjects = len(subjects)
+    # Poisson sampling over subjects: a batch larger than the site's subjects is not possible.
+    batch_size = min(run.batch_size, n_subjects)
+    sample_rate = batch_size / n_subjects
+    planned_steps = run.num_rounds * run.local_steps
+    try:
+        noise = dp.resolve_noise_multiplier(sample_rate, planned_steps)
+        decision = ledger.check_round(task.run_id, run.local_steps, sample_rate, noise, dp.delta)
+    except PrivacyError as exc:
+        raise NeurofedError(f"site {setup.site_id}: {exc}") from exc
+    if not decision.allowed:
+        return Refusal(decision.reason, ledger.run_epsilon(task.run_id), dp.delta)
+
+    seed = int(site_rng(task, setup.site_id).integers(0, 2**63 - 1))
+    units = PrivacyUnitDataset(SubjectPatches(subjects, config, max(run.local_steps, 1), seed), n_subjects)
+    optimizer = make_optimizer(model, config)
+    started = time.perf_counter()
+    model.train()
+    try:
+        with (
+            torch.random.fork_rng(devices=[]),
+            make_private_training(
+                model,
+                optimizer,
+                units,
+                batch_size,
+                dp,
+                loss_fn=make_loss(),
+                planned_steps=planned_steps,
+                accountant_state=ledger.accountant_state(task.run_id),
+                generator=torch.Generator().manual_seed(seed),
+            ) as private,
+        ):
+            torch.manual_seed(seed)  # dropout
+            with ledger.reserved_round(
+                task.run_id,
+                task.server_round,
+                steps=run.local_steps,
+                sample_rate=private.sample_rate,
+                noise_multiplier=private.noise_multiplier,
+                delta=dp.delta,
+            ):
+                losses = private.run_steps(
+                    run.local_steps,
+                    step_fn=partial(training_step, proximal_to=proximal_to, proximal_mu=task.proximal_mu),
+                )
+    except PrivacyBudgetExceeded as exc:
+        # Another run spent the budget between the check and the reservation.
+        return Refusal(exc.reason, ledger.run_epsilon(task.run_id), dp.delta)
+    except PrivacyError as exc:
+        raise NeurofedError(f"site {setup.site_id}: {exc}") from exc
+    result = TrainResult(
+        steps=len(losses),
+        n_samples_seen=len(losses) * batch_size,
+        losses=losses,
+        seconds=time.perf_counter() - started,
+    )
+    privacy = {
+        "epsilon": ledger.run_epsilon(task.run_id),
+        "delta": dp.delta,
+        "noise-multiplier": private.noise_multiplier,
+        "sample-rate": private.sample_rate,
+    }
+    return result, privacy

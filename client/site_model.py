@@ -1,0 +1,37 @@
+"""The shared network at a site: built as the run specifies, and scored on the site's test split."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from client.site_data import SiteData
+from contract.run_config import RunConfig
+
+
+def build_model(run: RunConfig) -> torch.nn.Module:
+    """The run's network, initialised from the run seed (then overwritten by the global arrays)."""
+    from models.networks import build_network
+
+    return build_network(run.network_config(), seed=run.seed)
+
+
+def evaluation_metrics(
+    model: torch.nn.Module, data: SiteData, run: RunConfig, prefix: str = ""
+) -> dict[str, float]:
+    """Mean over the test subjects of Dice, HD95 (mm) and ASSD (mm) per class, and of Dice over classes."""
+    from models.label_protocols import get_protocol
+    from models.metrics import summarize
+    from models.training import evaluate_subjects
+
+    protocol = get_protocol(run.protocol)
+    per_subject = evaluate_subjects(
+        model, data.test, protocol.class_names, (run.patch_size,) * 3, spacing_mm=data.spacing_mm
+    )
+    summary = summarize(per_subject)
+    out: dict[str, float] = {}
+    for name in protocol.class_names[1:]:
+        for metric, short in (("dice", "dice"), ("hd95_mm", "hd95"), ("assd_mm", "assd")):
+            out[f"{prefix}{short}-{name}"] = float(summary[name][metric]["mean"])
+    out[f"{prefix}dice-mean"] = float(np.mean([out[f"{prefix}dice-{n}"] for n in protocol.class_names[1:]]))
+    return out

@@ -1,0 +1,26 @@
+"""The one ``main`` of every neurofed command line: parse, run the chosen handler, turn errors into
+an exit code and one line on stderr (never a traceback for a mistake the user can fix)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def run_command(
+    parser: argparse.ArgumentParser, argv: list[str] | None, user_errors: tuple[type[BaseException], ...]
+) -> int:
+    """Parse ``argv`` with ``parser`` and call the handler its sub-command set (``set_defaults(handler=...)``).
+
+    Returns the handler's exit code; 130 on Ctrl-C; 2 for any of ``user_errors``, whose message is printed
+    as ``PROG COMMAND: error: MESSAGE``.
+    """
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except user_errors as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,34 @@
+"""The schema of ``evaluation.json``: the cross-site study evaluation the report reads.
+
+Written by study/study_evaluation.py (it needs every site's data), read by server/report/ (which never
+does). Top-level keys::
+
+    format, format_version        `FORMAT`, `FORMAT_VERSION`
+    protocol, classes, metrics    the label protocol, its foreground classes, `REPORTED_METRICS`
+    units, grid                   units per metric; the grid the metrics were computed on
+    global_model_rounds, data_root, budget
+    sites      [{site, role, train_subjects, test_subjects, chance_mean_dice: {subject: dice}}]
+    models     [{name, ...}]      every model scored (its provenance)
+    results    [{model, site, role, subject, mean_dice, metrics: {class: {metric: value | null}}}]
+    qc         [{site, subject, model, file}]
+    membership_audit              study/membership_audit.py's result
+
+A model is `FEDERATED`, `POOLED`, ``local-only:<site>`` (`local_model_name`) or `PERSONALISED`.
+"""
+
+from __future__ import annotations
+
+FORMAT = "neurofed-evaluation"
+FORMAT_VERSION = 1
+FEDERATED = "federated"
+POOLED = "pooled"
+LOCAL_PREFIX = "local-only:"
+PERSONALISED = "personalised"
+"""FedBN: each training site's own model (its normalization layers + the final global rest), scored on
+that site's test split only."""
+REPORTED_METRICS: tuple[str, ...] = ("dice", "hd95_mm", "assd_mm", "abs_volume_diff_ml")
+
+
+def local_model_name(site_id: str) -> str:
+    """The evaluation.json name of a site's local-only model."""
+    return f"{LOCAL_PREFIX}{site_id}"

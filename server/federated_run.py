@@ -1,0 +1,419 @@
+"""One federated run over a Flower Grid: discovery, rounds, screening, evaluation, checkpoints.
+
+See server/app.py for the whole run; this module holds its loop. Events go to the run directory's
+metrics.jsonl (and to hooks, for a live view); deployed, the audit log gets one event per step.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from contract.run_config import RunConfig
+from contract.site_task import site_task_record
+from contract.wire import CONFIG_RECORD, METRICS_RECORD, PERSONAL_PREFIX, ROLE_TRAIN, WEIGHT_KEY
+from models.errors import NeurofedError
+from server.audit_log import AuditLog
+from server.global_model import initial_state_dict, read_model_state, write_model_file
+from server.run_directory import RunDirectory
+from server.site_discovery import Site, site_summaries, sites_from_replies
+from server.site_replies import NodeView, lost_nodes
+from server.strategies import (
+    make_strategy,
+    restore_strategy_state,
+    server_dp_epsilon,
+    state_dict_to_arrays,
+    strategy_state,
+)
+from server.update_screening import check_float_arrays, screen_training_replies
+
+EventHook = Callable[[dict[str, Any]], None]
+"""Called with every event written to metrics.jsonl (and ``round-start`` events), e.g. for a live view."""
+MessageHook = Callable[[str, Message], None]
+"""Called as ``hook("to-site" | "from-site", message)`` for every message the server sends or receives."""
+
+
+def site_config(config: RunConfig, server_round: int, run_id: str = "") -> ConfigRecord:
+    """The ConfigRecord a site gets (contract/site_task.py): the run settings it needs, the round number
+    and the run's id, so sites train and evaluate exactly as the server was configured, also in a
+    deployment where sites have no access to the run config file."""
+    return ConfigRecord(site_task_record(config, server_round, run_id))
+
+
+class FederatedRun:
+    """One federated run over a Flower Grid, writing into its run directory."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        grid: Grid,
+        *,
+        resume: bool = False,
+        on_event: EventHook | None = None,
+        on_message: MessageHook | None = None,
+        audit: AuditLog | None = None,
+        enrolled_names: Mapping[int, str] | None = None,
+        flower_run_id: int | None = None,
+    ) -> None:
+        self.run_dir = RunDirectory(config.run_dir)
+        if resume:
+            stored = self.run_dir.read_config()
+            # The stored settings win: a resumed run must repeat the interrupted one exactly. Only the
+            # number of rounds may grow, to extend a finished run.
+            config = stored.replace(
+                run_dir=config.run_dir, num_rounds=max(stored.num_rounds, config.num_rounds)
+            )
+        self.config = config
+        self.grid = grid
+        self.resume = resume
+        self.on_event = on_event
+        self.on_message = on_message
+        self.sites: list[Site] = []
+        self.plan: dict[str, Any] = {}
+        self.run_id = ""
+        self.audit = audit
+        self.enrolled_names = dict(enrolled_names or {})
+        self.flower_run_id = flower_run_id
+
+    # -- messaging ----------------------------------------------------------------------------------
+
+    def _emit(self, event: dict[str, Any], *, log_it: bool = True) -> None:
+        # Wall-clock time of each event, so round times and overhead can be read from the log alone.
+        event = {**event, "time": round(time.time(), 3)}
+        if log_it:
+            self.run_dir.append_event(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def audit_event(self, event: str, **fields: Any) -> None:
+        """Write one event to the coordinator's audit log (deployments only), tagged with the run."""
+        if self.audit is not None:
+            self.audit.record(event, run_id=self.run_id or None, flower_run_id=self.flower_run_id, **fields)
+
+    def _site_name(self, node_id: int) -> str:
+        site = next((s for s in self.sites if s.node_id == node_id), None)
+        if site is not None:
+            return site.site_id
+        return self.enrolled_names.get(node_id, f"node {node_id}")
+
+    def _send(
+        self, messages: Iterable[Message], what: str, server_round: int, required: int | None = None
+    ) -> tuple[list[Message], list[dict[str, Any]]]:
+        """Send, wait up to ``round-timeout-s``; returns the good replies (in site-id order) and dropouts.
+
+        A site whose reply is an error or missing is dropped from this step (a ``dropped`` event each) when
+        at least ``required`` sites (default: all) replied; otherwise NeurofedError names them all.
+        """
+        messages = list(messages)
+        required = len(messages) if required is None else required
+        if self.on_message is not None:
+            for m in messages:
+                self.on_message("to-site", m)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout_s))
+        if self.on_message is not None:
+            for r in replies:
+                self.on_message("from-site", r)
+        dropped = lost_nodes(messages, replies, self.config.round_timeout_s)
+        for d in dropped:
+            d["site"] = self._site_name(d["node_id"])
+        good = [r for r in replies if not r.has_error()]
+        if len(good) < required:
+            reasons = "; ".join(f"{d['site']}: {d['reason']}" for d in dropped)
+            then = (
+                f"continue with --resume {self.config.run_dir}"
+                if self.run_dir.config_path.is_file()
+                else "start the run again"
+            )
+            raise NeurofedError(
+                f"round {server_round} {what}: {len(good)} of {len(messages)} site(s) replied, {required} "
+                f"needed ({reasons}); fix the site(s) and {then}"
+            )
+        by_node = {s.node_id: s for s in self.sites}
+        for d in dropped:
+            site = by_node.get(d["node_id"])
+            self._emit(
+                {
+                    "event": "dropped",
+                    "round": server_round,
+                    "stage": what,
+                    "site": d["site"],
+                    "role": site.role if site else None,
+                    "reason": d["reason"],
+                }
+            )
+        # Aggregation sums in reply order; a fixed order (by site id) makes runs reproducible to the bit.
+        order = {s.node_id: s.site_id for s in self.sites}
+        good.sort(key=lambda r: order.get(r.metadata.src_node_id, str(r.metadata.src_node_id)))
+        return good, [{"site": d["site"], "reason": d["reason"]} for d in dropped]
+
+    def _wait_for_nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.config.round_timeout_s
+        while len(node_ids := list(self.grid.get_node_ids())) < self.config.num_sites:
+            if time.monotonic() > deadline:
+                raise NeurofedError(
+                    f"only {len(node_ids)} of {self.config.num_sites} sites connected within "
+                    f"{self.config.round_timeout_s:.0f} s; start the missing sites or lower num-sites"
+                )
+            time.sleep(0.5)
+        return node_ids
+
+    def discover_sites(self) -> list[Site]:
+        """Ask every node for its site id, role and subject counts (one ``query`` message each)."""
+        self._emit({"event": "round-start", "round": 0, "stage": "preparing sites"}, log_it=False)
+        node_ids = self._wait_for_nodes()
+        content = RecordDict({CONFIG_RECORD: site_config(self.config, 0)})
+        messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
+        replies, _ = self._send(messages, "site discovery", 0)
+        sites, plan = sites_from_replies(replies, self.config.min_sites)
+        self.sites = sites
+        self.plan = plan
+        return sites
+
+    # -- the run ------------------------------------------------------------------------------------
+
+    def execute(self) -> dict[str, Any]:
+        """Run (or resume) all rounds; returns the final global state dict."""
+        config = self.config
+        start_round = 1
+        state_dict = None
+        saved_state: dict[str, Any] = {}
+        if self.resume:
+            checkpoint = self.run_dir.latest_checkpoint(read_model_state)
+            if checkpoint is not None:
+                start_round = checkpoint.server_round + 1
+                state_dict = checkpoint.state_dict
+                saved_state = checkpoint.strategy_state
+        else:
+            self.run_dir.check_new()
+
+        sites = self.discover_sites()
+        if self.resume:
+            stored_plan = self.run_dir.read_document().get("plan")
+            if stored_plan is not None and stored_plan != self.plan:
+                raise NeurofedError(
+                    f"the sites now preprocess with plan {self.plan}, but the run in {config.run_dir} used "
+                    f"{stored_plan}; resume with the same settings and neurofed version"
+                )
+            self.run_dir.drop_events_after(start_round - 1)
+            self.run_id = str(self.run_dir.read_document().get("run_id", ""))
+        if not self.run_id:
+            # Names the run in the sites' privacy ledgers, so a resumed run continues their count.
+            self.run_id = uuid.uuid4().hex
+        self.audit_event(
+            "run-started",
+            run_dir=str(config.run_dir),
+            resume=self.resume,
+            first_round=start_round,
+            num_rounds=config.num_rounds,
+        )
+        for s in sites:
+            self.audit_event(
+                "site-joined",
+                node_id=s.node_id,
+                site=s.site_id,
+                enrolled_as=self.enrolled_names.get(s.node_id),
+                role=s.role,
+            )
+        if not self.resume:
+            self.run_dir.start(
+                config,
+                {
+                    "run_id": self.run_id,
+                    "network": config.network_config().to_dict(),
+                    "plan": self.plan,
+                    "sites": site_summaries(sites),
+                },
+            )
+            self._emit(
+                {
+                    "event": "sites",
+                    "round": 0,
+                    "sites": site_summaries(sites),
+                }
+            )
+        if state_dict is None:
+            state_dict = initial_state_dict(config)
+        if config.server_dp != "off":
+            try:
+                check_float_arrays(state_dict_to_arrays(state_dict))
+            except ValueError as exc:
+                raise NeurofedError(f"run setting 'server-dp': {exc}; use a network without them") from exc
+
+        trainers = [s for s in sites if s.role == ROLE_TRAIN]
+        # The strategy samples from what actually connected, which in a deployment may differ from the
+        # num-sites / unseen-sites settings.
+        strategy = make_strategy(
+            config.replace(num_sites=len(sites), unseen_sites=len(sites) - len(trainers))
+        )
+        restore_strategy_state(strategy, saved_state)
+        arrays = state_dict_to_arrays(state_dict)
+        dtypes = {k: v.numpy().dtype for k, v in arrays.items()}
+
+        def write_model(path: Path, sd: Mapping[str, Any]) -> None:
+            write_model_file(path, sd, config, self.plan)
+
+        for server_round in range(start_round, config.num_rounds + 1):
+            self._emit({"event": "round-start", "round": server_round, "stage": "training"}, log_it=False)
+            messages = strategy.configure_train(
+                server_round,
+                arrays,
+                site_config(config, server_round, self.run_id),
+                NodeView(s.node_id for s in trainers),
+            )
+            replies, dropped = self._send(
+                messages, "training", server_round, required=config.min_sites or len(trainers)
+            )
+            accepted = self._screen_updates(server_round, replies, arrays, dropped)
+            if not accepted:
+                # No site's update is usable this round: the global model stays as it was.
+                self._emit(
+                    {
+                        "event": "aggregate-train",
+                        "round": server_round,
+                        "metrics": {},
+                        "skipped": "no site update was accepted this round",
+                    }
+                )
+                self._finish_round(strategy, server_round, arrays, write_model)
+                continue
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, accepted)
+            if new_arrays is None:
+                raise NeurofedError(
+                    f"round {server_round}: the strategy could not aggregate the site updates"
+                )
+            # Adaptive strategies compute in float64 (numpy scalars); the global model stays in its own
+            # dtypes, so a resumed run (which reads the float32 checkpoint) continues from the same values.
+            arrays = ArrayRecord(
+                {k: Array(new_arrays[k].numpy().astype(dtypes[k], copy=False)) for k in new_arrays}
+            )
+            aggregate_event: dict[str, Any] = {
+                "event": "aggregate-train",
+                "round": server_round,
+                "metrics": dict(train_metrics or {}),
+            }
+            if config.server_dp != "off":
+                aggregate_event["site_level_epsilon"] = server_dp_epsilon(config, server_round)
+                aggregate_event["site_level_delta"] = config.dp_delta
+            self._emit(aggregate_event)
+            self._finish_round(strategy, server_round, arrays, write_model)
+
+        final = arrays.to_torch_state_dict()
+        write_model(self.run_dir.final_model_path, final)
+        self._emit(
+            {
+                "event": "finished",
+                "round": config.num_rounds,
+                "final_model": str(self.run_dir.final_model_path),
+            }
+        )
+        self.audit_event("run-finished", run_dir=str(config.run_dir), num_rounds=config.num_rounds)
+        return final
+
+    def _finish_round(
+        self, strategy: Any, server_round: int, arrays: ArrayRecord, write_model: Callable[..., None]
+    ) -> None:
+        if self.config.evaluates_after(server_round):
+            self._emit({"event": "round-start", "round": server_round, "stage": "evaluating"}, log_it=False)
+            self._evaluate(strategy, server_round, arrays)
+            self.write_interim_report(server_round)
+        self.run_dir.save_checkpoint(
+            server_round, arrays.to_torch_state_dict(), strategy_state(strategy), write_model
+        )
+        self._emit({"event": "checkpoint", "round": server_round}, log_it=False)
+
+    def write_interim_report(self, server_round: int) -> None:
+        """Rebuild report.md / report.html from the metrics so far (server/report.py; no model is evaluated).
+
+        The report is a view of the run, never a reason to stop it: a failure is logged as a
+        ``report-failed`` event with the reason, and the run goes on.
+        """
+        from server.report import write_report
+
+        try:
+            write_report(self.run_dir.root, after_round=server_round)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self._emit({"event": "report-failed", "round": server_round, "reason": reason})
+
+    def _screen_updates(
+        self,
+        server_round: int,
+        replies: list[Message],
+        global_arrays: ArrayRecord,
+        dropped: list[dict[str, Any]] | None = None,
+    ) -> list[Message]:
+        """Log every training reply (server/update_screening.py); return those to aggregate."""
+        by_node = {s.node_id: s for s in self.sites}
+
+        def site_of(reply: Message) -> dict[str, str]:
+            site = by_node[reply.metadata.src_node_id]
+            return {"site": site.site_id, "role": site.role}
+
+        screened = screen_training_replies(
+            server_round, replies, global_arrays, self.config.update_norm_limit, site_of
+        )
+        for event in screened.events:
+            self._emit(event)
+        self.audit_event(
+            "round-trained",
+            round=server_round,
+            contributed=[site_of(r)["site"] for r in screened.accepted],
+            refused=screened.refused,
+            rejected=screened.rejected,
+            dropped=list(dropped or []),
+            epsilon=screened.epsilon,
+        )
+        return screened.accepted
+
+    def _evaluate(self, strategy: Any, server_round: int, arrays: ArrayRecord) -> None:
+        by_node = {s.node_id: s for s in self.sites}
+        messages = strategy.configure_evaluate(
+            server_round, arrays, site_config(self.config, server_round, self.run_id), NodeView(by_node)
+        )
+        replies, dropped = self._send(messages, "evaluation", server_round, required=1)
+        self.audit_event(
+            "round-evaluated",
+            round=server_round,
+            evaluated=[by_node[r.metadata.src_node_id].site_id for r in replies],
+            dropped=dropped,
+        )
+        for r in replies:
+            site = by_node[r.metadata.src_node_id]
+            metrics = dict(r.content[METRICS_RECORD])
+            models = {"global": {k: v for k, v in metrics.items() if not k.startswith(PERSONAL_PREFIX)}}
+            personal = {
+                k.removeprefix(PERSONAL_PREFIX): v
+                for k, v in metrics.items()
+                if k.startswith(PERSONAL_PREFIX)
+            }
+            if personal:
+                models["personal"] = {**personal, WEIGHT_KEY: metrics[WEIGHT_KEY]}
+            for model, values in models.items():
+                self._emit(
+                    {
+                        "event": "evaluate",
+                        "round": server_round,
+                        "site": site.site_id,
+                        "role": site.role,
+                        "split": "test",
+                        "model": model,
+                        "metrics": values,
+                    }
+                )
+        # The aggregate covers the training sites' test splits; unseen sites are reported apart.
+        trained = [r for r in replies if by_node[r.metadata.src_node_id].role == ROLE_TRAIN]
+        aggregated = strategy.aggregate_evaluate(server_round, trained)
+        self._emit(
+            {
+                "event": "aggregate-evaluate",
+                "round": server_round,
+                "role": ROLE_TRAIN,
+                "metrics": dict(aggregated or {}),
+            }
+        )

@@ -1,0 +1,54 @@
+"""What came back from a batch of site messages: which nodes answered, which were lost and why."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from flwr.app import Message
+
+
+def short_reason(reason: str) -> str:
+    # The simulation engine wraps a site's exception in layers of Ray tracebacks; its message is last.
+    if "Message: " in reason:
+        reason = reason.rsplit("Message: ", 1)[1]
+    reason = reason.strip().rstrip(">'").strip()
+    return reason if len(reason) <= 600 else reason[:600] + " ..."
+
+
+def node_of_reply(messages: Sequence[Message]):
+    """A function giving the node a reply answers for.
+
+    The SuperLink answers for a node it lost (no heartbeat) with an error reply of its own: match replies
+    to what was sent, not to their sender."""
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+    def node_of(reply: Message) -> int:
+        return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    return node_of
+
+
+def lost_nodes(messages: Sequence[Message], replies: Sequence[Message], timeout_s: float) -> list[dict[str, Any]]:
+    """``{"node_id", "reason"}`` of every node whose reply is an error or missing after ``timeout_s``."""
+    node_of = node_of_reply(messages)
+    answered = {node_of(r) for r in replies}
+    errors = [{"node_id": node_of(r), "reason": short_reason(r.error.reason)} for r in replies if r.has_error()]
+    silent = [
+        {"node_id": m.metadata.dst_node_id, "reason": f"no answer within round-timeout-s = {timeout_s:.0f} s"}
+        for m in messages
+        if m.metadata.dst_node_id not in answered
+    ]
+    return errors + silent
+
+
+class NodeView:
+    """The part of a Grid a strategy's ``configure_*`` uses, limited to some nodes."""
+
+    def __init__(self, node_ids: Iterable[int]) -> None:
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+
