@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 
 from client.private_round import Refusal, no_dp_refusal, site_rng, train_private_round
 from client.site_data import load_site_data
-from client.site_model import build_model, evaluation_metrics
+from client.site_model import build_model, evaluation_metrics, run_training_config
 from client.site_setup import SiteSetup, site_setup
 from client.site_state import latest_personal_layers, normalization_keys, save_personal_layers
 from contract.site_task import SiteTask
@@ -96,8 +96,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model locally for ``local-steps`` steps; reply with its arrays and the loss."""
-    from models.label_protocols import get_protocol
-    from models.training import TrainingConfig, train_steps
+    from models.training import train_steps
 
     task, setup = _context(msg, context)
     run = task.run
@@ -114,13 +113,7 @@ def train(msg: Message, context: Context) -> Message:
     if own is not None:
         model.load_state_dict(own, strict=False)
     global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    config = TrainingConfig.for_protocol(
-        get_protocol(run.protocol),
-        patch_size=(run.patch_size,) * 3,
-        batch_size=run.batch_size,
-        learning_rate=run.learning_rate,
-        seed=run.seed,
-    )
+    config = run_training_config(run)
     proximal_to = global_weights if task.proximal_mu > 0 else None
     privacy: dict[str, float] = {}
     if run.dp:
@@ -131,8 +124,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         rng = site_rng(task, setup.site_id)
         result = train_steps(
-            model, data.train, config, run.local_steps, rng=rng, proximal_to=proximal_to,
-            proximal_mu=task.proximal_mu,
+            model, data.train, config, run.local_steps, rng=rng, proximal_to=proximal_to, proximal_mu=task.proximal_mu
         )
     state = model.state_dict()
     if personal_keys:

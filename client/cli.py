@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.command_line import run_command
+from common.command_line import command_parser, run_command
 from models.errors import NeurofedError
 
 
@@ -239,21 +239,13 @@ def add_segment_command(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="neurofed-site",
-        description=(
-            "neurofed site daemon tools for hospital research IT: check the site's data before joining a "
-            "federation, keep its privacy budget, start its daemon, and segment its own scans with a "
-            "trained model. Scans never leave the site. Run `neurofed-site COMMAND --help` for options."
-        ),
+    return command_parser(
+        "neurofed-site",
+        "neurofed site daemon tools for hospital research IT: check the site's data before joining a "
+        "federation, keep its privacy budget, start its daemon, and segment its own scans with a "
+        "trained model. Scans never leave the site. Run `neurofed-site COMMAND --help` for options.",
+        [_add_check, _add_budget, _add_keygen, _add_start, _add_segment],
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_check(sub)
-    _add_budget(sub)
-    _add_keygen(sub)
-    _add_start(sub)
-    _add_segment(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

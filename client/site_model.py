@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from client.site_data import SiteData
 from contract.run_config import RunConfig
+
+if TYPE_CHECKING:
+    from models.training import TrainingConfig
 
 
 def build_model(run: RunConfig) -> torch.nn.Module:
@@ -14,6 +19,20 @@ def build_model(run: RunConfig) -> torch.nn.Module:
     from models.networks import build_network
 
     return build_network(run.network_config(), seed=run.seed)
+
+
+def run_training_config(run: RunConfig) -> TrainingConfig:
+    """The optimizer, patch and augmentation settings every site (and every baseline) trains with."""
+    from models.label_protocols import get_protocol
+    from models.training import TrainingConfig
+
+    return TrainingConfig.for_protocol(
+        get_protocol(run.protocol),
+        patch_size=(run.patch_size,) * 3,
+        batch_size=run.batch_size,
+        learning_rate=run.learning_rate,
+        seed=run.seed,
+    )
 
 
 def evaluation_metrics(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 
 def run_command(
@@ -24,3 +25,14 @@ def run_command(
     except user_errors as exc:
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def command_parser(
+    prog: str, description: str, add_commands: list[Callable[[argparse._SubParsersAction], None]]
+) -> argparse.ArgumentParser:
+    """A parser whose sub-commands each ``add_commands`` function adds (``args.command`` names the one given)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in add_commands:
+        add(sub)
+    return parser

@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from common.plain_records import from_known_dict
 from models.errors import NeurofedError
 
 Architecture = Literal["unet", "dynunet", "segresnet"]
@@ -159,11 +160,7 @@ class NetworkConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> NetworkConfig:
         """Inverse of ``to_dict``; unknown keys raise NeurofedError naming them."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise NeurofedError(f"network configuration has unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**dict(d))
+        return from_known_dict(cls, d, "network configuration", NeurofedError)
 
 
 def _norm(config: NetworkConfig) -> tuple[str, dict]:

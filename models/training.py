@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.plain_records import from_known_dict
 from models.augmentation import AugmentationConfig, augment_patch, left_right_permutation
 from models.errors import NeurofedError
 from models.label_protocols import LabelProtocol
@@ -98,11 +99,7 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainingConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise NeurofedError(f"training configuration has unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**dict(d))
+        return from_known_dict(cls, d, "training configuration", NeurofedError)
 
 
 class PatchDataset(Dataset):

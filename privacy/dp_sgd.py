@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from common.plain_records import from_known_dict
 from privacy.accounting import (
     accountant_state,
     check_privacy_parameters,
@@ -110,11 +111,7 @@ class DPConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> DPConfig:
         """Inverse of ``to_dict``; unknown keys raise PrivacyError naming them."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise PrivacyError(f"DP configuration has unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**dict(d))
+        return from_known_dict(cls, d, "DP configuration", PrivacyError)
 
     def resolve_noise_multiplier(self, sample_rate: float, planned_steps: int | None) -> float:
         """The noise multiplier to train with: the configured one, or the one meeting ``target_epsilon``.

@@ -1,7 +1,7 @@
 """`neurofed coordinator ...` and `neurofed run`: the coordinator operator's commands.
 
 `study/cli.py` builds the whole `neurofed` command line from these and the researcher's commands; this
-module runs alone too (``python -m server.cli``), on a coordinator that holds no study code's data.
+module runs alone too (``python -m server.cli``), with the coordinator's commands only.
 Each sub-command imports what it needs inside its handler: torch, MONAI and Opacus take seconds to
 import, and `neurofed --help` must answer at once.
 """
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.command_line import run_command
+from common.command_line import command_parser, run_command
 from models.errors import NeurofedError
 
 
@@ -207,15 +207,12 @@ def add_coordinator_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="neurofed",
-        description=(
-            "neurofed coordinator tools: run the federation's coordinator, enroll and revoke sites, submit "
-            "federated runs. Run `neurofed COMMAND --help` for the options of a command."
-        ),
+    return command_parser(
+        "neurofed",
+        "neurofed coordinator tools: run the federation's coordinator, enroll and revoke sites, submit "
+        "federated runs. Run `neurofed COMMAND --help` for the options of a command.",
+        [add_coordinator_commands],
     )
-    add_coordinator_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic_files import atomic_write
 from models.errors import NeurofedError
-from server.run_directory import atomic_write
 
 STATE_DIR_ENV = "NEUROFED_COORDINATOR_STATE_DIR"
 """Environment variable naming the coordinator's state directory, set for the SuperLink's processes."""

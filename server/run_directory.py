@@ -1,48 +1,27 @@
 """The run directory: everything a federated run leaves behind, and what a resumed run starts from.
 
-Layout of ``RUN_DIR``::
-
-    config.json                     the resolved RunConfig (+ network and protocol descriptions)
-    metrics.jsonl                   one JSON object per event (see `RunDirectory.append_event`)
-    checkpoints/round-003.pt        global model after round 3 (a model file, see `write_model`)
-    checkpoints/round-003.state.pt  server strategy state after round 3 (e.g. FedAdam moments)
-    final-model.pt                  global model after the last round
-
-Every file is written to a temporary name in the same folder and moved into place, so an interrupted
-run never leaves a half-written file; a checkpoint counts only once both of its files exist (the state
-file is written first, the model file last).
+Its layout (file and folder names) is contract/run_layout.py's. Every file is written to a temporary
+name in the same folder and moved into place (common/atomic_files.py), so an interrupted run never
+leaves a half-written file; a checkpoint counts only once both of its files exist (the state file
+``checkpoints/round-003.state.pt`` is written first, the model file ``checkpoints/round-003.pt`` last).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.atomic_files import atomic_write
 from contract.run_config import RunConfig
+from contract.run_layout import CHECKPOINTS_DIR, CONFIG_FILE, FINAL_MODEL_FILE, METRICS_FILE
 from models.errors import NeurofedError
 from server.json_lines import append_json_line, json_safe, read_json_lines
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINTS_DIR = "checkpoints"
-FINAL_MODEL_FILE = "final-model.pt"
 _CHECKPOINT_RE = re.compile(r"round-(\d{3,})\.pt")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then move it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.atomic_files import atomic_write
 from models.errors import NeurofedError
 from server.audit_log import AuditLog
 from server.coordinator_state import Connection, CoordinatorState
 from server.flower_control import CONNECTION_NAME, FlowerControl
-from server.run_directory import atomic_write
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

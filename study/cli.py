@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from client.cli import add_segment_command
-from common.command_line import run_command
+from common.command_line import command_parser, run_command
+from contract.run_layout import EVALUATION_FILE
 from models.errors import NeurofedError
 from server.cli import add_coordinator_commands
 
@@ -207,7 +208,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from server.run_directory import RunDirectory
 
     RunDirectory(args.run_dir).read_document()  # names the folder when it holds no run
-    missing = not (args.run_dir / "evaluation.json").is_file()
+    missing = not (args.run_dir / EVALUATION_FILE).is_file()
     _evaluate_and_report(args.run_dir, args.data_root, evaluate=missing or args.re_evaluate)
     return 0
 
@@ -307,22 +308,13 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="neurofed",
-        description=(
-            "neurofed coordinator and researcher tools: synthesize multi-site data, train and evaluate "
-            "3D brain segmentation models, and run federated studies. Run `neurofed COMMAND --help` "
-            "for the options of a command."
-        ),
+    return command_parser(
+        "neurofed",
+        "neurofed coordinator and researcher tools: synthesize multi-site data, train and evaluate "
+        "3D brain segmentation models, and run federated studies. Run `neurofed COMMAND --help` "
+        "for the options of a command.",
+        [_add_synth, _add_train, add_segment_command, _add_simulate, _add_report, add_coordinator_commands],
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_synth(sub)
-    _add_train(sub)
-    add_segment_command(sub)
-    _add_simulate(sub)
-    _add_report(sub)
-    add_coordinator_commands(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
