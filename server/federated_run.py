@@ -328,7 +328,7 @@ class FederatedRun:
         self._emit({"event": "checkpoint", "round": server_round}, log_it=False)
 
     def write_interim_report(self, server_round: int) -> None:
-        """Rebuild report.md / report.html from the metrics so far (server/report.py; no model is evaluated).
+        """Rebuild report.md / report.html from the metrics so far (server/report/; no model is evaluated).
 
         The report is a view of the run, never a reason to stop it: a failure is logged as a
         ``report-failed`` event with the reason, and the run goes on.

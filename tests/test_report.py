@@ -1,13 +1,11 @@
 """The cross-site generalization study of a run: `neurofed simulate` -> evaluation.json -> report.
 
-One small run is made once for the module through the real command line (2 training sites + 1 unseen,
-2 rounds, the tiny network on 20^3-voxel phantoms written by tests/test_federation.py's helper).
+One small run is made once for the module through the real command line (tests/report_fixtures.py:
+2 training sites + 1 unseen, 2 rounds, the tiny network on 20^3-voxel phantoms).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -15,44 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_federation import _write_tiny_sites
-
-SITES, UNSEEN, ROUNDS, LOCAL_STEPS = 3, 1, 2, 3
+from report_fixtures import LOCAL_STEPS, ROUNDS, SITES, UNSEEN, simulate_study
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A finished `neurofed simulate` run with its evaluation and report, and what the command printed."""
-    from study.cli import main
-
     root = tmp_path_factory.mktemp("study")
-    _write_tiny_sites(root / "data", SITES, 3)
-    run = root / "run"
-    argv = [
-        "simulate",
-        "--out", str(run),
-        "--data-root", str(root / "data"),
-        "--sites", str(SITES),
-        "--unseen", str(UNSEEN),
-        "--rounds", str(ROUNDS),
-        "--local-steps", str(LOCAL_STEPS),
-        "--preset", "tiny",
-        "--patch-size", "16",
-        "--batch-size", "1",
-        "--test-fraction", "0.34",
-        "--spacing", "4",
-        "--fov", "64,64,64",
-        "--no-dp",
-    ]  # fmt: skip
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(argv) == 0
-    return {
-        "run": run,
-        "printed": printed.getvalue(),
-        "evaluation": json.loads((run / "evaluation.json").read_text()),
-        "events": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()],
-    }
+    return simulate_study(root, root / "run")
 
 
 @pytest.mark.slow

@@ -1,33 +1,26 @@
 """The report while a run goes on (every eval-every rounds) and FedBN's personalised models in the report.
 
-One tiny FedBN run is made once for the module through `neurofed simulate` (2 training sites + 1 unseen,
-2 rounds, evaluation after every round, 20^3-voxel phantoms from tests/test_federation.py's helper); a
+One tiny FedBN run is made once for the module through `neurofed simulate` (tests/report_fixtures.py:
+2 training sites + 1 unseen, 2 rounds, 20^3-voxel phantoms; here with evaluation after every round); a
 hook reads the run directory's report.md when round 2 starts, i.e. what the interim report after round 1
 left there.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import re
 
 import numpy as np
 import pytest
-from test_federation import _write_tiny_sites
-
-SITES, UNSEEN, ROUNDS, LOCAL_STEPS = 3, 1, 2, 3
+from report_fixtures import ROUNDS, simulate_study
 
 
 @pytest.fixture(scope="module")
 def fedbn_study(tmp_path_factory):
     """A finished FedBN `neurofed simulate` run, and report.md as it was when round 2 started."""
     import study.simulation
-    from study.cli import main
 
     root = tmp_path_factory.mktemp("fedbn")
-    _write_tiny_sites(root / "data", SITES, 3)
     run = root / "run"
     seen_at_round_two: list[str | None] = []
     real_run_simulation = study.simulation.run_simulation
@@ -40,33 +33,12 @@ def fedbn_study(tmp_path_factory):
 
         return real_run_simulation(*args, **kwargs, on_event=on_event)
 
-    argv = [
-        "simulate",
-        "--out", str(run),
-        "--data-root", str(root / "data"),
-        "--sites", str(SITES),
-        "--unseen", str(UNSEEN),
-        "--rounds", str(ROUNDS),
-        "--local-steps", str(LOCAL_STEPS),
-        "--strategy", "fedbn",
-        "--eval-every", "1",
-        "--no-dp",
-        "--preset", "tiny",
-        "--patch-size", "16",
-        "--batch-size", "1",
-        "--test-fraction", "0.34",
-        "--spacing", "4",
-        "--fov", "64,64,64",
-    ]  # fmt: skip
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(study.simulation, "run_simulation", watching_run_simulation)
-        assert main(argv) == 0
-    return {
-        "run": run,
-        "interim": seen_at_round_two,
-        "evaluation": json.loads((run / "evaluation.json").read_text()),
-        "events": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()],
-    }
+        return {
+            **simulate_study(root, run, "--strategy", "fedbn", "--eval-every", "1"),
+            "interim": seen_at_round_two,
+        }
 
 
 def _sections(text: str) -> dict[str, str]:

@@ -1,0 +1,110 @@
+"""What the report reads from a run directory: config.json, the events of metrics.jsonl and
+evaluation.json, and the per-subject results of evaluation.json indexed by model and site."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from contract.evaluation import LOCAL_PREFIX, PERSONALISED, POOLED
+from contract.run_layout import CONFIG_FILE, EVALUATION_FILE, METRICS_FILE
+from contract.wire import ROLE_HOLDOUT
+from models.errors import NeurofedError
+
+
+@dataclass(frozen=True)
+class RunRecords:
+    """What the report reads: config.json, the events of metrics.jsonl, evaluation.json (None if absent)."""
+
+    root: Path
+    document: dict[str, Any]
+    events: list[dict[str, Any]]
+    evaluation: dict[str, Any] | None
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        return self.document["run_config"]
+
+    def sites(self) -> list[dict[str, Any]]:
+        return list(self.document.get("sites", []))
+
+    def training_sites(self) -> list[str]:
+        """The sites that trained, in config.json's order."""
+        return [s["site"] for s in self.sites() if s["role"] != ROLE_HOLDOUT]
+
+    def unseen_sites(self) -> list[str]:
+        """The holdout sites (never trained), in config.json's order."""
+        return [s["site"] for s in self.sites() if s["role"] == ROLE_HOLDOUT]
+
+
+def read_run(run_dir: Path) -> RunRecords:
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise NeurofedError(
+            f"{run_dir} is not a run directory ({CONFIG_FILE} is missing): pass the folder a run wrote with "
+            "--out"
+        )
+    events = []
+    metrics_path = run_dir / METRICS_FILE
+    if metrics_path.is_file():
+        for line in metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line of an interrupted run
+    evaluation_path = run_dir / EVALUATION_FILE
+    evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.is_file() else None
+    return RunRecords(run_dir, json.loads(config_path.read_text()), events, evaluation)
+
+
+def _epsilon_series(events: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """Per site, the ``(round, ε)`` points its events report, in round order (the last one of a round)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for e in events:
+        if "site" not in e:
+            continue
+        eps = e.get("epsilon", (e.get("metrics") or {}).get("epsilon"))
+        if isinstance(eps, int | float) and math.isfinite(eps):
+            series.setdefault(str(e["site"]), []).append((int(e["round"]), float(eps)))
+    return {site: sorted(dict(points).items()) for site, points in series.items()}
+
+
+class EvaluationResults:
+    """Per-subject results of evaluation.json, indexed by (model, site)."""
+
+    def __init__(self, evaluation: Mapping[str, Any]) -> None:
+        self.evaluation = evaluation
+        self.classes: list[str] = list(evaluation["classes"])
+        self.metrics: list[str] = list(evaluation["metrics"])
+        self.models: list[str] = [m["name"] for m in evaluation["models"]]
+        self.local_models = [m for m in self.models if m.startswith(LOCAL_PREFIX)]
+        self.pooled = [m for m in self.models if m == POOLED]
+        """``[POOLED]`` when the pooled model was scored, else ``[]``."""
+        self.personalised = [m for m in self.models if m == PERSONALISED]
+        """``[PERSONALISED]`` when FedBN's personalised models were scored, else ``[]``."""
+        self.by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in evaluation["results"]:
+            self.by.setdefault((r["model"], r["site"]), []).append(r)
+        for rows in self.by.values():
+            rows.sort(key=lambda r: r["subject"])
+
+    def mean_dice(self, model: str, site: str) -> list[float]:
+        return [r["mean_dice"] for r in self.by.get((model, site), [])]
+
+    def metric(self, model: str, site: str, cls: str, metric: str) -> list[float | None]:
+        return [r["metrics"][cls][metric] for r in self.by.get((model, site), [])]
+
+    def chance(self, site: str) -> list[float]:
+        for s in self.evaluation["sites"]:
+            if s["site"] == site:
+                return list((s.get("chance_mean_dice") or {}).values())
+        return []
+
+    def qc(self, site: str) -> list[dict[str, Any]]:
+        """The QC images evaluation.json lists for a site."""
+        return [qc for qc in self.evaluation.get("qc", []) if qc["site"] == site]
