@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from client.preprocessing import NativeTransform, PreprocessedSubject, PreprocessingPlan, preprocess_subject
 from client.subjects import SubjectFiles
+from common.atomic_files import atomic_write
 from models.errors import NeurofedError
 from models.label_protocols import LabelProtocol
 
@@ -176,18 +176,14 @@ class PreprocessedCache:
         arrays = {"image": built.image, "meta": np.array(json.dumps(meta))}
         if built.label is not None:
             arrays["label"] = built.label
-        tmp_name = None
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(
-                dir=self.root, prefix=f".{key[:16]}-", suffix=".tmp", delete=False
-            ) as f:
-                tmp_name = f.name
+
+        def write_npz(tmp: Path) -> None:
+            # Through a file object: np.savez given a path would append ".npz" to any other name.
+            with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, path)
-            tmp_name = None
+
+        try:
+            atomic_write(path, write_npz)  # creates the cache folder; fsyncs before the rename
         except OSError as exc:
             log.warning(
                 "cannot write the preprocessed cache entry %s (%s); continuing without caching %s. "
@@ -197,6 +193,3 @@ class PreprocessedCache:
                 subject.subject_id,
                 CACHE_DIR_ENV,
             )
-        finally:
-            if tmp_name is not None:
-                Path(tmp_name).unlink(missing_ok=True)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from client.preprocessing import PreprocessingPlan, native_image, preprocess_vol
 from client.site_layout import nifti_stem
 from client.subjects import SubjectFiles
 from client.validation import validate_subject
+from common.atomic_files import atomic_write
 from models.errors import NeurofedError
 
 DEFAULT_ROI = (96, 96, 96)
@@ -55,20 +54,6 @@ def structure_volumes_ml(
     return {name: float(counts[i] * voxel_ml) for i, name in enumerate(class_names) if i > 0}
 
 
-def _atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the temp file onto ``path``: never a half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_volumes(volumes: dict[str, float], source: Path, csv_path: Path, json_path: Path) -> None:
     def write_csv(tmp: Path) -> None:
         with tmp.open("w", newline="") as f:
@@ -80,8 +65,8 @@ def write_volumes(volumes: dict[str, float], source: Path, csv_path: Path, json_
     def write_json(tmp: Path) -> None:
         tmp.write_text(json.dumps({"source": str(source), "unit": "mL", "volumes": volumes}, indent=2) + "\n")
 
-    _atomic(csv_path, write_csv)
-    _atomic(json_path, write_json)
+    atomic_write(csv_path, write_csv)
+    atomic_write(json_path, write_json)
 
 
 def write_qc_png(image: nib.Nifti1Image, labels: np.ndarray, class_names: Sequence[str], path: Path) -> None:
@@ -116,7 +101,7 @@ def write_qc_png(image: nib.Nifti1Image, labels: np.ndarray, class_names: Sequen
         ax.axis("off")
     fig.suptitle(path.name.replace("_qc.png", ""), fontsize=10)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
 
 
@@ -154,7 +139,7 @@ def segment_file(
     labels = probabilities_to_native(probabilities, transform)
     out = native_image(labels.astype(np.uint8), transform)
     out.header.set_data_dtype(np.uint8)
-    _atomic(label_map, lambda tmp: nib.save(out, tmp))
+    atomic_write(label_map, lambda tmp: nib.save(out, tmp))
     volumes_csv, volumes_json, qc_png = output_paths(label_map)
     volumes = structure_volumes_ml(labels, transform.native_affine, loaded.protocol.class_names)
     write_volumes(volumes, source, volumes_csv, volumes_json)

@@ -7,10 +7,10 @@ them (`flower-supernode --auth-supernode-private-key`, `flwr supernode register`
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic_files import atomic_write_bytes
 from models.errors import NeurofedError
 
 PRIVATE_KEY_FILE = "site.key"
@@ -48,24 +48,11 @@ def generate_site_keys(out_dir: Path, comment: str = "neurofed-site") -> SiteKey
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write_new(pair.private_key, private, 0o600)
-    _write_new(pair.public_key, public + f" {comment}\n".encode(), 0o644)
+    # Each file is created with its final mode (the key never briefly readable by others), under a
+    # temporary name, then renamed into place.
+    atomic_write_bytes(pair.private_key, private, mode=0o600)
+    atomic_write_bytes(pair.public_key, public + f" {comment}\n".encode(), mode=0o644)
     return pair
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    # Created with its final mode (never briefly world-readable), under a temporary name, then renamed.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed it; never widened beyond `mode`
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_private_key(path: Path) -> None:
