@@ -11,115 +11,40 @@ Across runs on the same data, basic composition applies: (ε₁, δ₁) and (ε�
 the ε of different runs ADD, and so do their δ. The operator's lifetime budget (ε_max, δ_max) bounds both
 sums; a round that would exceed either is refused with a reason the site sends to the coordinator.
 
-Every write replaces the whole file atomically (temporary file in the same folder, fsync, ``os.replace``,
-fsync of the folder) under an exclusive lock, so the file on disk is always a complete ledger.
+Every write replaces the whole file atomically (temporary file in the same folder, fsync, ``os.replace``:
+common/atomic_files.py; then fsync of the folder) under an exclusive lock, so the file on disk is always a
+complete ledger. The records, and the budget rule, are in privacy/ledger_records.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
+from common.atomic_files import atomic_write_text
 from privacy.accounting import check_privacy_parameters, history_epsilon
 from privacy.errors import PrivacyBudgetExceeded, PrivacyError
-
-LEDGER_FORMAT = "neurofed-privacy-ledger"
-LEDGER_VERSION = 1
-# Sums of per-run δ are compared with a little slack for floating-point rounding (10 x 1e-6 > 1e-5).
-_DELTA_SLACK = 1e-9
-
-ReleaseStatus = Literal["reserved", "committed"]
-
-
-@dataclass(frozen=True)
-class LifetimeBudget:
-    """What the site allows all runs on its data to spend together: (ε, δ) by basic composition."""
-
-    epsilon: float
-    delta: float
-    set_at: str
-
-
-@dataclass(frozen=True)
-class Release:
-    """One round trained on the site's data (a model update sent, or about to be).
-
-    Attributes:
-        id: position in the ledger (0, 1, ...).
-        run_id: the federated run.
-        server_round: the coordinator's round number.
-        steps: DP-SGD steps of the round (planned while reserved, taken once committed).
-        sample_rate: probability that a subject is in a step's batch.
-        noise_multiplier: Gaussian noise std / clipping norm.
-        delta: the run's δ.
-        epsilon_run: the run's cumulative ε at ``delta`` after this round, as recorded.
-        status: ``"reserved"`` (training, or crashed: counts as spent) or ``"committed"``.
-        reserved_at, committed_at: UTC times, ISO 8601.
-    """
-
-    id: int
-    run_id: str
-    server_round: int
-    steps: int
-    sample_rate: float
-    noise_multiplier: float
-    delta: float
-    epsilon_run: float
-    status: ReleaseStatus
-    reserved_at: str
-    committed_at: str | None = None
-
-    @property
-    def segment(self) -> tuple[float, float, int]:
-        """``(noise_multiplier, sample_rate, steps)`` for the accountant."""
-        return (self.noise_multiplier, self.sample_rate, self.steps)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Whether a round may be trained, and why.
-
-    Attributes:
-        allowed: the round fits the lifetime budget.
-        reason: one sentence, for the operator's log and, if refused, the coordinator.
-        epsilon_after: the run's cumulative ε after the round.
-        lifetime_epsilon_after: the site's spent ε (all runs) after the round.
-    """
-
-    allowed: bool
-    reason: str
-    epsilon_after: float
-    lifetime_epsilon_after: float
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """Spending of one run: ``rounds`` committed, ``uncommitted`` reservations (counted as spent)."""
-
-    run_id: str
-    rounds: int
-    uncommitted: int
-    steps: int
-    delta: float
-    epsilon: float
-    last_release_at: str
-
-
-@dataclass(frozen=True)
-class LedgerSummary:
-    """All runs' spending against the lifetime budget (``left_epsilon`` is None without a budget)."""
-
-    budget: LifetimeBudget | None
-    runs: list[RunSummary]
-    spent_epsilon: float
-    spent_delta: float
-    left_epsilon: float | None
+from privacy.ledger_records import (
+    LEDGER_FORMAT,
+    LEDGER_VERSION,
+    Decision,
+    LedgerSummary,
+    LifetimeBudget,
+    Release,
+    RunSummary,
+    budget_from,
+    by_run,
+    damaged,
+    decide_round,
+    release_to_json,
+    releases_from,
+    run_summary,
+)
 
 
 class PrivacyLedger:
@@ -143,11 +68,11 @@ class PrivacyLedger:
 
     def budget(self) -> LifetimeBudget | None:
         """The lifetime budget the operator set, or None."""
-        return _budget_from(self._read(), self.path)
+        return budget_from(self._read(), self.path)
 
     def releases(self, run_id: str | None = None) -> list[Release]:
         """Every release in the order recorded, or only ``run_id``'s."""
-        releases = _releases_from(self._read(), self.path)
+        releases = releases_from(self._read(), self.path)
         return [r for r in releases if run_id is None or r.run_id == run_id]
 
     def accountant_state(self, run_id: str) -> dict | None:
@@ -168,8 +93,8 @@ class PrivacyLedger:
     def summary(self) -> LedgerSummary:
         """Spending per run and in total, and what is left of the lifetime budget."""
         doc = self._read()
-        budget = _budget_from(doc, self.path)
-        runs = [_run_summary(run_id, rs) for run_id, rs in _by_run(_releases_from(doc, self.path)).items()]
+        budget = budget_from(doc, self.path)
+        runs = [run_summary(run_id, rs) for run_id, rs in by_run(releases_from(doc, self.path)).items()]
         spent_epsilon = sum(r.epsilon for r in runs)
         spent_delta = sum(r.delta for r in runs)
         left = None if budget is None else budget.epsilon - spent_epsilon
@@ -184,7 +109,7 @@ class PrivacyLedger:
         ``delta`` differs from the run's earlier δ, or when the site's ε or δ summed over all runs (basic
         composition) would exceed the budget.
         """
-        return _decide(self._read(), self.path, run_id, steps, sample_rate, noise_multiplier, delta)
+        return decide_round(self._read(), self.path, run_id, steps, sample_rate, noise_multiplier, delta)
 
     # -- writing
 
@@ -213,7 +138,7 @@ class PrivacyLedger:
         so the round must not be trained.
         """
         with self._locked() as doc:
-            decision = _decide(doc, self.path, run_id, steps, sample_rate, noise_multiplier, delta)
+            decision = decide_round(doc, self.path, run_id, steps, sample_rate, noise_multiplier, delta)
             if not decision.allowed:
                 raise PrivacyBudgetExceeded(decision.reason)
             release = Release(
@@ -228,7 +153,7 @@ class PrivacyLedger:
                 status="reserved",
                 reserved_at=_now(),
             )
-            doc["releases"].append(_release_to_json(release))
+            doc["releases"].append(release_to_json(release))
             self._write(doc)
         return release
 
@@ -238,7 +163,7 @@ class PrivacyLedger:
         Taking more steps than reserved is an error (the reservation, counted as spent, stays).
         """
         with self._locked() as doc:
-            releases = _releases_from(doc, self.path)
+            releases = releases_from(doc, self.path)
             stored = releases[release.id] if 0 <= release.id < len(releases) else None
             if stored is None or (stored.run_id, stored.server_round, stored.reserved_at) != (
                 release.run_id,
@@ -268,33 +193,18 @@ class PrivacyLedger:
                     "committed_at": _now(),
                 }
             )
-            doc["releases"][stored.id] = _release_to_json(committed)
+            doc["releases"][stored.id] = release_to_json(committed)
             self._write(doc)
         return committed
 
     @contextmanager
-    def reserved_round(
-        self,
-        run_id: str,
-        server_round: int,
-        *,
-        steps: int,
-        sample_rate: float,
-        noise_multiplier: float,
-        delta: float,
-    ) -> Iterator[Release]:
+    def reserved_round(self, run_id: str, server_round: int, **spending: float) -> Iterator[Release]:
         """Reserve the round, yield its reservation, and commit it if the block finishes without error.
 
-        If the block raises (or the process dies), the reservation stays and counts as spent.
+        ``spending``: `reserve`'s keyword arguments (steps, sample_rate, noise_multiplier, delta). If the
+        block raises (or the process dies), the reservation stays and counts as spent.
         """
-        release = self.reserve(
-            run_id,
-            server_round,
-            steps=steps,
-            sample_rate=sample_rate,
-            noise_multiplier=noise_multiplier,
-            delta=delta,
-        )
+        release = self.reserve(run_id, server_round, **spending)
         yield release
         self.commit(release)
 
@@ -306,16 +216,16 @@ class PrivacyLedger:
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _damaged(self.path, str(exc)) from exc
+            raise damaged(self.path, str(exc)) from exc
         if not isinstance(doc, dict) or doc.get("format") != LEDGER_FORMAT:
-            raise _damaged(self.path, f"it is not a {LEDGER_FORMAT} file")
+            raise damaged(self.path, f"it is not a {LEDGER_FORMAT} file")
         if doc.get("version") != LEDGER_VERSION:
             raise PrivacyError(
                 f"{self.path}: privacy ledger version {doc.get('version')} is not supported by this neurofed "
                 f"(it reads version {LEDGER_VERSION}); use the neurofed release that wrote it"
             )
         if not isinstance(doc.get("releases"), list):
-            raise _damaged(self.path, "it has no list of releases")
+            raise damaged(self.path, "it has no list of releases")
         return doc
 
     @contextmanager
@@ -334,119 +244,8 @@ class PrivacyLedger:
             yield self._read()
 
     def _write(self, doc: dict) -> None:
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with open(temporary, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=1)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, json.dumps(doc, indent=1) + "\n")
         _fsync_folder(self.path.parent)
-
-
-def _decide(
-    doc: dict, path: Path, run_id: str, steps: int, sample_rate: float, noise_multiplier: float, delta: float
-) -> Decision:
-    check_privacy_parameters(
-        steps=steps, sample_rate=sample_rate, noise_multiplier=noise_multiplier, delta=delta
-    )
-    budget = _budget_from(doc, path)
-    runs = _by_run(_releases_from(doc, path))
-    this_run = runs.get(run_id, [])
-    run_after = history_epsilon(
-        [*(r.segment for r in this_run), (noise_multiplier, sample_rate, steps)], delta
-    )
-    others = {rid: rs for rid, rs in runs.items() if rid != run_id}
-    others_epsilon = sum(_run_summary(rid, rs).epsilon for rid, rs in others.items())
-    others_delta = sum(rs[0].delta for rs in others.values())
-    lifetime_after = others_epsilon + run_after
-    spent = others_epsilon + (_run_summary(run_id, this_run).epsilon if this_run else 0.0)
-    what = f"this round of run {run_id!r} ({steps} steps, sample rate {sample_rate:.4g}, noise {noise_multiplier:.4g})"
-
-    def refuse(why: str) -> Decision:
-        return Decision(False, f"privacy budget: {what} is refused: {why}", run_after, lifetime_after)
-
-    if budget is None:
-        return refuse(
-            f"the site has no lifetime privacy budget; the operator sets one with "
-            f"`neurofed-site budget --ledger {path} --set-budget EPS --delta D`"
-        )
-    if this_run and this_run[0].delta != delta:
-        return refuse(f"δ={delta:g} differs from the run's δ={this_run[0].delta:g}; a run keeps one δ")
-    if others_delta + delta > budget.delta * (1 + _DELTA_SLACK):
-        return refuse(
-            f"runs' δ add up: {others_delta:g} spent by other runs + {delta:g} > the budget's δ={budget.delta:g}; "
-            "use a smaller δ per run"
-        )
-    if not lifetime_after <= budget.epsilon:
-        return refuse(
-            f"it would raise the site's spent ε from {spent:.3f} to {lifetime_after:.3f} (run ε {run_after:.3f}), "
-            f"above the lifetime budget ε={budget.epsilon:g} (δ={budget.delta:g}); {max(budget.epsilon - spent, 0):.3f} "
-            "is left. Train fewer steps or with more noise, or the operator raises the budget with "
-            f"`neurofed-site budget --ledger {path} --set-budget EPS --delta D`"
-        )
-    reason = (
-        f"privacy budget: {what} brings the site's spent ε to {lifetime_after:.3f} of {budget.epsilon:g} "
-        f"(run ε {run_after:.3f}, δ={delta:g})"
-    )
-    return Decision(True, reason, run_after, lifetime_after)
-
-
-def _budget_from(doc: dict, path: Path) -> LifetimeBudget | None:
-    raw = doc.get("budget")
-    if raw is None:
-        return None
-    try:
-        return LifetimeBudget(float(raw["epsilon"]), float(raw["delta"]), str(raw["set_at"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _damaged(path, f"its budget is unreadable ({exc!r})") from exc
-
-
-def _releases_from(doc: dict, path: Path) -> list[Release]:
-    releases = []
-    for i, raw in enumerate(doc["releases"]):
-        try:
-            release = Release(**raw)
-            if release.id != i or release.status not in ("reserved", "committed") or release.steps < 0:
-                raise ValueError(f"id {release.id}, status {release.status!r}, steps {release.steps}")
-        except (TypeError, ValueError) as exc:
-            raise _damaged(path, f"release {i} is unreadable ({exc})") from exc
-        releases.append(release)
-    return releases
-
-
-def _release_to_json(release: Release) -> dict:
-    return asdict(release)
-
-
-def _by_run(releases: Sequence[Release]) -> dict[str, list[Release]]:
-    runs: dict[str, list[Release]] = {}
-    for release in releases:
-        runs.setdefault(release.run_id, []).append(release)
-    return runs
-
-
-def _run_summary(run_id: str, releases: Sequence[Release]) -> RunSummary:
-    return RunSummary(
-        run_id=run_id,
-        rounds=sum(r.status == "committed" for r in releases),
-        uncommitted=sum(r.status == "reserved" for r in releases),
-        steps=sum(r.steps for r in releases),
-        delta=releases[0].delta,
-        epsilon=history_epsilon([r.segment for r in releases], releases[0].delta),
-        last_release_at=max(r.committed_at or r.reserved_at for r in releases),
-    )
-
-
-def _damaged(path: Path, what: str) -> PrivacyError:
-    return PrivacyError(
-        f"privacy ledger {path} cannot be read: {what}. Restore it from the site's backup; do not delete "
-        "or edit it: the spending it records would be lost"
-    )
 
 
 def _now() -> str:

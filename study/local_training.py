@@ -22,6 +22,7 @@ from client.site_data import prepare_site
 from client.site_split import split_subjects
 from models.errors import NeurofedError
 from models.label_protocols import LabelProtocol
+from study.progress_bar import ProgressBar
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ def train_centralised(
     history = TrainingHistory()
     chunk = setup.validate_every or setup.steps
     done = 0
-    with _StepProgress(progress, setup.steps) as bar:
+    template = "loss {task.fields[loss]:.3f}  val Dice {task.fields[dice]:.3f}"
+    with ProgressBar(progress, setup.steps, "training", template, loss=math.nan, dice=math.nan) as bar:
         while done < setup.steps:
             n = min(chunk, setup.steps - done)
             result = train_steps(
@@ -144,7 +146,7 @@ def train_centralised(
                 n,
                 optimizer=optimizer,
                 rng=rng,
-                step_hook=lambda _i, loss: bar.advance(loss),
+                step_hook=lambda _i, loss: bar.advance(loss=loss),
             )
             history.losses.extend(result.losses)
             done += n
@@ -159,46 +161,11 @@ def train_centralised(
                     )
                 dice = mean_foreground_dice(per_subject)
                 history.validation.append({"step": done, "mean_dice": dice})
-                bar.set_dice(dice)
+                bar.update(dice=dice)
+                bar.print(f"step {bar.completed}: validation mean Dice {dice:.3f}")
                 if on_validation is not None:
                     on_validation(done, dice)
     return model, history
-
-
-class _StepProgress:
-    """A rich progress bar over training steps showing the last loss and validation Dice."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self._enabled = enabled
-        self._total = total
-        self._bar = None
-
-    def __enter__(self) -> _StepProgress:
-        if self._enabled:
-            from rich.progress import Progress
-
-            self._bar = Progress(
-                *Progress.get_default_columns(),
-                "loss {task.fields[loss]:.3f}  val Dice {task.fields[dice]:.3f}",
-            )
-            self._bar.__enter__()
-            self._task = self._bar.add_task("training", total=self._total, loss=math.nan, dice=math.nan)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-
-    def advance(self, loss: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=1, loss=loss)
-
-    def set_dice(self, dice: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, dice=dice)
-            self._bar.console.print(
-                f"step {int(self._bar.tasks[0].completed)}: validation mean Dice {dice:.3f}"
-            )
 
 
 def training_provenance(

@@ -33,101 +33,30 @@ Segmentation and QC are on the preprocessed grid (the plan's spacing, RAS axes),
 computed too; QC images overlay the prediction on the preprocessed image.
 
 Everything is seeded: the same run directory and data give the same evaluation.json (up to timestamps).
+
+The sites are loaded by study/study_sites.py, the comparison models trained by study/study_baselines.py;
+this module scores them and writes the document.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import zlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common.atomic_files import atomic_write_text
-from contract.evaluation import (
-    FEDERATED,
-    FORMAT,
-    FORMAT_VERSION,
-    PERSONALISED,
-    POOLED,
-    REPORTED_METRICS,
-    local_model_name,
-)
+from contract.evaluation import FEDERATED, FORMAT, FORMAT_VERSION, PERSONALISED, REPORTED_METRICS
 from contract.run_config import RunConfig
-from contract.run_layout import BASELINES_DIR, EVALUATION_FILE, QC_DIR, SITE_CACHE_DIR, SITE_STATE_DIR
+from contract.run_layout import EVALUATION_FILE, QC_DIR
 from contract.wire import ROLE_HOLDOUT, ROLE_TRAIN
 from models.errors import NeurofedError
-
-
-@dataclass(frozen=True)
-class StudySite:
-    """One site of the run: its folder, role and the preprocessed subjects of its two splits.
-
-    ``train`` / ``test`` hold ``(subject_id, image (C, X, Y, Z) float32, label (X, Y, Z) uint8)``; ``grid``
-    maps subject id -> its grid affine (4, 4), voxel -> world RAS mm.
-    """
-
-    site_id: str
-    role: str
-    data_dir: Path
-    train: list[tuple[str, np.ndarray, np.ndarray]]
-    test: list[tuple[str, np.ndarray, np.ndarray]]
-    grid: dict[str, np.ndarray]
-
-
-def budget_rule(num_rounds: int, local_steps: int, n_training_sites: int) -> dict[str, Any]:
-    """Optimizer steps of each comparison model, from the run's rounds, local steps and training sites."""
-    per_site = num_rounds * local_steps
-    return {
-        "rule": (
-            "local-only: rounds x local_steps steps on the site's training split (what that site ran in "
-            "the federation); pooled: rounds x local_steps x n_training_sites steps on all training "
-            "splits (the federation's total compute); same network, seed, patch, batch, learning rate"
-        ),
-        "federated_steps_per_site": per_site,
-        "federated_steps_total": per_site * n_training_sites,
-        "local_only_steps": per_site,
-        "pooled_steps": per_site * n_training_sites,
-    }
-
-
-def load_study_sites(
-    run_dir: Path, data_root: Path, recipe: RunConfig, sites: Sequence[Mapping[str, Any]]
-) -> list[StudySite]:
-    """Prepare every site of the run (through the run's preprocessed cache) and split it as the run did."""
-    from client.preprocessed_cache import PreprocessedCache
-    from client.site_data import prepare_split_site, role_test_fraction, run_preprocessing_plan
-    from models.label_protocols import get_protocol
-
-    plan = run_preprocessing_plan(recipe)
-    protocol = get_protocol(recipe.protocol)
-    cache = PreprocessedCache(run_dir / SITE_CACHE_DIR)
-    out = []
-    for site in sites:
-        site_id, role = str(site["site"]), str(site["role"])
-        data_dir = data_root / site_id
-        if not data_dir.is_dir():
-            raise NeurofedError(
-                f"site {site_id} of the run has no folder {data_dir}: pass the run's data root with --data-root"
-            )
-        split = prepare_split_site(
-            data_dir, plan, protocol, test_fraction=role_test_fraction(role, recipe), seed=recipe.seed, cache=cache
-        )
-        out.append(
-            StudySite(
-                site_id=site_id,
-                role=role,
-                data_dir=data_dir,
-                train=[(s.subject_id, s.image, s.label) for s in split.train],
-                test=[(s.subject_id, s.image, s.label) for s in split.test],
-                grid={s.subject_id: np.asarray(s.transform.grid_affine) for s in split.train + split.test},
-            )
-        )
-    return out
+from study.progress_bar import ProgressBar
+from study.study_baselines import budget_rule, personalised_models, train_comparison_models
+from study.study_sites import StudySite, load_study_sites
 
 
 def chance_mean_dice(label: np.ndarray, num_classes: int) -> float:
@@ -138,57 +67,6 @@ def chance_mean_dice(label: np.ndarray, num_classes: int) -> float:
     """
     counts = np.bincount(np.asarray(label, dtype=np.int64).ravel(), minlength=num_classes)
     return float(np.mean(counts[1:] / counts.sum()))
-
-
-def _baseline_rng(seed: int, name: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
-
-
-def train_baseline(
-    recipe: RunConfig,
-    subjects: Sequence[tuple[str, np.ndarray, np.ndarray]],
-    steps: int,
-    name: str,
-    step_hook: Callable[[int, float], None] | None = None,
-):
-    """A network trained centrally for ``steps`` steps on ``subjects``, initialised as the run's model."""
-    from client.site_model import build_model
-    from models.label_protocols import get_protocol
-    from models.training import TrainingConfig, train_steps
-
-    model = build_model(recipe)
-    config = TrainingConfig.for_protocol(
-        get_protocol(recipe.protocol),
-        patch_size=(recipe.patch_size,) * 3,
-        batch_size=recipe.batch_size,
-        learning_rate=recipe.learning_rate,
-        seed=recipe.seed,
-    )
-    result = train_steps(
-        model,
-        [(image, label) for _, image, label in subjects],
-        config,
-        steps,
-        rng=_baseline_rng(recipe.seed, name),
-        step_hook=step_hook,
-    )
-    return model, result
-
-
-def _save_baseline(path: Path, model, recipe: RunConfig, provenance: dict[str, Any]) -> None:
-    from client.site_data import run_preprocessing_plan
-    from models.label_protocols import get_protocol
-    from models.model_file import save_model
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_model(
-        path,
-        model.state_dict(),
-        network=recipe.network_config(),
-        protocol=get_protocol(recipe.protocol),
-        plan=run_preprocessing_plan(recipe).to_dict(),
-        training=provenance,
-    )
 
 
 def _score(model, image: np.ndarray, label: np.ndarray, recipe: Any, class_names: Sequence[str], spacing):
@@ -210,33 +88,6 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-class _Progress:
-    """A rich progress bar over training steps and evaluated subjects (only on a terminal)."""
-
-    def __init__(self, enabled: bool | None, total: int) -> None:
-        from rich.console import Console
-
-        self._enabled = Console().is_terminal if enabled is None else enabled
-        self._total = total
-
-    def __enter__(self) -> _Progress:
-        if self._enabled:
-            from rich.progress import Progress
-
-            self._bar = Progress(*Progress.get_default_columns(), "{task.fields[what]}")
-            self._bar.__enter__()
-            self._task = self._bar.add_task("study evaluation", total=self._total, what="")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._enabled:
-            self._bar.__exit__(*exc)
-
-    def advance(self, what: str) -> None:
-        if self._enabled:
-            self._bar.update(self._task, advance=1, what=what)
-
-
 def audit_final_model(model, sites: Sequence[StudySite], recipe: Any, on_subject=None):
     """The membership-inference audit (study/membership_audit.py) of ``model``: each training site's
     training split (members) vs its test split (non-members), calibrated on the unseen sites' subjects;
@@ -250,36 +101,6 @@ def audit_final_model(model, sites: Sequence[StudySite], recipe: Any, on_subject
         AuditSettings(patch_size=(recipe.patch_size,) * 3, seed=recipe.seed),
         on_subject=on_subject,
     )
-
-
-def personalised_models(run_dir: Path, global_model, sites: Sequence[StudySite], num_rounds: int) -> dict:
-    """FedBN: ``{site_id: (model, layers file relative to run_dir)}`` of each training site that kept
-    normalization layers: the final global model with the site's layers of its last trained round (in
-    a simulation they are in ``RUN_DIR/sites/<site>/``, client/site_state.py). A site without any is left
-    out."""
-    import copy
-
-    import torch
-
-    from client.site_setup import SiteSetup
-    from client.site_state import personal_layers_path
-
-    out = {}
-    for site in sites:
-        if site.role != ROLE_TRAIN:
-            continue
-        setup = SiteSetup(
-            site.site_id, site.role, site.data_dir, None, run_dir / SITE_STATE_DIR / site.site_id, True
-        )
-        path = next(
-            (p for r in range(num_rounds, 0, -1) if (p := personal_layers_path(setup, r)).is_file()), None
-        )
-        if path is None:
-            continue
-        model = copy.deepcopy(global_model)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
-        out[site.site_id] = (model, str(path.relative_to(run_dir)))
-    return out
 
 
 def evaluate_study(
@@ -300,7 +121,6 @@ def evaluate_study(
     Returns:
         The path of ``evaluation.json``.
     """
-    from client.segmentation import write_qc_png
     from models.label_protocols import get_protocol
     from models.model_file import load_model
     from server.run_directory import RunDirectory
@@ -326,7 +146,6 @@ def evaluate_study(
     data_root = Path(data_root)
     protocol = get_protocol(recipe.protocol)
     class_names = protocol.class_names
-    spacing = (recipe.spacing_mm,) * 3
     sites = load_study_sites(run_dir, data_root, recipe, document["sites"])
     trainers = [s for s in sites if s.role == ROLE_TRAIN]
     budget = budget_rule(int(run_config["num_rounds"]), recipe.local_steps, len(trainers))
@@ -350,41 +169,20 @@ def evaluate_study(
             "file": "final-model.pt",
         }
     ]
-    with _Progress(progress, total) as bar:
-        plans = [(local_model_name(s.site_id), [s], budget["local_only_steps"]) for s in trainers]
-        plans.append((POOLED, trainers, budget["pooled_steps"]))
-        for name, on_sites, steps in plans:
-            subjects = [subject for s in on_sites for subject in s.train]
-            if not subjects:
-                raise NeurofedError(f"{name}: the training split is empty; the site needs more subjects")
-            model, result = train_baseline(
-                recipe, subjects, steps, name, step_hook=lambda _i, _loss, n=name: bar.advance(f"train {n}")
-            )
-            file_name = (
-                f"{BASELINES_DIR}/pooled.pt"
-                if name == POOLED
-                else f"{BASELINES_DIR}/local-{on_sites[0].site_id}.pt"
-            )
-            provenance = {
-                "kind": "pooled" if name == POOLED else "local-only",
-                "sites": [s.site_id for s in on_sites],
-                "train_subjects": len(subjects),
-                "steps": int(result.steps),
-                "seed": recipe.seed,
-                "budget_rule": budget["rule"],
-                "run_dir": str(run_dir),
-                "dp": False,
-            }
-            _save_baseline(run_dir / file_name, model, recipe, provenance)
-            models[name] = model
+    with ProgressBar(progress, total, "study evaluation", "{task.fields[what]}", what="") as bar:
+        trained = train_comparison_models(
+            run_dir, recipe, trainers, budget, on_step=lambda name: bar.advance(what=f"train {name}")
+        )
+        for baseline in trained:
+            models[baseline.name] = baseline.model
             descriptions.append(
                 {
-                    "name": name,
-                    "kind": provenance["kind"],
-                    "trained_on": provenance["sites"],
-                    "steps": int(result.steps),
-                    "final_train_loss": _finite_or_none(result.losses[-1]) if result.losses else None,
-                    "file": file_name,
+                    "name": baseline.name,
+                    "kind": baseline.kind,
+                    "trained_on": baseline.trained_on,
+                    "steps": baseline.steps,
+                    "final_train_loss": _finite_or_none(baseline.losses[-1]) if baseline.losses else None,
+                    "file": baseline.file,
                 }
             )
 
@@ -405,49 +203,11 @@ def evaluate_study(
                     "site_layers": {site: file for site, (_, file) in personalised.items()},
                 }
             )
-        results = []
-        qc = []
-        for site in sites:
-            own = {PERSONALISED: personalised[site.site_id][0]} if site.site_id in personalised else {}
-            for subject_id, image, label in site.test:
-                for name, model in {**models, **own}.items():
-                    prediction, scores = _score(model, image, label, recipe, class_names, spacing)
-                    dice = [v["dice"] for v in scores.values()]
-                    results.append(
-                        {
-                            "model": name,
-                            "site": site.site_id,
-                            "role": site.role,
-                            "subject": subject_id,
-                            "mean_dice": float(np.mean(dice)),
-                            "metrics": {
-                                c: {m: _finite_or_none(v) for m, v in values.items()}
-                                for c, values in scores.items()
-                            },
-                        }
-                    )
-                    bar.advance(f"score {name} on {site.site_id}")
-                    if (
-                        name == FEDERATED
-                        and site.role == ROLE_HOLDOUT
-                        and len([q for q in qc if q["site"] == site.site_id]) < qc_subjects
-                    ):
-                        import nibabel as nib
-
-                        png = run_dir / QC_DIR / f"{site.site_id}_{subject_id}_qc.png"
-                        grid_image = nib.Nifti1Image(image[0].astype(np.float32), site.grid[subject_id])
-                        write_qc_png(grid_image, prediction, class_names, png)
-                        qc.append(
-                            {
-                                "site": site.site_id,
-                                "subject": subject_id,
-                                "model": FEDERATED,
-                                "file": f"{QC_DIR}/{png.name}",
-                            }
-                        )
-
+        results, qc = _score_sites(
+            run_dir, sites, models, personalised, recipe, class_names, qc_subjects, bar
+        )
         audit = audit_final_model(
-            models[FEDERATED], sites, recipe, on_subject=lambda _s: bar.advance("audit")
+            models[FEDERATED], sites, recipe, on_subject=lambda _s: bar.advance(what="audit")
         )
 
     evaluation = {
@@ -479,3 +239,61 @@ def evaluate_study(
     path = run_dir / EVALUATION_FILE
     atomic_write_text(path, json.dumps(evaluation, indent=1))
     return path
+
+
+def _score_sites(
+    run_dir: Path,
+    sites: Sequence[StudySite],
+    models: Mapping[str, Any],
+    personalised: Mapping[str, tuple[Any, str]],
+    recipe: RunConfig,
+    class_names: Sequence[str],
+    qc_subjects: int,
+    bar: ProgressBar,
+) -> tuple[list[dict], list[dict]]:
+    """(results, qc) of evaluation.json: every model (and a site's own personalised one) on every test
+    subject of every site; QC images of the global model on the first ``qc_subjects`` of each unseen site."""
+    from client.segmentation import write_qc_png
+
+    spacing = (recipe.spacing_mm,) * 3
+    results = []
+    qc = []
+    for site in sites:
+        own = {PERSONALISED: personalised[site.site_id][0]} if site.site_id in personalised else {}
+        for subject_id, image, label in site.test:
+            for name, model in {**models, **own}.items():
+                prediction, scores = _score(model, image, label, recipe, class_names, spacing)
+                dice = [v["dice"] for v in scores.values()]
+                results.append(
+                    {
+                        "model": name,
+                        "site": site.site_id,
+                        "role": site.role,
+                        "subject": subject_id,
+                        "mean_dice": float(np.mean(dice)),
+                        "metrics": {
+                            c: {m: _finite_or_none(v) for m, v in values.items()}
+                            for c, values in scores.items()
+                        },
+                    }
+                )
+                bar.advance(what=f"score {name} on {site.site_id}")
+                if (
+                    name == FEDERATED
+                    and site.role == ROLE_HOLDOUT
+                    and len([q for q in qc if q["site"] == site.site_id]) < qc_subjects
+                ):
+                    import nibabel as nib
+
+                    png = run_dir / QC_DIR / f"{site.site_id}_{subject_id}_qc.png"
+                    grid_image = nib.Nifti1Image(image[0].astype(np.float32), site.grid[subject_id])
+                    write_qc_png(grid_image, prediction, class_names, png)
+                    qc.append(
+                        {
+                            "site": site.site_id,
+                            "subject": subject_id,
+                            "model": FEDERATED,
+                            "file": f"{QC_DIR}/{png.name}",
+                        }
+                    )
+    return results, qc

@@ -1,0 +1,75 @@
+"""The sites of a finished run, prepared and split as the run did, for its study evaluation.
+
+Every site is preprocessed through the run's cache with the run's plan, and split by the federation's
+own rule (`client.site_split.split_subjects`, the run's seed and the role's test fraction), so each
+model of study/study_evaluation.py is scored on exactly the subjects the federation held out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from contract.run_config import RunConfig
+from contract.run_layout import SITE_CACHE_DIR
+from models.errors import NeurofedError
+
+
+@dataclass(frozen=True)
+class StudySite:
+    """One site of the run: its folder, role and the preprocessed subjects of its two splits.
+
+    ``train`` / ``test`` hold ``(subject_id, image (C, X, Y, Z) float32, label (X, Y, Z) uint8)``; ``grid``
+    maps subject id -> its grid affine (4, 4), voxel -> world RAS mm.
+    """
+
+    site_id: str
+    role: str
+    data_dir: Path
+    train: list[tuple[str, np.ndarray, np.ndarray]]
+    test: list[tuple[str, np.ndarray, np.ndarray]]
+    grid: dict[str, np.ndarray]
+
+
+def load_study_sites(
+    run_dir: Path, data_root: Path, recipe: RunConfig, sites: Sequence[Mapping[str, Any]]
+) -> list[StudySite]:
+    """Prepare every site of the run (through the run's preprocessed cache) and split it as the run did."""
+    from client.preprocessed_cache import PreprocessedCache
+    from client.site_data import prepare_split_site, role_test_fraction, run_preprocessing_plan
+    from models.label_protocols import get_protocol
+
+    plan = run_preprocessing_plan(recipe)
+    protocol = get_protocol(recipe.protocol)
+    cache = PreprocessedCache(run_dir / SITE_CACHE_DIR)
+    out = []
+    for site in sites:
+        site_id, role = str(site["site"]), str(site["role"])
+        data_dir = data_root / site_id
+        if not data_dir.is_dir():
+            raise NeurofedError(
+                f"site {site_id} of the run has no folder {data_dir}: pass the run's data root with --data-root"
+            )
+        split = prepare_split_site(
+            data_dir,
+            plan,
+            protocol,
+            test_fraction=role_test_fraction(role, recipe),
+            seed=recipe.seed,
+            cache=cache,
+        )
+        out.append(
+            StudySite(
+                site_id=site_id,
+                role=role,
+                data_dir=data_dir,
+                train=[(s.subject_id, s.image, s.label) for s in split.train],
+                test=[(s.subject_id, s.image, s.label) for s in split.test],
+                grid={s.subject_id: np.asarray(s.transform.grid_affine) for s in split.train + split.test},
+            )
+        )
+    return out
