@@ -65,18 +65,11 @@ def train_baseline(
     step_hook: Callable[[int, float], None] | None = None,
 ):
     """A network trained centrally for ``steps`` steps on ``subjects``, initialised as the run's model."""
-    from client.site_model import build_model
-    from models.label_protocols import get_protocol
-    from models.training import TrainingConfig, train_steps
+    from client.site_model import build_model, run_training_config
+    from models.training import train_steps
 
     model = build_model(recipe)
-    config = TrainingConfig.for_protocol(
-        get_protocol(recipe.protocol),
-        patch_size=(recipe.patch_size,) * 3,
-        batch_size=recipe.batch_size,
-        learning_rate=recipe.learning_rate,
-        seed=recipe.seed,
-    )
+    config = run_training_config(recipe)
     result = train_steps(
         model,
         [(image, label) for _, image, label in subjects],
