@@ -17,12 +17,12 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check",
         help="validate a site's data folder and print one line per subject",
-        description=(
-            "Validate every subject in DATA_DIR (BIDS: sub-*/[ses-*/]anat/*_T1w.nii[.gz], labels in "
-            "derivatives/<name>/sub-*/[ses-*/]anat/*_dseg.nii[.gz]; or flat: images/ and labels/ with "
-            "matching file names) and print a table of subject, status and reason. Nothing in DATA_DIR "
-            "is modified. Exits 0 if at least one subject is usable, 1 if none is."
-        ),
+        description="""
+            Validate every subject in DATA_DIR (BIDS: sub-*/[ses-*/]anat/*_T1w.nii[.gz], labels in
+            derivatives/<name>/sub-*/[ses-*/]anat/*_dseg.nii[.gz]; or flat: images/ and labels/ with
+            matching file names) and print a table of subject, status and reason. Nothing in DATA_DIR
+            is modified. Exits 0 if at least one subject is usable, 1 if none is.
+        """,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("data_dir", type=Path, help="the site's data folder")
@@ -67,12 +67,12 @@ def _add_budget(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "budget",
         help="show the site's privacy spending per run and what is left of its lifetime budget",
-        description=(
-            "Show the privacy ledger: ε and δ spent by every federated run trained on this site's data, and "
-            "what is left of the lifetime budget (ε and δ of different runs add up). With --set-budget, first "
-            "set the lifetime budget; the site refuses any round that would exceed it. Rounds reserved but "
-            "never completed (a crash mid-round) count as spent."
-        ),
+        description="""
+            Show the privacy ledger: ε and δ spent by every federated run trained on this site's data, and
+            what is left of the lifetime budget (ε and δ of different runs add up). With --set-budget, first
+            set the lifetime budget; the site refuses any round that would exceed it. Rounds reserved but
+            never completed (a crash mid-round) count as spent.
+        """,
     )
     p.add_argument("--ledger", type=Path, required=True, help="the site's privacy ledger file (JSON)")
     p.add_argument(
@@ -97,12 +97,12 @@ def _add_keygen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "keygen",
         help="make the site's key pair for joining a federation (send site.pub to the coordinator)",
-        description=(
-            "Write OUT/site.key (the site's private key, mode 0600: keep it on the site machine) and "
-            "OUT/site.pub (send it to the coordinator's operator, who enrolls it with `neurofed coordinator "
-            "enroll site.pub --name SITE`). ECDSA P-384 in OpenSSH format, as Flower's SuperNode "
-            "authentication reads it. An existing pair is never overwritten."
-        ),
+        description="""
+            Write OUT/site.key (the site's private key, mode 0600: keep it on the site machine) and
+            OUT/site.pub (send it to the coordinator's operator, who enrolls it with `neurofed coordinator
+            enroll site.pub --name SITE`). ECDSA P-384 in OpenSSH format, as Flower's SuperNode
+            authentication reads it. An existing pair is never overwritten.
+        """,
     )
     p.add_argument("--out", type=Path, required=True, help="folder to write site.key and site.pub into")
     p.set_defaults(handler=_run_keygen)
@@ -123,14 +123,14 @@ def _add_start(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "start",
         help="check the site's data, then join the federation (Flower SuperNode, in the foreground)",
-        description=(
-            "Run `neurofed-site check` on DATA_DIR (refusing to start when no subject is usable), then run "
-            "Flower's SuperNode for this site in the foreground (as systemd does): TLS to the coordinator "
-            "(verified with --ca), authenticated with --key (enrolled at the coordinator), runtime "
-            "installation of app dependencies off. Its node config gives the ClientApp the data folder, site "
-            "id, state folder (privacy ledger, preprocessed cache) and the lifetime privacy budget: rounds "
-            "that would exceed it are refused. Scans never leave the site."
-        ),
+        description="""
+            Run `neurofed-site check` on DATA_DIR (refusing to start when no subject is usable), then run
+            Flower's SuperNode for this site in the foreground (as systemd does): TLS to the coordinator
+            (verified with --ca), authenticated with --key (enrolled at the coordinator), runtime
+            installation of app dependencies off. Its node config gives the ClientApp the data folder, site
+            id, state folder (privacy ledger, preprocessed cache) and the lifetime privacy budget: rounds
+            that would exceed it are refused. Scans never leave the site.
+        """,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
@@ -197,13 +197,13 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment",
         help="segment scans with a trained model (native-space label map, volumes, QC image)",
-        description=(
-            "Segment one scan, several scans, or every NIfTI file in a folder. For each input writes the "
-            "label map in the input's native space (same shape and affine; *_dseg.nii.gz), a volumes table "
-            "in mL per structure (*_volumes.csv and *_volumes.json) and a QC image with axial, coronal "
-            "and sagittal slices and the label overlay (*_qc.png). Inputs are validated first; a bad input "
-            "is reported and skipped. Exits 1 if any input failed."
-        ),
+        description="""
+            Segment one scan, several scans, or every NIfTI file in a folder. For each input writes the
+            label map in the input's native space (same shape and affine; *_dseg.nii.gz), a volumes table
+            in mL per structure (*_volumes.csv and *_volumes.json) and a QC image with axial, coronal
+            and sagittal slices and the label overlay (*_qc.png). Inputs are validated first; a bad input
+            is reported and skipped. Exits 1 if any input failed.
+        """,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(

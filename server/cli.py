@@ -20,26 +20,26 @@ def _add_coordinator(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "coordinator",
         help="run the federation's coordinator (Flower SuperLink) and manage which sites may join",
-        description=(
-            "The coordinator is Flower's SuperLink with TLS and SuperNode authentication on: only sites whose "
-            "public key was enrolled may join. `start` runs it in the foreground (as systemd does); `enroll`, "
-            "`sites` and `revoke` manage the enrolled sites of a running coordinator. Everything it keeps "
-            "(database, run directories, audit log) is in --state-dir."
-        ),
+        description="""
+            The coordinator is Flower's SuperLink with TLS and SuperNode authentication on: only sites whose
+            public key was enrolled may join. `start` runs it in the foreground (as systemd does); `enroll`,
+            `sites` and `revoke` manage the enrolled sites of a running coordinator. Everything it keeps
+            (database, run directories, audit log) is in --state-dir.
+        """,
     )
     commands = p.add_subparsers(dest="coordinator_command", metavar="ACTION", required=True)
 
     start = commands.add_parser(
         "start",
         help="run the SuperLink in the foreground (TLS, SuperNode authentication, no runtime installs)",
-        description=(
-            "Run Flower's SuperLink as the coordinator: one TLS port for the sites (Fleet API) and for "
-            "`neurofed run` / enrolment (Control API); SuperNode authentication on; runtime installation of "
-            "app dependencies off (the installed neurofed runs, offline); Flower's telemetry off unless "
-            "--telemetry. The TLS files are checked first (present, matching, signed by --ca-cert, in date). "
-            "Stop it with SIGTERM (systemctl stop); its state survives a restart, and an interrupted run "
-            "continues with `neurofed run --resume NAME`."
-        ),
+        description="""
+            Run Flower's SuperLink as the coordinator: one TLS port for the sites (Fleet API) and for
+            `neurofed run` / enrolment (Control API); SuperNode authentication on; runtime installation of
+            app dependencies off (the installed neurofed runs, offline); Flower's telemetry off unless
+            --telemetry. The TLS files are checked first (present, matching, signed by --ca-cert, in date).
+            Stop it with SIGTERM (systemctl stop); its state survives a restart, and an interrupted run
+            continues with `neurofed run --resume NAME`.
+        """,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_state_dir(start)
@@ -61,11 +61,11 @@ def _add_coordinator(sub: argparse._SubParsersAction) -> None:
     enroll = commands.add_parser(
         "enroll",
         help="allow a site to join: register its SuperNode public key under a name",
-        description=(
-            "Register a site's SuperNode public key (the site.pub from `neurofed-site keygen`) with the running "
-            "coordinator, under NAME. Only enrolled keys may connect. Recorded in STATE_DIR/sites.json and "
-            "the audit log."
-        ),
+        description="""
+            Register a site's SuperNode public key (the site.pub from `neurofed-site keygen`) with the running
+            coordinator, under NAME. Only enrolled keys may connect. Recorded in STATE_DIR/sites.json and
+            the audit log.
+        """,
     )
     enroll.add_argument("public_key", type=Path, metavar="SITE_PUBKEY", help="the site's public key file")
     enroll.add_argument("--name", required=True, help="the site's name, e.g. hospital-a")
@@ -83,10 +83,10 @@ def _add_coordinator(sub: argparse._SubParsersAction) -> None:
     revoke = commands.add_parser(
         "revoke",
         help="stop a site from joining: unregister its SuperNode",
-        description=(
-            "Unregister the site's SuperNode at the coordinator: it is disconnected and can no longer join "
-            "(to readmit it, enroll a new key). Recorded in the audit log."
-        ),
+        description="""
+            Unregister the site's SuperNode at the coordinator: it is disconnected and can no longer join
+            (to readmit it, enroll a new key). Recorded in the audit log.
+        """,
     )
     revoke.add_argument("name", metavar="NAME", help="the site's enrolled name")
     _add_state_dir(revoke)
@@ -145,14 +145,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
         help="submit a federated run to the coordinator and follow it until it ends",
-        description=(
-            "Submit the neurofed Flower app to the coordinator (`flwr run` over TLS) with the run settings of "
-            "pyproject.toml [tool.flwr.app.config], overridden by CONFIG.toml and --set key=value; stream its "
-            "log; exit 0 only when the run completed (1 when it failed or was stopped). The run directory is "
-            "written on the coordinator, in STATE_DIR/runs/NAME (NAME: the UTC start time unless "
-            "--set run-dir=runs/NAME); a run interrupted by a coordinator restart continues from its last "
-            "checkpoint with --resume NAME."
-        ),
+        description="""
+            Submit the neurofed Flower app to the coordinator (`flwr run` over TLS) with the run settings of
+            pyproject.toml [tool.flwr.app.config], overridden by CONFIG.toml and --set key=value; stream its
+            log; exit 0 only when the run completed (1 when it failed or was stopped). The run directory is
+            written on the coordinator, in STATE_DIR/runs/NAME (NAME: the UTC start time unless
+            --set run-dir=runs/NAME); a run interrupted by a coordinator restart continues from its last
+            checkpoint with --resume NAME.
+        """,
     )
     p.add_argument("config", type=Path, nargs="?", metavar="CONFIG.toml", help="TOML file of run settings")
     p.add_argument(

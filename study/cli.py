@@ -25,16 +25,16 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
         help="write a simulated multi-site BIDS dataset (one folder per site, one scanner per site)",
-        description=(
-            "Synthesize brain MRI for N simulated hospitals. Each site is one simulated scanner with its "
-            "own tissue contrast, bias field, Rician noise level, slice thickness and field of view; each "
-            "subject gets its own smooth deformation. Anatomy comes from FreeSurfer-style label maps "
-            "(--label-maps) or, without them, from a built-in procedural head phantom. Each site folder "
-            "is a BIDS dataset: sub-*/anat/sub-*_<contrast>.nii.gz (T1w, T2w or PDw, the site's weighting), "
-            "derivatives/labels/sub-*/anat/sub-*_dseg.nii.gz (FreeSurfer label values) and "
-            "sub-*_desc-brain_mask.nii.gz beside it, plus site.json recording the scanner profile and seed. "
-            "Each site is written to a temporary folder and renamed into place when complete."
-        ),
+        description="""
+            Synthesize brain MRI for N simulated hospitals. Each site is one simulated scanner with its
+            own tissue contrast, bias field, Rician noise level, slice thickness and field of view; each
+            subject gets its own smooth deformation. Anatomy comes from FreeSurfer-style label maps
+            (--label-maps) or, without them, from a built-in procedural head phantom. Each site folder
+            is a BIDS dataset: sub-*/anat/sub-*_<contrast>.nii.gz (T1w, T2w or PDw, the site's weighting),
+            derivatives/labels/sub-*/anat/sub-*_dseg.nii.gz (FreeSurfer label values) and
+            sub-*_desc-brain_mask.nii.gz beside it, plus site.json recording the scanner profile and seed.
+            Each site is written to a temporary folder and renamed into place when complete.
+        """,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("out_dir", type=Path, help="output folder; one sub-folder per site (site-01, ...)")
@@ -81,17 +81,17 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "simulate",
         help="run a whole federation on this machine (Flower simulation) and write a run directory",
-        description=(
-            "Simulate a federation of N hospitals on this machine with Flower's simulation engine: each "
-            "site prepares its own data, trains the shared network locally and sends back only model "
-            "weights and aggregate metrics. The last --unseen sites never train; every site holds out a "
-            "test split. Without --data-root, data is synthesized into RUN_DIR/data (built-in head "
-            "phantom, or --label-maps). Writes RUN_DIR/config.json, checkpoints/round-XXX.pt, "
-            "metrics.jsonl (per site, per round) and final-model.pt. --resume RUN_DIR continues an "
-            "interrupted run from its last checkpoint with its stored settings. Every run setting is an "
-            "option (its Flower key, e.g. --local-steps; a few have short names, e.g. --sites); simulated "
-            "sites get a ledger in RUN_DIR/sites/<site>/ with a lifetime budget of ε=100, δ=1e-3."
-        ),
+        description="""
+            Simulate a federation of N hospitals on this machine with Flower's simulation engine: each
+            site prepares its own data, trains the shared network locally and sends back only model
+            weights and aggregate metrics. The last --unseen sites never train; every site holds out a
+            test split. Without --data-root, data is synthesized into RUN_DIR/data (built-in head
+            phantom, or --label-maps). Writes RUN_DIR/config.json, checkpoints/round-XXX.pt,
+            metrics.jsonl (per site, per round) and final-model.pt. --resume RUN_DIR continues an
+            interrupted run from its last checkpoint with its stored settings. Every run setting is an
+            option (its Flower key, e.g. --local-steps; a few have short names, e.g. --sites); simulated
+            sites get a ledger in RUN_DIR/sites/<site>/ with a lifetime budget of ε=100, δ=1e-3.
+        """,
     )
     p.add_argument("--out", type=Path, default=Path("runs/simulate"), help="run directory to write")
     p.add_argument(
@@ -102,7 +102,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         help="continue the run in RUN_DIR (its stored settings are used; --rounds may extend it)",
     )
     p.add_argument(
-        "--data-root", dest="data_folder", type=Path, default=None, help="existing folder of site folders to use"
+        "--data-root", dest="data_folder", metavar="DATA_ROOT", type=Path, default=None, help="existing folder of site folders to use"
     )
     p.add_argument("--label-maps", type=Path, default=None, help="FreeSurfer label maps as synthesis anatomy")
     p.add_argument("--subjects-per-site", type=int, default=6, help="subjects synthesized per site")
@@ -184,13 +184,13 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
         help="(re)build the cross-site evaluation and report of a federated run",
-        description=(
-            "Write RUN_DIR/report.md and RUN_DIR/report.html: run settings, per-site Dice/HD95/ASSD of the "
-            "federated, local-only and pooled models, the train-site x test-site generalization matrix, "
-            "Wilcoxon signed-rank tests federated vs local-only, unseen-site results, per-round plots and "
-            "QC images. The comparison (RUN_DIR/evaluation.json, RUN_DIR/baselines/, RUN_DIR/qc/) needs "
-            "the sites' data and is built when missing or with --re-evaluate."
-        ),
+        description="""
+            Write RUN_DIR/report.md and RUN_DIR/report.html: run settings, per-site Dice/HD95/ASSD of the
+            federated, local-only and pooled models, the train-site x test-site generalization matrix,
+            Wilcoxon signed-rank tests federated vs local-only, unseen-site results, per-round plots and
+            QC images. The comparison (RUN_DIR/evaluation.json, RUN_DIR/baselines/, RUN_DIR/qc/) needs
+            the sites' data and is built when missing or with --re-evaluate.
+        """,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run directory")
@@ -217,14 +217,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a model centrally on one site (local-only) or several sites pooled",
-        description=(
-            "Train the segmentation network on the data of one site (the local-only baseline) or of "
-            "several sites pooled (the pooled baseline), with the same network and step budget as a "
-            "federated run. Each DATA_DIR is validated and preprocessed (cached between runs); a share of "
-            "every site's subjects is held out for validation, scored every --validate-every steps. "
-            "Writes a self-describing model file (weights, label protocol, preprocessing plan, network, "
-            "provenance)."
-        ),
+        description="""
+            Train the segmentation network on the data of one site (the local-only baseline) or of
+            several sites pooled (the pooled baseline), with the same network and step budget as a
+            federated run. Each DATA_DIR is validated and preprocessed (cached between runs); a share of
+            every site's subjects is held out for validation, scored every --validate-every steps.
+            Writes a self-describing model file (weights, label protocol, preprocessing plan, network,
+            provenance).
+        """,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("data_dirs", type=Path, nargs="+", metavar="DATA_DIR", help="site data folder(s)")
