@@ -9,22 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.command_line import command_parser, run_command
+from common.command_line import add_command, command_parser, run_command
 from models.errors import NeurofedError
 
 
 def _add_check(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "check",
-        help="validate a site's data folder and print one line per subject",
-        description="""
-            Validate every subject in DATA_DIR (BIDS: sub-*/[ses-*/]anat/*_T1w.nii[.gz], labels in
-            derivatives/<name>/sub-*/[ses-*/]anat/*_dseg.nii[.gz]; or flat: images/ and labels/ with
-            matching file names) and print a table of subject, status and reason. Nothing in DATA_DIR
-            is modified. Exits 0 if at least one subject is usable, 1 if none is.
-        """,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = add_command(sub, "check", _run_check, defaults_in_help=True)
     p.add_argument("data_dir", type=Path, help="the site's data folder")
     p.add_argument(
         "--protocol",
@@ -47,10 +37,16 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
         metavar="DESC",
         help="BIDS: use only label maps with this desc- entity (e.g. aseg for sub-01_desc-aseg_dseg.nii.gz)",
     )
-    p.set_defaults(handler=_run_check)
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    """Validate a site's data folder and print one line per subject.
+
+    Validate every subject in DATA_DIR (BIDS: sub-*/[ses-*/]anat/*_T1w.nii[.gz], labels in
+    derivatives/<name>/sub-*/[ses-*/]anat/*_dseg.nii[.gz]; or flat: images/ and labels/ with
+    matching file names) and print a table of subject, status and reason. Nothing in DATA_DIR
+    is modified. Exits 0 if at least one subject is usable, 1 if none is.
+    """
     from client.site_check import run_site_check
 
     return run_site_check(
@@ -64,16 +60,7 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 def _add_budget(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "budget",
-        help="show the site's privacy spending per run and what is left of its lifetime budget",
-        description="""
-            Show the privacy ledger: ε and δ spent by every federated run trained on this site's data, and
-            what is left of the lifetime budget (ε and δ of different runs add up). With --set-budget, first
-            set the lifetime budget; the site refuses any round that would exceed it. Rounds reserved but
-            never completed (a crash mid-round) count as spent.
-        """,
-    )
+    p = add_command(sub, "budget", _run_budget)
     p.add_argument("--ledger", type=Path, required=True, help="the site's privacy ledger file (JSON)")
     p.add_argument(
         "--set-budget",
@@ -84,31 +71,34 @@ def _add_budget(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--delta", type=float, metavar="D", help="the lifetime budget's δ, with --set-budget (e.g. 1e-5)"
     )
-    p.set_defaults(handler=_run_budget)
 
 
 def _run_budget(args: argparse.Namespace) -> int:
+    """Show the site's privacy spending per run and what is left of its lifetime budget.
+
+    Show the privacy ledger: ε and δ spent by every federated run trained on this site's data, and
+    what is left of the lifetime budget (ε and δ of different runs add up). With --set-budget, first
+    set the lifetime budget; the site refuses any round that would exceed it. Rounds reserved but
+    never completed (a crash mid-round) count as spent.
+    """
     from client.privacy_budget import run_budget
 
     return run_budget(args.ledger, set_epsilon=args.set_budget, delta=args.delta)
 
 
 def _add_keygen(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "keygen",
-        help="make the site's key pair for joining a federation (send site.pub to the coordinator)",
-        description="""
-            Write OUT/site.key (the site's private key, mode 0600: keep it on the site machine) and
-            OUT/site.pub (send it to the coordinator's operator, who enrolls it with `neurofed coordinator
-            enroll site.pub --name SITE`). ECDSA P-384 in OpenSSH format, as Flower's SuperNode
-            authentication reads it. An existing pair is never overwritten.
-        """,
-    )
+    p = add_command(sub, "keygen", _run_keygen)
     p.add_argument("--out", type=Path, required=True, help="folder to write site.key and site.pub into")
-    p.set_defaults(handler=_run_keygen)
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
+    """Make the site's key pair for joining a federation (send site.pub to the coordinator).
+
+    Write OUT/site.key (the site's private key, mode 0600: keep it on the site machine) and
+    OUT/site.pub (send it to the coordinator's operator, who enrolls it with `neurofed coordinator
+    enroll site.pub --name SITE`). ECDSA P-384 in OpenSSH format, as Flower's SuperNode
+    authentication reads it. An existing pair is never overwritten.
+    """
     from client.site_keys import generate_site_keys
 
     pair = generate_site_keys(args.out)
@@ -120,19 +110,7 @@ def _run_keygen(args: argparse.Namespace) -> int:
 def _add_start(sub: argparse._SubParsersAction) -> None:
     from client.site_daemon import DEFAULT_RUNTIME_PORT, DEFAULT_STATE_DIR
 
-    p = sub.add_parser(
-        "start",
-        help="check the site's data, then join the federation (Flower SuperNode, in the foreground)",
-        description="""
-            Run `neurofed-site check` on DATA_DIR (refusing to start when no subject is usable), then run
-            Flower's SuperNode for this site in the foreground (as systemd does): TLS to the coordinator
-            (verified with --ca), authenticated with --key (enrolled at the coordinator), runtime
-            installation of app dependencies off. Its node config gives the ClientApp the data folder, site
-            id, state folder (privacy ledger, preprocessed cache) and the lifetime privacy budget: rounds
-            that would exceed it are refused. Scans never leave the site.
-        """,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = add_command(sub, "start", _run_start, defaults_in_help=True)
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
     p.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (PEM)")
     p.add_argument("--key", type=Path, required=True, help="the site's private key (site.key from keygen)")
@@ -168,10 +146,18 @@ def _add_start(sub: argparse._SubParsersAction) -> None:
         "whatever the coordinator asks)",
     )
     p.add_argument("--telemetry", action="store_true", help="allow Flower's anonymous usage telemetry")
-    p.set_defaults(handler=_run_start)
 
 
 def _run_start(args: argparse.Namespace) -> int:
+    """Check the site's data, then join the federation (Flower SuperNode, in the foreground).
+
+    Run `neurofed-site check` on DATA_DIR (refusing to start when no subject is usable), then run
+    Flower's SuperNode for this site in the foreground (as systemd does): TLS to the coordinator
+    (verified with --ca), authenticated with --key (enrolled at the coordinator), runtime
+    installation of app dependencies off. Its node config gives the ClientApp the data folder, site
+    id, state folder (privacy ledger, preprocessed cache) and the lifetime privacy budget: rounds
+    that would exceed it are refused. Scans never leave the site.
+    """
     from client.site_daemon import SiteDaemonConfig, start_site
 
     config = SiteDaemonConfig(
@@ -194,18 +180,7 @@ def _run_start(args: argparse.Namespace) -> int:
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "segment",
-        help="segment scans with a trained model (native-space label map, volumes, QC image)",
-        description="""
-            Segment one scan, several scans, or every NIfTI file in a folder. For each input writes the
-            label map in the input's native space (same shape and affine; *_dseg.nii.gz), a volumes table
-            in mL per structure (*_volumes.csv and *_volumes.json) and a QC image with axial, coronal
-            and sagittal slices and the label overlay (*_qc.png). Inputs are validated first; a bad input
-            is reported and skipped. Exits 1 if any input failed.
-        """,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = add_command(sub, "segment", _run_segment, defaults_in_help=True)
     p.add_argument(
         "inputs", type=Path, nargs="+", metavar="INPUT", help="NIfTI scan(s) or folder(s) of scans"
     )
@@ -219,10 +194,17 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="for one input file: the label map to write (OUT_dseg.nii.gz); otherwise a folder",
     )
-    p.set_defaults(handler=_run_segment)
 
 
 def _run_segment(args: argparse.Namespace) -> int:
+    """Segment scans with a trained model (native-space label map, volumes, QC image).
+
+    Segment one scan, several scans, or every NIfTI file in a folder. For each input writes the
+    label map in the input's native space (same shape and affine; *_dseg.nii.gz), a volumes table
+    in mL per structure (*_volumes.csv and *_volumes.json) and a QC image with axial, coronal
+    and sagittal slices and the label overlay (*_qc.png). Inputs are validated first; a bad input
+    is reported and skipped. Exits 1 if any input failed.
+    """
     from client.segmentation import segment_inputs
 
     written, failed = segment_inputs(args.model, args.inputs, args.output)

@@ -4,6 +4,7 @@ an exit code and one line on stderr (never a traceback for a mistake the user ca
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Callable
 
@@ -35,4 +36,29 @@ def command_parser(
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in add_commands:
         add(sub)
+    return parser
+
+
+def add_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    handler: Callable[[argparse.Namespace], int],
+    *,
+    defaults_in_help: bool = False,
+) -> argparse.ArgumentParser:
+    """A sub-command run by ``handler``, explained by its docstring: the first paragraph is the one-line
+    help in the command list (lower-cased, without its full stop), the rest the description of
+    ``COMMAND --help``.
+
+    Args:
+        defaults_in_help: show every option's default in ``--help``.
+    """
+    summary, _, details = inspect.cleandoc(handler.__doc__ or name).partition("\n\n")
+    parser = sub.add_parser(
+        name,
+        help=summary[:1].lower() + summary[1:].rstrip("."),
+        description=details or summary,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter if defaults_in_help else argparse.HelpFormatter,
+    )
+    parser.set_defaults(handler=handler)
     return parser

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.command_line import command_parser, run_command
+from common.command_line import add_command, command_parser, run_command
 from models.errors import NeurofedError
 
 
@@ -29,19 +29,7 @@ def _add_coordinator(sub: argparse._SubParsersAction) -> None:
     )
     commands = p.add_subparsers(dest="coordinator_command", metavar="ACTION", required=True)
 
-    start = commands.add_parser(
-        "start",
-        help="run the SuperLink in the foreground (TLS, SuperNode authentication, no runtime installs)",
-        description="""
-            Run Flower's SuperLink as the coordinator: one TLS port for the sites (Fleet API) and for
-            `neurofed run` / enrolment (Control API); SuperNode authentication on; runtime installation of
-            app dependencies off (the installed neurofed runs, offline); Flower's telemetry off unless
-            --telemetry. The TLS files are checked first (present, matching, signed by --ca-cert, in date).
-            Stop it with SIGTERM (systemctl stop); its state survives a restart, and an interrupted run
-            continues with `neurofed run --resume NAME`.
-        """,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    start = add_command(commands, "start", _run_coordinator_start, defaults_in_help=True)
     _add_state_dir(start)
     start.add_argument(
         "--address",
@@ -56,41 +44,18 @@ def _add_coordinator(sub: argparse._SubParsersAction) -> None:
     )
     start.add_argument("--key", type=Path, required=True, help="the coordinator's private key (PEM)")
     start.add_argument("--telemetry", action="store_true", help="allow Flower's anonymous usage telemetry")
-    start.set_defaults(handler=_run_coordinator_start)
 
-    enroll = commands.add_parser(
-        "enroll",
-        help="allow a site to join: register its SuperNode public key under a name",
-        description="""
-            Register a site's SuperNode public key (the site.pub from `neurofed-site keygen`) with the running
-            coordinator, under NAME. Only enrolled keys may connect. Recorded in STATE_DIR/sites.json and
-            the audit log.
-        """,
-    )
+    enroll = add_command(commands, "enroll", _run_coordinator_enroll)
     enroll.add_argument("public_key", type=Path, metavar="SITE_PUBKEY", help="the site's public key file")
     enroll.add_argument("--name", required=True, help="the site's name, e.g. hospital-a")
     _add_state_dir(enroll)
-    enroll.set_defaults(handler=_run_coordinator_enroll)
 
-    sites = commands.add_parser(
-        "sites",
-        help="list enrolled sites and whether their SuperNode is online",
-        description="List the enrolled sites: name, Flower node id, status (registered, online, offline).",
-    )
+    sites = add_command(commands, "sites", _run_coordinator_sites)
     _add_state_dir(sites)
-    sites.set_defaults(handler=_run_coordinator_sites)
 
-    revoke = commands.add_parser(
-        "revoke",
-        help="stop a site from joining: unregister its SuperNode",
-        description="""
-            Unregister the site's SuperNode at the coordinator: it is disconnected and can no longer join
-            (to readmit it, enroll a new key). Recorded in the audit log.
-        """,
-    )
+    revoke = add_command(commands, "revoke", _run_coordinator_revoke)
     revoke.add_argument("name", metavar="NAME", help="the site's enrolled name")
     _add_state_dir(revoke)
-    revoke.set_defaults(handler=_run_coordinator_revoke)
 
 
 def _add_state_dir(p: argparse.ArgumentParser) -> None:
@@ -103,6 +68,15 @@ def _add_state_dir(p: argparse.ArgumentParser) -> None:
 
 
 def _run_coordinator_start(args: argparse.Namespace) -> int:
+    """Run the SuperLink in the foreground (TLS, SuperNode authentication, no runtime installs).
+
+    Run Flower's SuperLink as the coordinator: one TLS port for the sites (Fleet API) and for
+    `neurofed run` / enrolment (Control API); SuperNode authentication on; runtime installation of
+    app dependencies off (the installed neurofed runs, offline); Flower's telemetry off unless
+    --telemetry. The TLS files are checked first (present, matching, signed by --ca-cert, in date).
+    Stop it with SIGTERM (systemctl stop); its state survives a restart, and an interrupted run
+    continues with `neurofed run --resume NAME`.
+    """
     from server.coordinator import TlsFiles, start_coordinator
 
     start_coordinator(
@@ -112,6 +86,12 @@ def _run_coordinator_start(args: argparse.Namespace) -> int:
 
 
 def _run_coordinator_enroll(args: argparse.Namespace) -> int:
+    """Allow a site to join: register its SuperNode public key under a name.
+
+    Register a site's SuperNode public key (the site.pub from `neurofed-site keygen`) with the running
+    coordinator, under NAME. Only enrolled keys may connect. Recorded in STATE_DIR/sites.json and
+    the audit log.
+    """
     from server.coordinator_state import CoordinatorState
     from server.site_registry import SiteRegistry
 
@@ -121,6 +101,10 @@ def _run_coordinator_enroll(args: argparse.Namespace) -> int:
 
 
 def _run_coordinator_sites(args: argparse.Namespace) -> int:
+    """List enrolled sites and whether their SuperNode is online.
+
+    List the enrolled sites: name, Flower node id, status (registered, online, offline).
+    """
     from server.coordinator_state import CoordinatorState
     from server.site_registry import SiteRegistry
 
@@ -133,6 +117,11 @@ def _run_coordinator_sites(args: argparse.Namespace) -> int:
 
 
 def _run_coordinator_revoke(args: argparse.Namespace) -> int:
+    """Stop a site from joining: unregister its SuperNode.
+
+    Unregister the site's SuperNode at the coordinator: it is disconnected and can no longer join
+    (to readmit it, enroll a new key). Recorded in the audit log.
+    """
     from server.coordinator_state import CoordinatorState
     from server.site_registry import SiteRegistry
 
@@ -142,18 +131,7 @@ def _run_coordinator_revoke(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run",
-        help="submit a federated run to the coordinator and follow it until it ends",
-        description="""
-            Submit the neurofed Flower app to the coordinator (`flwr run` over TLS) with the run settings of
-            pyproject.toml [tool.flwr.app.config], overridden by CONFIG.toml and --set key=value; stream its
-            log; exit 0 only when the run completed (1 when it failed or was stopped). The run directory is
-            written on the coordinator, in STATE_DIR/runs/NAME (NAME: the UTC start time unless
-            --set run-dir=runs/NAME); a run interrupted by a coordinator restart continues from its last
-            checkpoint with --resume NAME.
-        """,
-    )
+    p = add_command(sub, "run", _run_run)
     p.add_argument("config", type=Path, nargs="?", metavar="CONFIG.toml", help="TOML file of run settings")
     p.add_argument(
         "--set",
@@ -177,10 +155,18 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--app", type=Path, help="the neurofed source folder to submit (default: this installation's)"
     )
     p.add_argument("--no-stream", action="store_true", help="do not print the run's log, only how it ended")
-    p.set_defaults(handler=_run_run)
 
 
 def _run_run(args: argparse.Namespace) -> int:
+    """Submit a federated run to the coordinator and follow it until it ends.
+
+    Submit the neurofed Flower app to the coordinator (`flwr run` over TLS) with the run settings of
+    pyproject.toml [tool.flwr.app.config], overridden by CONFIG.toml and --set key=value; stream its
+    log; exit 0 only when the run completed (1 when it failed or was stopped). The run directory is
+    written on the coordinator, in STATE_DIR/runs/NAME (NAME: the UTC start time unless
+    --set run-dir=runs/NAME); a run interrupted by a coordinator restart continues from its last
+    checkpoint with --resume NAME.
+    """
     from server.coordinator_state import Connection, CoordinatorState
     from server.job_submission import default_app_dir, report_outcome, run_settings, submit_run
 

@@ -15,28 +15,14 @@ import sys
 from pathlib import Path
 
 from client.cli import add_segment_command
-from common.command_line import command_parser, run_command
+from common.command_line import add_command, command_parser, run_command
 from contract.run_layout import EVALUATION_FILE
 from models.errors import NeurofedError
 from server.cli import add_coordinator_commands
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "synth",
-        help="write a simulated multi-site BIDS dataset (one folder per site, one scanner per site)",
-        description="""
-            Synthesize brain MRI for N simulated hospitals. Each site is one simulated scanner with its
-            own tissue contrast, bias field, Rician noise level, slice thickness and field of view; each
-            subject gets its own smooth deformation. Anatomy comes from FreeSurfer-style label maps
-            (--label-maps) or, without them, from a built-in procedural head phantom. Each site folder
-            is a BIDS dataset: sub-*/anat/sub-*_<contrast>.nii.gz (T1w, T2w or PDw, the site's weighting),
-            derivatives/labels/sub-*/anat/sub-*_dseg.nii.gz (FreeSurfer label values) and
-            sub-*_desc-brain_mask.nii.gz beside it, plus site.json recording the scanner profile and seed.
-            Each site is written to a temporary folder and renamed into place when complete.
-        """,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = add_command(sub, "synth", _run_synth, defaults_in_help=True)
     p.add_argument("out_dir", type=Path, help="output folder; one sub-folder per site (site-01, ...)")
     p.add_argument("--sites", type=int, default=4, help="number of simulated sites (scanners)")
     p.add_argument("--subjects-per-site", type=int, default=6, help="subjects written per site")
@@ -56,10 +42,20 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", type=float, default=2.0, help="output voxel size in mm (isotropic)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same data")
     p.add_argument("--overwrite", action="store_true", help="replace existing site folders in OUT_DIR")
-    p.set_defaults(handler=_run_synth)
 
 
 def _run_synth(args: argparse.Namespace) -> int:
+    """Write a simulated multi-site BIDS dataset (one folder per site, one scanner per site).
+
+    Synthesize brain MRI for N simulated hospitals. Each site is one simulated scanner with its
+    own tissue contrast, bias field, Rician noise level, slice thickness and field of view; each
+    subject gets its own smooth deformation. Anatomy comes from FreeSurfer-style label maps
+    (--label-maps) or, without them, from a built-in procedural head phantom. Each site folder
+    is a BIDS dataset: sub-*/anat/sub-*_<contrast>.nii.gz (T1w, T2w or PDw, the site's weighting),
+    derivatives/labels/sub-*/anat/sub-*_dseg.nii.gz (FreeSurfer label values) and
+    sub-*_desc-brain_mask.nii.gz beside it, plus site.json recording the scanner profile and seed.
+    Each site is written to a temporary folder and renamed into place when complete.
+    """
     from study.synthesis import synthesize_sites
 
     synthesize_sites(
@@ -78,21 +74,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     from study.run_options import add_run_config_options  # light: no torch, Flower or MONAI
 
-    p = sub.add_parser(
-        "simulate",
-        help="run a whole federation on this machine (Flower simulation) and write a run directory",
-        description="""
-            Simulate a federation of N hospitals on this machine with Flower's simulation engine: each
-            site prepares its own data, trains the shared network locally and sends back only model
-            weights and aggregate metrics. The last --unseen sites never train; every site holds out a
-            test split. Without --data-root, data is synthesized into RUN_DIR/data (built-in head
-            phantom, or --label-maps). Writes RUN_DIR/config.json, checkpoints/round-XXX.pt,
-            metrics.jsonl (per site, per round) and final-model.pt. --resume RUN_DIR continues an
-            interrupted run from its last checkpoint with its stored settings. Every run setting is an
-            option (its Flower key, e.g. --local-steps; a few have short names, e.g. --sites); simulated
-            sites get a ledger in RUN_DIR/sites/<site>/ with a lifetime budget of ε=100, δ=1e-3.
-        """,
-    )
+    p = add_command(sub, "simulate", _run_simulate)
     p.add_argument("--out", type=Path, default=Path("runs/simulate"), help="run directory to write")
     p.add_argument(
         "--resume",
@@ -108,7 +90,6 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subjects-per-site", type=int, default=6, help="subjects synthesized per site")
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
     add_run_config_options(p, exclude=("data_root", "run_dir"))
-    p.set_defaults(handler=_run_simulate)
 
 
 def _simulation_config(args: argparse.Namespace):
@@ -141,6 +122,18 @@ def _simulation_config(args: argparse.Namespace):
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
+    """Run a whole federation on this machine (Flower simulation) and write a run directory.
+
+    Simulate a federation of N hospitals on this machine with Flower's simulation engine: each
+    site prepares its own data, trains the shared network locally and sends back only model
+    weights and aggregate metrics. The last --unseen sites never train; every site holds out a
+    test split. Without --data-root, data is synthesized into RUN_DIR/data (built-in head
+    phantom, or --label-maps). Writes RUN_DIR/config.json, checkpoints/round-XXX.pt,
+    metrics.jsonl (per site, per round) and final-model.pt. --resume RUN_DIR continues an
+    interrupted run from its last checkpoint with its stored settings. Every run setting is an
+    option (its Flower key, e.g. --local-steps; a few have short names, e.g. --sites); simulated
+    sites get a ledger in RUN_DIR/sites/<site>/ with a lifetime budget of ε=100, δ=1e-3.
+    """
     from client.app import app as client_app
     from study.simulation import run_simulation
 
@@ -181,18 +174,7 @@ def _evaluate_and_report(run_dir: Path, data_root: Path | None, evaluate: bool) 
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report",
-        help="(re)build the cross-site evaluation and report of a federated run",
-        description="""
-            Write RUN_DIR/report.md and RUN_DIR/report.html: run settings, per-site Dice/HD95/ASSD of the
-            federated, local-only and pooled models, the train-site x test-site generalization matrix,
-            Wilcoxon signed-rank tests federated vs local-only, unseen-site results, per-round plots and
-            QC images. The comparison (RUN_DIR/evaluation.json, RUN_DIR/baselines/, RUN_DIR/qc/) needs
-            the sites' data and is built when missing or with --re-evaluate.
-        """,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = add_command(sub, "report", _run_report, defaults_in_help=True)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run directory")
     p.add_argument(
         "--data-root",
@@ -201,10 +183,17 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         help="folder of the run's site folders (default: the data root stored in the run's config)",
     )
     p.add_argument("--re-evaluate", action="store_true", help="rebuild evaluation.json even when it exists")
-    p.set_defaults(handler=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    """(re)build the cross-site evaluation and report of a federated run.
+
+    Write RUN_DIR/report.md and RUN_DIR/report.html: run settings, per-site Dice/HD95/ASSD of the
+    federated, local-only and pooled models, the train-site x test-site generalization matrix,
+    Wilcoxon signed-rank tests federated vs local-only, unseen-site results, per-round plots and
+    QC images. The comparison (RUN_DIR/evaluation.json, RUN_DIR/baselines/, RUN_DIR/qc/) needs
+    the sites' data and is built when missing or with --re-evaluate.
+    """
     from server.run_directory import RunDirectory
 
     RunDirectory(args.run_dir).read_document()  # names the folder when it holds no run
@@ -214,19 +203,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a model centrally on one site (local-only) or several sites pooled",
-        description="""
-            Train the segmentation network on the data of one site (the local-only baseline) or of
-            several sites pooled (the pooled baseline), with the same network and step budget as a
-            federated run. Each DATA_DIR is validated and preprocessed (cached between runs); a share of
-            every site's subjects is held out for validation, scored every --validate-every steps.
-            Writes a self-describing model file (weights, label protocol, preprocessing plan, network,
-            provenance).
-        """,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = add_command(sub, "train", _run_train, defaults_in_help=True)
     p.add_argument("data_dirs", type=Path, nargs="+", metavar="DATA_DIR", help="site data folder(s)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL.pt", help="model file to write")
     p.add_argument("--protocol", default="tissue", help="label protocol: tissue (4 classes) or aseg (33)")
@@ -245,10 +222,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="preprocessed cache (default $NEUROFED_CACHE_DIR or ~/.cache)",
     )
-    p.set_defaults(handler=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    """Train a model centrally on one site (local-only) or several sites pooled.
+
+    Train the segmentation network on the data of one site (the local-only baseline) or of
+    several sites pooled (the pooled baseline), with the same network and step budget as a
+    federated run. Each DATA_DIR is validated and preprocessed (cached between runs); a share of
+    every site's subjects is held out for validation, scored every --validate-every steps.
+    Writes a self-describing model file (weights, label protocol, preprocessing plan, network,
+    provenance).
+    """
     import torch
 
     from client.preprocessed_cache import PreprocessedCache
