@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,29 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def write_tiny_site(folder: Path, n_subjects: int, gain: float, seed: int) -> None:
-    """A BIDS site of 20^3-voxel (4 mm) spherical heads (FreeSurfer CSF, cortex, white matter, ventricle)."""
-    rng = np.random.default_rng(seed)
-    axes = np.meshgrid(*[np.arange(20)] * 3, indexing="ij")
-    intensity = np.zeros(25, np.float32)
-    intensity[[24, 3, 2, 4]] = (1.0, 2.0, 3.0, 1.0)
-    for j in range(n_subjects):
-        radius = np.sqrt(sum((a - c) ** 2 for a, c in zip(axes, 9.5 + rng.normal(0, 1, 3), strict=True)))
-        label = np.zeros((20, 20, 20), np.int32)
-        label[radius < 8], label[radius < 6.5], label[radius < 4.5], label[radius < 1.5] = 24, 3, 2, 4
-        image = (intensity[label] * gain + rng.normal(0, 0.2, label.shape)).astype(np.float32)
-        sub = f"sub-{j + 1:02d}"
-        for kind, data, name in (("", image, "T1w"), ("derivatives/labels", label, "dseg")):
-            out = folder / kind / sub / "anat"
-            out.mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(data, np.diag([4.0, 4.0, 4.0, 1.0])), out / f"{sub}_{name}.nii.gz")
 
 
 def job_settings(n_sites: int, local_steps: int, run_dir: str) -> dict:
@@ -78,39 +56,6 @@ def round_two_seconds(run_dir: Path) -> float:
         e["round"]: e["time"] for e in RunDirectory(run_dir).read_events() if e["event"] == "aggregate-train"
     }
     return times[2] - times[1]
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def stop(process: subprocess.Popen) -> None:
-    """End a process started in its own session and every descendant (Flower's helpers have their own)."""
-    tree = _descendants(process.pid)
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def wait_until(condition, what: str, timeout_s: float = 600.0) -> float:
@@ -146,6 +91,7 @@ def simulate(root: Path, n_sites: int, local_steps: int) -> float:
 
 
 def deploy(root: Path, n_sites: int, local_steps: int) -> dict[str, float]:
+    from bench.process_tree import stop_process_tree
     from client.site_keys import generate_site_keys
     from server.coordinator_state import CoordinatorState
     from server.site_registry import SiteRegistry
@@ -251,7 +197,7 @@ def deploy(root: Path, n_sites: int, local_steps: int) -> dict[str, float]:
         }
     finally:
         for process in reversed(processes):
-            stop(process)
+            stop_process_tree(process)
 
 
 def _toml(value) -> str:
@@ -263,6 +209,8 @@ def _toml(value) -> str:
 
 
 def main() -> None:
+    from bench.tiny_sites import write_tiny_site
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

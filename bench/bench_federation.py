@@ -40,57 +40,39 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @dataclass(frozen=True)
-class OverheadSettings:
-    """The overhead run: realistic local work (the project's default site recipe) on small phantoms."""
+class Workload:
+    """A part of the benchmark: phantom sites of ``subjects_per_site`` subjects at ``spacing_mm``, and the
+    RunConfig settings of its runs (besides these: one unseen site, no DP, the tiny network, evaluation
+    after the last round only; each run adds its folders)."""
 
-    training_sites: int = 2
-    unseen_sites: int = 1
-    subjects_per_site: int = 3
-    rounds: int = 4
-    local_steps: int = 30
-    patch_size: int = 48
-    batch_size: int = 2
-    spacing_mm: float = 2.0
-    network_preset: str = "tiny"
+    subjects_per_site: int
+    spacing_mm: float
+    run: dict[str, Any]
+
+    def config(self, **sites_and_folders: Any):
+        """The RunConfig of one run, with ``sites_and_folders`` (``num_sites``, ``data_root``, ``run_dir``)."""
+        from contract.run_config import RunConfig
+
+        fixed = {"spacing_mm": self.spacing_mm, "unseen_sites": 1, "network_preset": "tiny", "dp": False}
+        return RunConfig(**self.run, **fixed, eval_every=self.run["num_rounds"], **sites_and_folders)
+
+    def synthesize(self, data_root: Path, n_sites: int) -> Path:
+        """The phantom site folders (built-in head phantom), written once and reused by later runs."""
+        from bench.phantom_sites import synthesize_once
+
+        return synthesize_once(
+            data_root, n_sites=n_sites, subjects_per_site=self.subjects_per_site, spacing_mm=self.spacing_mm
+        )
 
 
-@dataclass(frozen=True)
-class ScaleSettings:
-    """The scale runs: many sites, little data and work per site."""
-
-    subjects_per_site: int = 2
-    rounds: int = 2
-    local_steps: int = 3
-    patch_size: int = 32
-    batch_size: int = 1
-    spacing_mm: float = 4.0
-    test_fraction: float = 0.5
-    network_preset: str = "tiny"
+OVERHEAD = Workload(3, 2.0, dict(num_rounds=4, local_steps=30, patch_size=48, batch_size=2, num_sites=3))
+"""The overhead run: realistic local work (the project's default site recipe) on small phantoms; two
+training sites and one unseen site."""
+SCALE = Workload(2, 4.0, dict(num_rounds=2, local_steps=3, patch_size=32, batch_size=1, test_fraction=0.5))
+"""The scale runs: many sites (one unseen), little data and work per site."""
 
 
 # --- data ---------------------------------------------------------------------------------------------
-
-
-def synthesize(data_root: Path, n_sites: int, subjects_per_site: int, spacing_mm: float) -> Path:
-    """Phantom site folders (built-in head phantom), written once and reused by later runs of this script."""
-    from study.synthesis import synthesize_sites
-
-    stamp = data_root / ".bench-settings.json"
-    wanted = {"sites": n_sites, "subjects_per_site": subjects_per_site, "spacing_mm": spacing_mm}
-    if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
-        started = time.perf_counter()
-        synthesize_sites(
-            data_root,
-            n_sites=n_sites,
-            subjects_per_site=subjects_per_site,
-            spacing_mm=spacing_mm,
-            overwrite=True,
-        )
-        stamp.write_text(json.dumps(wanted))
-        print(
-            f"synthesized {n_sites} sites x {subjects_per_site} subjects in {time.perf_counter() - started:.0f} s"
-        )
-    return data_root
 
 
 def first_sites(data_root: Path, n: int, into: Path) -> Path:
@@ -164,62 +146,46 @@ def model_bytes(config) -> int:
 # --- 1 + 2: overhead and bytes --------------------------------------------------------------------------
 
 
-def overhead(out: Path, settings: OverheadSettings) -> None:
+def overhead(out: Path, workload: Workload) -> None:
     import shutil
 
-    from contract.run_config import RunConfig
-
-    n_sites = settings.training_sites + settings.unseen_sites
-    data_root = synthesize(out / "overhead-data", n_sites, settings.subjects_per_site, settings.spacing_mm)
+    n_sites = workload.run["num_sites"]
+    data_root = workload.synthesize(out / "overhead-data", n_sites)
     run_dir = out / "overhead-run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = RunConfig(
-        num_rounds=settings.rounds,
-        local_steps=settings.local_steps,
-        patch_size=settings.patch_size,
-        batch_size=settings.batch_size,
-        spacing_mm=settings.spacing_mm,
-        network_preset=settings.network_preset,
-        num_sites=n_sites,
-        unseen_sites=settings.unseen_sites,
-        eval_every=settings.rounds,  # evaluate after the last round only
-        data_root=str(data_root),
-        run_dir=str(run_dir),
-        dp=False,
-    )
+    config = workload.config(data_root=str(data_root), run_dir=str(run_dir))
+    rounds, training_sites = config.num_rounds, config.num_training_sites
     watch = RunWatch()
-    print(f"\n== overhead: {json.dumps(asdict(settings))}", flush=True)
+    print(f"\n== overhead: {json.dumps(asdict(workload))}", flush=True)
     _run(config, watch)
 
-    print(
-        f"\nFederation overhead per round ({settings.training_sites} training sites, {os.cpu_count()} cores):"
-    )
+    print(f"\nFederation overhead per round ({training_sites} training sites, {os.cpu_count()} cores):")
     print("| round | round wall s | slowest site training s | overhead s | overhead share |")
     print("|---|---|---|---|---|")
     shares = []
-    for r in range(1, settings.rounds):  # the last round also evaluates
+    for r in range(1, rounds):  # the last round also evaluates
         wall, slowest = watch.round_wall_s(r), watch.slowest_site_training_s(r)
         shares.append((wall - slowest) / wall)
         print(f"| {r} | {wall:.2f} | {slowest:.2f} | {wall - slowest:.2f} | {100 * shares[-1]:.1f} % |")
     print(f"mean overhead share {100 * sum(shares) / len(shares):.1f} % (target < 5 %)")
 
     size = model_bytes(config)
-    expected = 2 * size * settings.training_sites
+    expected = 2 * size * training_sites
     print(
         f"\nBytes of model arrays per training round (model: {size / 1024:.1f} KiB raw, "
-        f"{settings.training_sites} training sites; expected 2 x model x sites = {expected / 1024:.1f} KiB):"
+        f"{training_sites} training sites; expected 2 x model x sites = {expected / 1024:.1f} KiB):"
     )
     print("| round | to sites KiB | from sites KiB | total KiB | total / expected |")
     print("|---|---|---|---|---|")
-    for r in range(1, settings.rounds + 1):
+    for r in range(1, rounds + 1):
         down = sum(watch.array_bytes[(r, "training", "to-site")])
         up = sum(watch.array_bytes[(r, "training", "from-site")])
         print(
             f"| {r} | {down / 1024:.1f} | {up / 1024:.1f} | {(down + up) / 1024:.1f} | {(down + up) / expected:.3f} |"
         )
-    evaluation = sum(watch.array_bytes[(settings.rounds, "evaluating", "to-site")])
+    evaluation = sum(watch.array_bytes[(rounds, "evaluating", "to-site")])
     print(
-        f"evaluation after round {settings.rounds}: {evaluation / 1024:.1f} KiB to {n_sites} sites (the global "
+        f"evaluation after round {rounds}: {evaluation / 1024:.1f} KiB to {n_sites} sites (the global "
         "model; sites reply with scalars only). Serialized arrays carry a small .npy header each."
     )
 
@@ -227,61 +193,24 @@ def overhead(out: Path, settings: OverheadSettings) -> None:
 # --- 3: scale --------------------------------------------------------------------------------------------
 
 
-def _descendants_rss_bytes(root_pid: int) -> int:
-    """Sum of RSS of ``root_pid`` and all its descendants, from /proc."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    children: dict[int, list[int]] = defaultdict(list)
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/statm") as f:
-                resident = int(f.read().split()[1])
-        except OSError:
-            continue  # the process ended meanwhile
-        fields = stat.rsplit(")", 1)[1].split()
-        children[int(fields[1])].append(int(entry))
-        rss[int(entry)] = resident * page
-    total, stack = 0, [root_pid]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total
-
-
-def scale_child(n_sites: int, data_root: Path, out: Path, settings: ScaleSettings) -> None:
+def scale_child(n_sites: int, data_root: Path, out: Path, workload: Workload) -> None:
     """One scale run (in its own process); prints one JSON line of its figures."""
-    from contract.run_config import RunConfig
-
-    config = RunConfig(
-        num_rounds=settings.rounds,
-        local_steps=settings.local_steps,
-        patch_size=settings.patch_size,
-        batch_size=settings.batch_size,
-        spacing_mm=settings.spacing_mm,
-        network_preset=settings.network_preset,
-        test_fraction=settings.test_fraction,
+    config = workload.config(
         num_sites=n_sites,
-        unseen_sites=1,
-        eval_every=settings.rounds,
         data_root=str(first_sites(data_root, n_sites, out / f"data-{n_sites}")),
         run_dir=str(out / f"run-{n_sites}"),
-        dp=False,
     )
+    rounds = config.num_rounds
     watch = RunWatch()
     started = time.time()
     _run(config, watch)
     (first_training,) = watch.times("round-start", round=1, stage="training")
-    (evaluating,) = watch.times("round-start", round=settings.rounds, stage="evaluating")
-    (evaluated,) = watch.times("aggregate-evaluate", round=settings.rounds)
+    (evaluating,) = watch.times("round-start", round=rounds, stage="evaluating")
+    (evaluated,) = watch.times("aggregate-evaluate", round=rounds)
     figures = {
         "sites": n_sites,
         "prepare_s": first_training - started,
-        "round_s": [watch.round_wall_s(r) for r in range(1, settings.rounds)],
+        "round_s": [watch.round_wall_s(r) for r in range(1, rounds)],
         "evaluation_s": evaluated - evaluating,
         "total_s": time.time() - started,
     }
@@ -290,13 +219,15 @@ def scale_child(n_sites: int, data_root: Path, out: Path, settings: ScaleSetting
 
 def run_sampling_rss(command: list[str]) -> tuple[int, str, int]:
     """Run ``command``; returns its exit status, its output and the peak RSS (bytes) of its process tree."""
+    from bench.process_tree import tree_rss_bytes
+
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _descendants_rss_bytes(child.pid))
+            peak[0] = max(peak[0], tree_rss_bytes(child.pid))
             done.wait(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -307,11 +238,11 @@ def run_sampling_rss(command: list[str]) -> tuple[int, str, int]:
     return child.returncode, output, peak[0]
 
 
-def scale(out: Path, site_counts: list[int], settings: ScaleSettings) -> None:
+def scale(out: Path, site_counts: list[int], workload: Workload) -> None:
     import shutil
 
-    synthesize(out / "scale-data", max(site_counts), settings.subjects_per_site, settings.spacing_mm)
-    print(f"\n== scale: {json.dumps(asdict(settings))}", flush=True)
+    workload.synthesize(out / "scale-data", max(site_counts))
+    print(f"\n== scale: {json.dumps(asdict(workload))}", flush=True)
     rows = []
     for n in site_counts:
         shutil.rmtree(out / f"run-{n}", ignore_errors=True)
@@ -357,14 +288,14 @@ def main() -> int:
     args = parser.parse_args()
     out = args.out.resolve()
     if args.scale_child:
-        scale_child(args.scale_child, out / "scale-data", out, ScaleSettings())
+        scale_child(args.scale_child, out / "scale-data", out, SCALE)
         return 0
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if not args.skip_overhead:
-        overhead(out, OverheadSettings())
+        overhead(out, OVERHEAD)
     if not args.skip_scale:
-        scale(out, [int(n) for n in args.sites.split(",") if n], ScaleSettings())
+        scale(out, [int(n) for n in args.sites.split(",") if n], SCALE)
     return 0
 
 

@@ -34,12 +34,14 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.phantom_sites import synthesize_once  # noqa: E402
+from contract.run_config import RunConfig  # noqa: E402
+
 LABEL_MAPS = Path(os.environ.get("NEUROFED_LABEL_MAPS", ROOT.parent / "shared" / "data" / "label_maps"))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -50,52 +52,35 @@ BASELINE_ARM = "fedavg"
 """The arm whose study evaluation trains and scores the local-only and pooled models (once)."""
 
 
-@dataclass(frozen=True)
-class BenchSettings:
-    """Every setting of the benchmark; printed with the results."""
-
-    rounds: int = 10
-    local_steps: int = 25
-    subjects_per_site: int = 4
-    spacing_mm: float = 3.0
-    patch_size: int = 32
-    batch_size: int = 2
-    learning_rate: float = 2e-3
-    proximal_mu: float = 0.01
-    test_fraction: float = 0.25
-    eval_every: int = 2
-    network_preset: str = "tiny"
-    seed: int = 0
-
-
-def synthesize_once(data_root: Path, label_maps: Path, settings: BenchSettings) -> Path:
-    """The four site folders (reused when a previous run of this script wrote them with the same settings)."""
-    from study.synthesis import synthesize_sites
-
-    stamp = data_root / ".bench-settings.json"
-    wanted = {
-        "label_maps": str(label_maps),
-        "sites": TRAINING_SITES + UNSEEN_SITES,
-        "subjects_per_site": settings.subjects_per_site,
-        "spacing_mm": settings.spacing_mm,
-        "seed": settings.seed,
-    }
-    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
-        print(f"reusing the synthesized sites in {data_root}", flush=True)
-        return data_root
-    started = time.perf_counter()
-    synthesize_sites(
-        data_root,
-        n_sites=TRAINING_SITES + UNSEEN_SITES,
-        subjects_per_site=settings.subjects_per_site,
-        label_maps_dir=label_maps,
-        spacing_mm=settings.spacing_mm,
-        seed=settings.seed,
-        overwrite=True,
-    )
-    stamp.write_text(json.dumps(wanted))
-    print(f"synthesized {wanted['sites']} sites in {time.perf_counter() - started:.0f} s", flush=True)
-    return data_root
+SUBJECTS_PER_SITE = 4
+SETTINGS = RunConfig(
+    num_rounds=10,
+    local_steps=25,
+    protocol="tissue",
+    dp=False,  # the strategies are compared without DP noise (bench_dp_accuracy.py measures its cost)
+    network_preset="tiny",
+    patch_size=32,
+    batch_size=2,
+    learning_rate=2e-3,
+    proximal_mu=0.01,
+    seed=0,
+    test_fraction=0.25,
+    num_sites=TRAINING_SITES + UNSEEN_SITES,
+    unseen_sites=UNSEEN_SITES,
+    eval_every=2,
+    spacing_mm=3.0,
+)
+"""Every arm's run settings but its strategy and folders; printed with the results."""
+OPTIONS: tuple[tuple[str, str, str | None], ...] = (
+    ("--rounds", "num_rounds", None),
+    ("--local-steps", "local_steps", None),
+    ("--eval-every", "eval_every", None),
+    ("--proximal-mu", "proximal_mu", None),
+    ("--spacing", "spacing_mm", "voxel size, mm"),
+    ("--patch-size", "patch_size", "training patch edge, voxels"),
+    ("--seed", "seed", None),
+)
+"""The command-line options that change `SETTINGS`: (option, RunConfig setting, help)."""
 
 
 def _finished_with(run_dir: Path, config) -> bool:
@@ -108,32 +93,14 @@ def _finished_with(run_dir: Path, config) -> bool:
         return False
 
 
-def run_arm(strategy: str, data_root: Path, out: Path, settings: BenchSettings, reuse: bool = False):
+def run_arm(strategy: str, data_root: Path, out: Path, settings: RunConfig, reuse: bool = False):
     """One federated run of ``strategy``; returns its RunDirectory (``reuse``: a finished identical one)."""
     from client.app import app as client_app
-    from contract.run_config import RunConfig
     from server.run_directory import RunDirectory
     from study.simulation import run_simulation
 
-    config = RunConfig(
-        num_rounds=settings.rounds,
-        strategy=strategy,
-        proximal_mu=settings.proximal_mu,
-        local_steps=settings.local_steps,
-        protocol="tissue",
-        dp=False,  # the strategies are compared without DP noise (bench_dp_accuracy.py measures its cost)
-        network_preset=settings.network_preset,
-        patch_size=settings.patch_size,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        seed=settings.seed,
-        test_fraction=settings.test_fraction,
-        num_sites=TRAINING_SITES + UNSEEN_SITES,
-        unseen_sites=UNSEEN_SITES,
-        eval_every=settings.eval_every,
-        data_root=str(data_root),
-        run_dir=str(out / f"run-{strategy}"),
-        spacing_mm=settings.spacing_mm,
+    config = settings.replace(
+        strategy=strategy, data_root=str(data_root), run_dir=str(out / f"run-{strategy}")
     )
     run_dir = Path(config.run_dir)
     if reuse and _finished_with(run_dir, config):
@@ -147,7 +114,7 @@ def run_arm(strategy: str, data_root: Path, out: Path, settings: BenchSettings, 
     shared_cache.mkdir(exist_ok=True)
     if not (run_dir / "cache").exists():
         (run_dir / "cache").symlink_to(shared_cache, target_is_directory=True)
-    print(f"\n== {strategy}: {settings.rounds} rounds x {settings.local_steps} local steps", flush=True)
+    print(f"\n== {strategy}: {settings.num_rounds} rounds x {settings.local_steps} local steps", flush=True)
     started = time.perf_counter()
     result = run_simulation(config, client_app, live=None)
     print(f"== {strategy} finished in {time.perf_counter() - started:.0f} s", flush=True)
@@ -187,24 +154,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    d = BenchSettings()
     parser.add_argument(
         "--out", type=Path, default=Path("/tmp/neurofed-bench-strategies"), help="work folder"
     )
     parser.add_argument("--label-maps", type=Path, default=LABEL_MAPS, help="folder of training_seg_*.nii.gz")
-    parser.add_argument("--rounds", type=int, default=d.rounds)
-    parser.add_argument("--local-steps", type=int, default=d.local_steps)
-    parser.add_argument("--subjects-per-site", type=int, default=d.subjects_per_site)
-    parser.add_argument("--eval-every", type=int, default=d.eval_every)
-    parser.add_argument("--proximal-mu", type=float, default=d.proximal_mu)
-    parser.add_argument("--spacing", type=float, default=d.spacing_mm, help="voxel size, mm")
-    parser.add_argument("--patch-size", type=int, default=d.patch_size, help="training patch edge, voxels")
+    for option, setting, help_text in OPTIONS:
+        default = getattr(SETTINGS, setting)
+        parser.add_argument(option, dest=setting, type=type(default), default=default, help=help_text)
+    parser.add_argument("--subjects-per-site", type=int, default=SUBJECTS_PER_SITE)
     parser.add_argument(
         "--reuse",
         action="store_true",
         help="reuse finished arm runs with the same settings (and the FedAvg run's baselines) in --out",
     )
-    parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument(
         "--arms", default=",".join(FEDERATED_ARMS), help=f"federated arms, from {','.join(FEDERATED_ARMS)}"
     )
@@ -218,21 +180,21 @@ def main() -> int:
     arms = [a for a in args.arms.split(",") if a]
     if BASELINE_ARM not in arms or set(arms) - set(FEDERATED_ARMS):
         parser.error(f"--arms must include {BASELINE_ARM} and only name {', '.join(FEDERATED_ARMS)}")
-    settings = BenchSettings(
-        rounds=args.rounds,
-        local_steps=args.local_steps,
-        subjects_per_site=args.subjects_per_site,
-        eval_every=args.eval_every,
-        proximal_mu=args.proximal_mu,
-        spacing_mm=args.spacing,
-        patch_size=args.patch_size,
-        seed=args.seed,
-    )
+    settings = SETTINGS.replace(**{setting: getattr(args, setting) for _, setting, _ in OPTIONS})
     out = args.out.resolve()
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
-    print("settings: " + json.dumps(asdict(settings)), flush=True)
+    print(
+        f"settings: subjects_per_site={args.subjects_per_site} {json.dumps(settings.to_dict())}", flush=True
+    )
     wall_started = time.perf_counter()
-    data_root = synthesize_once(out / "data", args.label_maps.resolve(), settings)
+    data_root = synthesize_once(
+        out / "data",
+        n_sites=settings.num_sites,
+        subjects_per_site=args.subjects_per_site,
+        label_maps_dir=args.label_maps.resolve(),
+        spacing_mm=settings.spacing_mm,
+        seed=settings.seed,
+    )
 
     runs = {arm: run_arm(arm, data_root, out, settings, reuse=args.reuse) for arm in arms}
 
@@ -286,7 +248,7 @@ def main() -> int:
 
     budget = evaluation["budget"]
     print(
-        f"\nMean tissue Dice (CSF, GM, WM) after {settings.rounds} rounds; same budget for every arm: "
+        f"\nMean tissue Dice (CSF, GM, WM) after {settings.num_rounds} rounds; same budget for every arm: "
         f"federated {budget['federated_steps_per_site']} steps per site ({budget['federated_steps_total']} in "
         f"all), local-only {budget['local_only_steps']} steps, pooled {budget['pooled_steps']} steps; "
         f"patch {settings.patch_size}^3, batch {settings.batch_size}, {settings.network_preset} network."

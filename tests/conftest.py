@@ -1,8 +1,10 @@
-"""Shared fixtures: the real FreeSurfer label maps (../shared/data/label_maps) and small synthetic heads."""
+"""Shared fixtures: the real FreeSurfer label maps (../shared/data/label_maps), small synthetic heads, the
+Flower task identity, a stand-in Flower grid, and the torch thread count a module asks for."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,11 @@ import pytest
 
 LABEL_MAPS_ENV = "NEUROFED_LABEL_MAPS"
 DEFAULT_LABEL_MAPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "label_maps"
+
+# Tests may import the benchmarks' helpers (bench/ is not an installed package).
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
 
 
 def _label_maps_folder() -> Path:
@@ -142,3 +149,45 @@ class HeadPhantoms:
 def head_phantoms() -> HeadPhantoms:
     """Factory of small synthetic heads (label maps, T1-like images, subject files on disk)."""
     return HeadPhantoms()
+
+
+@pytest.fixture()
+def task_identity():
+    """Flower messages read the run/task identity of the process, which its runtime normally sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class NodeGrid:
+    """The part of a Flower Grid a strategy's ``configure_train`` / ``configure_evaluate`` reads."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+
+@pytest.fixture()
+def node_grid() -> type[NodeGrid]:
+    """``node_grid([7, 8])``: a stand-in Flower Grid whose nodes are 7 and 8."""
+    return NodeGrid
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_threads(request):
+    """A test module that sets ``TORCH_THREADS = n`` runs with n torch threads (restored afterwards)."""
+    wanted = getattr(request.module, "TORCH_THREADS", None)
+    if wanted is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(wanted)
+    yield
+    torch.set_num_threads(previous)

@@ -23,6 +23,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from bench.process_tree import stop_process_tree
+from bench.tiny_sites import write_tiny_site
 from client.site_keys import check_private_key, generate_site_keys
 from models.errors import NeurofedError
 from server.audit_log import AuditLog
@@ -59,22 +61,6 @@ WAIT_S = 420.0
 # --- processes -----------------------------------------------------------------------------------------
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 class Daemon:
     """A command run in its own session, its output in a log file; `stop` ends it and every descendant
     (Flower starts helper processes in sessions of their own)."""
@@ -87,19 +73,7 @@ class Daemon:
         )
 
     def stop(self, sig: int = signal.SIGTERM, grace_s: float = 20.0) -> None:
-        tree = _descendants(self.process.pid)
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
-            try:
-                self.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        for pid in tree + _descendants(self.process.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_process_tree(self.process, sig, grace_s)
         self._out.close()
 
     def text(self) -> str:
@@ -130,27 +104,6 @@ def _port_open(port: int) -> bool:
 
 
 # --- the federation ------------------------------------------------------------------------------------
-
-
-def _write_tiny_site(folder: Path, n_subjects: int, gain: float, seed: int) -> None:
-    """A BIDS site of 20^3-voxel (4 mm) spherical heads: CSF (24), cortex (3), white matter (2), ventricle (4)."""
-    rng = np.random.default_rng(seed)
-    axes = np.meshgrid(*[np.arange(20)] * 3, indexing="ij")
-    affine = np.diag([4.0, 4.0, 4.0, 1.0])
-    intensity = np.zeros(25, np.float32)
-    intensity[[24, 3, 2, 4]] = (1.0, 2.0, 3.0, 1.0)
-    for j in range(n_subjects):
-        radius = np.sqrt(sum((a - c) ** 2 for a, c in zip(axes, 9.5 + rng.normal(0, 1, 3), strict=True)))
-        label = np.zeros((20, 20, 20), np.int32)
-        label[radius < 8], label[radius < 6.5], label[radius < 4.5], label[radius < 1.5] = 24, 3, 2, 4
-        image = intensity[label] * gain + rng.normal(0, 0.2, label.shape).astype(np.float32)
-        sub = f"sub-{j + 1:02d}"
-        anat = folder / sub / "anat"
-        labels = folder / "derivatives" / "labels" / sub / "anat"
-        anat.mkdir(parents=True)
-        labels.mkdir(parents=True)
-        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), anat / f"{sub}_T1w.nii.gz")
-        nib.save(nib.Nifti1Image(label, affine), labels / f"{sub}_dseg.nii.gz")
 
 
 def _make_certs(folder: Path) -> tuple[Path, Path, Path]:
@@ -268,7 +221,7 @@ def federation(tmp_path_factory):
         for name in SITES[1:]:
             registry.enroll(fed.keys[name].public_key, name)
         for i, name in enumerate(SITES):
-            _write_tiny_site(root / "data" / name, 3, gain=1.0 + 0.3 * i, seed=i)
+            write_tiny_site(root / "data" / name, 3, gain=1.0 + 0.3 * i, seed=i)
         yield fed
     finally:
         fed.stop_all()
@@ -524,17 +477,6 @@ class _FlakyGrid:
             else:
                 replies.append(Message(RecordDict({"metrics": MetricRecord({"x": 1.0})}), reply_to=m))
         return replies
-
-
-@pytest.fixture()
-def task_identity():
-    """Flower messages read the run/task identity of the process, which its runtime normally sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def test_dropped_sites_are_logged_while_min_sites_replied_and_stop_the_run_below(

@@ -25,13 +25,9 @@ from privacy.errors import PrivacyError
 DELTA = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread start-up and contention on a shared 2-core machine cost more than they give.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TORCH_THREADS = 1
+"""Tiny tensors: thread start-up and contention on a shared 2-core machine cost more than they give
+(tests/conftest.py sets it for this module)."""
 
 
 @pytest.fixture(autouse=True)
@@ -280,39 +276,31 @@ def test_vmap_mode_refuses_parameters_shared_by_two_modules() -> None:
         VmapGradSampleModule(nn.Sequential(first, second))
 
 
-def test_unsupported_networks_and_settings_are_refused_with_reasons() -> None:
-    batchnorm = nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2))
-    config = DPConfig(noise_multiplier=1.0)
-    with pytest.raises(PrivacyError, match="BatchNorm"):
-        make_private_training(
-            batchnorm,
-            torch.optim.SGD(batchnorm.parameters(), lr=0.1),
-            voxel_dataset(),
-            2,
-            config,
-            loss_fn=nn.MSELoss(),
-        )
-    model = tiny_net()
-    with pytest.raises(
-        PrivacyError, match=r"batch_size=7 must be between 1 and the number of privacy units \(6\)"
-    ):
-        make_private_training(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            voxel_dataset(),
+def _batchnorm_net() -> nn.Module:
+    return nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2))
+
+
+@pytest.mark.parametrize(
+    ("network", "batch_size", "config", "refusal"),
+    [
+        (_batchnorm_net, 2, DPConfig(noise_multiplier=1.0), "BatchNorm"),
+        (
+            tiny_net,
             7,
-            config,
-            loss_fn=nn.MSELoss(),
-        )
-    with pytest.raises(PrivacyError, match="DP disabled"):
-        make_private_training(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            voxel_dataset(),
-            2,
-            DPConfig(enabled=False),
-            loss_fn=nn.MSELoss(),
-        )
+            DPConfig(noise_multiplier=1.0),
+            r"batch_size=7 must be between 1 and the number of privacy units \(6\)",
+        ),
+        (tiny_net, 2, DPConfig(enabled=False), "DP disabled"),
+    ],
+    ids=["batchnorm", "batch-above-privacy-units", "dp-disabled"],
+)
+def test_unsupported_networks_and_settings_are_refused_with_reasons(
+    network, batch_size: int, config: DPConfig, refusal: str
+) -> None:
+    model = network()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(PrivacyError, match=refusal):
+        make_private_training(model, optimizer, voxel_dataset(), batch_size, config, loss_fn=nn.MSELoss())
 
 
 def test_dp_config_round_trips_and_names_bad_values() -> None:

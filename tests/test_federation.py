@@ -18,13 +18,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 
 import client.app as site_app  # noqa: E402
+from bench.tiny_sites import write_tiny_site  # noqa: E402
 from client.site_data import SiteData, run_preprocessing_plan  # noqa: E402
 from client.site_model import build_model  # noqa: E402
 from client.site_state import normalization_keys  # noqa: E402
@@ -36,26 +36,7 @@ from server.strategies import make_strategy, state_dict_to_arrays  # noqa: E402
 SITES, UNSEEN, ROUNDS = 3, 1, 2
 
 
-@pytest.fixture()
-def task_identity():
-    """Flower messages read the run/task identity of the process, which its runtime normally sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 # --- the site's ClientApp, in process, on made-up arrays ----------------------------------------------
-
-
-class _Nodes:
-    def __init__(self, ids: list[int]) -> None:
-        self.ids = ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.ids)
 
 
 def _fake_site_data(run: RunConfig) -> SiteData:
@@ -75,7 +56,7 @@ def _fake_site_data(run: RunConfig) -> SiteData:
 
 
 @pytest.fixture()
-def site(monkeypatch, tmp_path, task_identity):
+def site(monkeypatch, tmp_path, task_identity, node_grid):
     """Calls the real ClientApp handlers of a deployed training site, with made-up site data."""
     monkeypatch.setattr(site_app, "load_site_data", lambda setup, run: _fake_site_data(run))
     seen: list[dict] = []
@@ -113,7 +94,7 @@ def site(monkeypatch, tmp_path, task_identity):
         strategy = make_strategy(run_config)
         configure = strategy.configure_train if kind == "train" else strategy.configure_evaluate
         # Strategies address every training site (train) or every site (evaluate); this site is node 7.
-        nodes = _Nodes([7, 8] if kind == "train" else [7, 8, 9])
+        nodes = node_grid([7, 8] if kind == "train" else [7, 8, 9])
         messages = configure(
             server_round, state_dict_to_arrays(state_dict), site_config(run_config, server_round), nodes
         )
@@ -206,41 +187,17 @@ def test_fedbn_site_keeps_its_normalization_layers_and_sends_the_rest(site) -> N
 
 
 def _write_tiny_sites(root: Path, n_sites: int, n_subjects: int) -> None:
-    """BIDS site folders of 20^3-voxel (4 mm) spherical head phantoms, one intensity profile per site.
-
-    FreeSurfer labels: CSF (24) shell, cortex (3), white matter (2), a ventricle (4) at the centre.
-    """
-    rng = np.random.default_rng(0)
-    axes = np.meshgrid(*[np.arange(20)] * 3, indexing="ij")
-    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    """BIDS site folders ``root/site-01`` ... of 20^3-voxel (4 mm) spherical head phantoms
+    (bench/tiny_sites.py), one intensity profile per site."""
+    rng = np.random.default_rng(0)  # one stream for all sites
     for s in range(n_sites):
-        gain = 1.0 + 0.3 * s  # a different scanner per site
-        for j in range(n_subjects):
-            centre = 9.5 + rng.normal(0, 1, 3)
-            radius = np.sqrt(sum((a - c) ** 2 for a, c in zip(axes, centre, strict=True)))
-            label = np.zeros((20, 20, 20), np.int32)
-            label[radius < 8], label[radius < 6.5], label[radius < 4.5], label[radius < 1.5] = 24, 3, 2, 4
-            intensity = {0: 0.0, 24: 1.0, 3: 2.0, 2: 3.0, 4: 1.0}
-            image = np.vectorize(intensity.get)(label).astype(np.float32) * gain
-            image += rng.normal(0, 0.2, label.shape).astype(np.float32)
-            sub = f"sub-{j + 1:02d}"
-            anat = root / f"site-{s + 1:02d}" / sub / "anat"
-            labels = root / f"site-{s + 1:02d}" / "derivatives" / "labels" / sub / "anat"
-            anat.mkdir(parents=True)
-            labels.mkdir(parents=True)
-            nib.save(nib.Nifti1Image(image, affine), anat / f"{sub}_T1w.nii.gz")
-            nib.save(nib.Nifti1Image(label, affine), labels / f"{sub}_dseg.nii.gz")
+        write_tiny_site(root / f"site-{s + 1:02d}", n_subjects, gain=1.0 + 0.3 * s, seed=rng)
 
 
-@pytest.fixture(scope="module")
-def simulated_run(tmp_path_factory):
-    """A 2-round FedAvg run (2 training sites + 1 unseen) with every message recorded."""
-    from study.simulation import run_simulation
-
-    root = tmp_path_factory.mktemp("federation")
-    data_root = root / "data"
-    _write_tiny_sites(data_root, SITES, 3)
-    config = RunConfig(
+def _tiny_run_config(root: Path, **changes) -> RunConfig:
+    """A FedAvg run on the `_write_tiny_sites` phantoms in ``root/data`` (tiny network, 16^3 patches,
+    4 mm), into ``root/run``, without DP (on by default), with ``changes``."""
+    settings = dict(
         num_rounds=ROUNDS,
         strategy="fedavg",
         local_steps=3,
@@ -250,13 +207,25 @@ def simulated_run(tmp_path_factory):
         test_fraction=0.34,
         num_sites=SITES,
         unseen_sites=UNSEEN,
-        data_root=str(data_root),
+        data_root=str(root / "data"),
         run_dir=str(root / "run"),
         spacing_mm=4.0,
         field_of_view_mm="64,64,64",
         round_timeout_s=300.0,
-        dp=False,  # exact FedAvg arithmetic on plain updates; DP runs: test_federation_privacy.py
+        dp=False,
     )
+    return RunConfig(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def simulated_run(tmp_path_factory):
+    """A 2-round FedAvg run (2 training sites + 1 unseen) with every message recorded."""
+    from study.simulation import run_simulation
+
+    root = tmp_path_factory.mktemp("federation")
+    _write_tiny_sites(root / "data", SITES, 3)
+    # Exact FedAvg arithmetic on plain updates; DP runs: test_federation_privacy.py.
+    config = _tiny_run_config(root)
     messages: list[tuple[str, Message]] = []
     run_dir = run_simulation(
         config, site_app.app, on_message=lambda direction, m: messages.append((direction, m)), live=False

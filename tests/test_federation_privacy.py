@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict  # noqa: E402
-from test_federation import _write_tiny_sites  # noqa: E402
+from test_federation import _tiny_run_config, _write_tiny_sites  # noqa: E402
 
 import client.app as site_app  # noqa: E402
 from client.site_setup import LEDGER_FILE  # noqa: E402
@@ -41,24 +41,8 @@ TARGET_EPSILON = 8.0
 
 
 def _config(root: Path, **changes) -> RunConfig:
-    settings = dict(
-        num_rounds=ROUNDS,
-        strategy="fedavg",
-        local_steps=LOCAL_STEPS,
-        network_preset="tiny",
-        patch_size=16,
-        batch_size=1,
-        test_fraction=0.25,
-        num_sites=SITES,
-        unseen_sites=UNSEEN,
-        data_root=str(root / "data"),
-        run_dir=str(root / "run"),
-        spacing_mm=4.0,
-        field_of_view_mm="64,64,64",
-        round_timeout_s=300.0,
-        dp=False,  # DP is on by default; the subject-level DP run asks for it explicitly
-    )
-    return RunConfig(**{**settings, **changes})
+    # DP is on by default; the subject-level DP run asks for it explicitly.
+    return _tiny_run_config(root, **{"local_steps": LOCAL_STEPS, "test_fraction": 0.25, **changes})
 
 
 def _planned_noise() -> tuple[float, float]:
@@ -151,17 +135,6 @@ def test_a_site_over_its_budget_is_refused_and_the_run_goes_on_without_it(dp_run
 
 
 # --- the coordinator, over an in-process grid ------------------------------------------------------------
-
-
-@pytest.fixture()
-def task_identity():
-    """Flower messages read the run/task identity of the process, which its runtime normally sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 class InProcessGrid:
@@ -270,7 +243,9 @@ def test_site_level_dp_wrapper_runs_two_rounds_and_logs_its_epsilon(tmp_path, ta
     config = _config(
         tmp_path, local_steps=1, server_dp=mode, server_dp_noise_multiplier=0.5, server_dp_clipping_norm=0.05
     )
-    initial = state_dict_to_arrays(__import__("server.global_model", fromlist=["x"]).initial_state_dict(config))
+    initial = state_dict_to_arrays(
+        __import__("server.global_model", fromlist=["x"]).initial_state_dict(config)
+    )
     assert all(np.issubdtype(a.numpy().dtype, np.floating) for a in initial.values())
     final = FederatedRun(config, InProcessGrid(SITES)).execute()
     from server.run_directory import RunDirectory

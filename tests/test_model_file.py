@@ -28,17 +28,15 @@ def trained() -> torch.nn.Module:
     return model
 
 
+def _save(path: Path, model: torch.nn.Module, **changes: object) -> Path:
+    """``save_model`` of ``model``'s weights with this module's network, protocol, plan and training."""
+    settings = {"network": NETWORK, "protocol": TISSUE, "plan": PLAN, "training": TRAINING} | changes
+    return save_model(path, model.state_dict(), **settings)
+
+
 @pytest.fixture
 def saved(tmp_path: Path, trained: torch.nn.Module) -> Path:
-    return save_model(
-        tmp_path / "model.pt",
-        trained.state_dict(),
-        network=NETWORK,
-        protocol=TISSUE,
-        plan=PLAN,
-        training=TRAINING,
-        software_version="9.9.9",
-    )
+    return _save(tmp_path / "model.pt", trained, software_version="9.9.9")
 
 
 def _rewrite(path: Path, **changes: object) -> None:
@@ -67,14 +65,7 @@ def test_round_trip_gives_the_same_predictions_and_description(saved: Path, trai
 
 
 def test_default_software_version_is_the_installed_one(tmp_path: Path, trained: torch.nn.Module) -> None:
-    path = save_model(
-        tmp_path / "m.pt",
-        trained.state_dict(),
-        network=NETWORK,
-        protocol=TISSUE,
-        plan=PLAN,
-        training=TRAINING,
-    )
+    path = _save(tmp_path / "m.pt", trained)
     assert load_model(path).software_version == model_file.installed_version()
 
 
@@ -153,22 +144,13 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 
 def test_network_and_protocol_must_agree_on_the_classes(tmp_path: Path, trained: torch.nn.Module) -> None:
     with pytest.raises(NeurofedError, match=r"predicts 4 classes but protocol 'aseg' has 33"):
-        save_model(
-            tmp_path / "m.pt", trained.state_dict(), network=NETWORK, protocol=ASEG, plan={}, training={}
-        )
+        _save(tmp_path / "m.pt", trained, protocol=ASEG, plan={}, training={})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_non_plain_metadata_is_refused_before_writing(tmp_path: Path, trained: torch.nn.Module) -> None:
     with pytest.raises(NeurofedError, match=rf"plan\['root'\] is a {type(tmp_path).__name__}"):
-        save_model(
-            tmp_path / "m.pt",
-            trained.state_dict(),
-            network=NETWORK,
-            protocol=TISSUE,
-            plan={"root": tmp_path},
-            training={},
-        )
+        _save(tmp_path / "m.pt", trained, plan={"root": tmp_path}, training={})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -178,14 +160,16 @@ def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(
     before = saved.read_bytes()
 
     def failing_save(obj: object, f) -> None:
-        f.write(b"partial")
+        # torch.save takes a path (what save_model gives it) or a file object.
+        if isinstance(f, str | Path):
+            Path(f).write_bytes(b"partial")
+        else:
+            f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        save_model(
-            saved, trained.state_dict(), network=NETWORK, protocol=TISSUE, plan=PLAN, training=TRAINING
-        )
+        _save(saved, trained)
 
     assert saved.read_bytes() == before
     assert [p.name for p in saved.parent.iterdir()] == ["model.pt"]

@@ -26,24 +26,7 @@ from models.errors import NeurofedError  # noqa: E402
 from server.run_directory import RunDirectory  # noqa: E402
 from server.strategies import FedBN, make_strategy, restore_strategy_state, strategy_state  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower messages read the run/task identity of the process, which its runtime normally sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-class _Nodes:
-    def __init__(self, ids: list[int]) -> None:
-        self.ids = ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.ids)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _reply(node_id: int, arrays: dict[str, np.ndarray], num_examples: int, loss: float = 1.0) -> Message:
@@ -73,11 +56,11 @@ def _config(**changes: object) -> RunConfig:
     return RunConfig(num_sites=3, unseen_sites=1, **changes)
 
 
-def test_fedavg_result_is_the_sample_weighted_mean_of_site_arrays() -> None:
+def test_fedavg_result_is_the_sample_weighted_mean_of_site_arrays(node_grid) -> None:
     rng = np.random.default_rng(0)
     strategy = make_strategy(_config(strategy="fedavg"))
     start = _arrays(rng)
-    list(strategy.configure_train(1, _record(start), ConfigRecord(), _Nodes([11, 12])))
+    list(strategy.configure_train(1, _record(start), ConfigRecord(), node_grid([11, 12])))
     site_a, site_b = _arrays(rng), _arrays(rng)
     arrays, metrics = strategy.aggregate_train(1, [_reply(11, site_a, 3, 0.5), _reply(12, site_b, 1, 1.5)])
     for key in start:
@@ -85,31 +68,31 @@ def test_fedavg_result_is_the_sample_weighted_mean_of_site_arrays() -> None:
     assert metrics["train-loss"] == pytest.approx(0.75 * 0.5 + 0.25 * 1.5)
 
 
-def test_training_goes_to_training_sites_only_and_evaluation_to_all() -> None:
+def test_training_goes_to_training_sites_only_and_evaluation_to_all(node_grid) -> None:
     strategy = make_strategy(_config(strategy="fedavg"))
     arrays = _record(_arrays(np.random.default_rng(1)))
-    train = list(strategy.configure_train(1, arrays, ConfigRecord(), _Nodes([1, 2])))
-    evaluate = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), _Nodes([1, 2, 3])))
+    train = list(strategy.configure_train(1, arrays, ConfigRecord(), node_grid([1, 2])))
+    evaluate = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), node_grid([1, 2, 3])))
     assert sorted(m.metadata.dst_node_id for m in train) == [1, 2]
     assert sorted(m.metadata.dst_node_id for m in evaluate) == [1, 2, 3]
 
 
-def test_fedprox_mu_travels_in_the_training_config() -> None:
+def test_fedprox_mu_travels_in_the_training_config(node_grid) -> None:
     strategy = make_strategy(_config(strategy="fedprox", proximal_mu=0.37))
     messages = list(
         strategy.configure_train(
-            2, _record(_arrays(np.random.default_rng(2))), ConfigRecord(), _Nodes([5, 6])
+            2, _record(_arrays(np.random.default_rng(2))), ConfigRecord(), node_grid([5, 6])
         )
     )
     assert {float(m.content["config"]["proximal-mu"]) for m in messages} == {0.37}
 
 
-def test_fedbn_aggregates_shared_arrays_and_keeps_global_norm_layers() -> None:
+def test_fedbn_aggregates_shared_arrays_and_keeps_global_norm_layers(node_grid) -> None:
     rng = np.random.default_rng(3)
     strategy = make_strategy(_config(strategy="fedbn"))
     assert isinstance(strategy, FedBN)
     start = _arrays(rng)
-    messages = list(strategy.configure_train(1, _record(start), ConfigRecord(), _Nodes([1, 2])))
+    messages = list(strategy.configure_train(1, _record(start), ConfigRecord(), node_grid([1, 2])))
     assert messages[0].content["config"]["personal-layers"] == "norm"
     # Sites send everything but their normalization layers.
     site_a = {"conv.weight": _arrays(rng)["conv.weight"]}
@@ -121,19 +104,19 @@ def test_fedbn_aggregates_shared_arrays_and_keeps_global_norm_layers() -> None:
     )
     for key in ("norm.weight", "norm.bias"):
         np.testing.assert_array_equal(arrays[key].numpy(), start[key])
-    evaluate = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), _Nodes([1, 2, 3])))
+    evaluate = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), node_grid([1, 2, 3])))
     assert evaluate[0].content["config"]["evaluate-personal"] is True
 
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
-def test_adaptive_server_state_round_trips_through_a_checkpoint(name: str, tmp_path) -> None:
+def test_adaptive_server_state_round_trips_through_a_checkpoint(name: str, tmp_path, node_grid) -> None:
     rng = np.random.default_rng(4)
     config = _config(strategy=name, server_learning_rate=0.05)
     start = _arrays(rng)
     updates = {r: [(_arrays(rng), 2), (_arrays(rng), 3)] for r in (1, 2, 3)}
 
     def one_round(strategy, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        list(strategy.configure_train(server_round, arrays, ConfigRecord(), _Nodes([1, 2])))
+        list(strategy.configure_train(server_round, arrays, ConfigRecord(), node_grid([1, 2])))
         replies = [_reply(i + 1, a, n) for i, (a, n) in enumerate(updates[server_round])]
         new, _ = strategy.aggregate_train(server_round, replies)
         return new

@@ -86,22 +86,28 @@ def test_training_lowers_loss_and_beats_untrained_model_on_held_out_subjects(tra
     assert after > 0.5
 
 
-def test_segment_writes_native_space_label_map_volumes_and_qc(trained, synth_sites, tmp_path) -> None:
+def _save_trained(trained: dict, path: Path, training: dict) -> None:
+    """The ``trained`` fixture's network as a model file (tissue protocol, its preprocessing plan)."""
     from models.model_file import save_model
+
+    save_model(
+        path,
+        trained["model"].state_dict(),
+        network=trained["network"],
+        protocol=TISSUE,
+        plan=trained["plan"].to_dict(),
+        training=training,
+    )
+
+
+def test_segment_writes_native_space_label_map_volumes_and_qc(trained, synth_sites, tmp_path) -> None:
     from study.cli import main
     from study.local_training import LocalTrainingSetup, training_provenance
 
     model_path = tmp_path / "model.pt"
     provenance = training_provenance(trained["sites"], LocalTrainingSetup(steps=120), trained["history"])
     provenance["training_config"] = trained["training"].to_dict()
-    save_model(
-        model_path,
-        trained["model"].state_dict(),
-        network=trained["network"],
-        protocol=TISSUE,
-        plan=trained["plan"].to_dict(),
-        training=provenance,
-    )
+    _save_trained(trained, model_path, provenance)
     site = synth_sites / "site-02"  # another scanner: segment still maps back onto its native grid
     scan = sorted(site.glob("sub-*/anat/*_T1w.nii.gz"))[0]
     truth_path = sorted((site / "derivatives").rglob(f"{scan.name.split('_')[0]}_dseg.nii.gz"))[0]
@@ -128,18 +134,10 @@ def test_segment_writes_native_space_label_map_volumes_and_qc(trained, synth_sit
 
 
 def test_segment_reports_bad_input_by_name_and_keeps_going(trained, tmp_path, capsys) -> None:
-    from models.model_file import save_model
     from study.cli import main
 
     model_path = tmp_path / "model.pt"
-    save_model(
-        model_path,
-        trained["model"].state_dict(),
-        network=trained["network"],
-        protocol=TISSUE,
-        plan=trained["plan"].to_dict(),
-        training={"training_config": trained["training"].to_dict()},
-    )
+    _save_trained(trained, model_path, {"training_config": trained["training"].to_dict()})
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     (inputs / "broken_T1w.nii.gz").write_bytes(b"not a nifti file")

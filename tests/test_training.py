@@ -32,12 +32,8 @@ NO_AUGMENTATION_DRAWS = AugmentationConfig(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+TORCH_THREADS = 2
+"""Torch threads of this module's tests (tests/conftest.py sets it)."""
 
 
 def blob_subject(seed: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,71 @@
+"""A process and all its descendants, read from /proc (Linux): find them, stop them, sum their memory.
+
+Flower starts helper processes in sessions of their own (SuperExec, Ray's raylet and workers), so ending a
+process group is not enough: `stop_process_tree` also kills every descendant found before and after.
+Used by the benchmarks and by tests/test_deployment.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+
+def _processes(with_rss: bool = False) -> dict[int, tuple[int, int]]:
+    """``{pid: (parent pid, resident bytes)}`` of every process now running (resident 0 unless ``with_rss``)."""
+    page = os.sysconf("SC_PAGE_SIZE") if with_rss else 0
+    table: dict[int, tuple[int, int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            resident = int((stat.parent / "statm").read_text().split()[1]) if with_rss else 0
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+        table[int(stat.parent.name)] = (parent, resident * page)
+    return table
+
+
+def _tree(pid: int, table: dict[int, tuple[int, int]]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """The process ids of every descendant of ``pid`` (children, their children, ...), not ``pid`` itself."""
+    return _tree(pid, _processes())
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Sum of the resident memory (RSS) of ``pid`` and all its descendants."""
+    table = _processes(with_rss=True)
+    return sum(table[p][1] for p in [pid, *_tree(pid, table)] if p in table)
+
+
+def stop_process_tree(process: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 15.0) -> None:
+    """End ``process`` (started with ``start_new_session=True``) and every descendant.
+
+    Sends ``sig`` to its process group, waits up to ``grace_s`` seconds, then SIGKILLs the group; finally
+    SIGKILLs every descendant seen before or after (those in sessions of their own).
+    """
+    tree = descendants(process.pid)
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    for pid in tree + descendants(process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
