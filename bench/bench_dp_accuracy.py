@@ -98,9 +98,8 @@ def run_arm(name: str, config, data_root: Path, seed_cache: Path | None) -> dict
         and e["round"] == config.num_rounds
         and e.get("model", "global") == "global"
     }
-    recipe = config
-    sites = load_study_sites(run_path, data_root, recipe, document["sites"])
-    audit = audit_final_model(load_model(run_dir.final_model_path).model, sites, recipe)
+    sites = load_study_sites(run_path, data_root, config, document["sites"])
+    audit = audit_final_model(load_model(run_dir.final_model_path).model, sites, config)
     pooled = audit.pooled if audit.pooled is not None else audit.sites[0]
     train_dice = [d for s, d in final_dice.items() if roles[s] == "train"]
     unseen_dice = [d for s, d in final_dice.items() if roles[s] == "holdout"]

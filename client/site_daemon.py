@@ -63,7 +63,7 @@ class SiteDaemonConfig:
 
 
 def node_config(config: SiteDaemonConfig) -> str:
-    """The SuperNode's ``--node-config`` string (read by client/app.py's ``site_setup``)."""
+    """The SuperNode's ``--node-config`` string (read by client/site_setup.py's ``site_setup``)."""
     values: dict[str, str | float] = {
         "data-dir": str(config.data_dir.expanduser().resolve()),
         "site-id": config.site_id or config.data_dir.expanduser().resolve().name,

@@ -60,8 +60,8 @@ def run_simulation(
     Args:
         config: the run settings; ``data_root`` must hold at least ``num_sites`` site folders. When
             resuming, the settings stored in ``config.run_dir`` win (only more rounds may be asked).
-        client_app: the sites' ClientApp (``client.app.app``; passed in because server code does not
-            import the site package).
+        client_app: the sites' ClientApp (``client.app.app``; a parameter, so tests and benchmarks can
+            pass their own).
         resume: continue the run in ``config.run_dir`` from its last checkpoint.
         on_event / on_message: hooks, see `server.app.make_server_app`.
         live: True: show the live progress view; False: print nothing; None (default): the live view on

@@ -58,7 +58,7 @@ def _baseline_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def train_baseline(
-    recipe: RunConfig,
+    settings: RunConfig,
     subjects: Sequence[tuple[str, np.ndarray, np.ndarray]],
     steps: int,
     name: str,
@@ -68,20 +68,20 @@ def train_baseline(
     from client.site_model import build_model, run_training_config
     from models.training import train_steps
 
-    model = build_model(recipe)
-    config = run_training_config(recipe)
+    model = build_model(settings)
+    config = run_training_config(settings)
     result = train_steps(
         model,
         [(image, label) for _, image, label in subjects],
         config,
         steps,
-        rng=_baseline_rng(recipe.seed, name),
+        rng=_baseline_rng(settings.seed, name),
         step_hook=step_hook,
     )
     return model, result
 
 
-def _save_baseline(path: Path, model, recipe: RunConfig, provenance: dict[str, Any]) -> None:
+def _save_baseline(path: Path, model, settings: RunConfig, provenance: dict[str, Any]) -> None:
     from client.site_data import run_preprocessing_plan
     from models.label_protocols import get_protocol
     from models.model_file import save_model
@@ -90,16 +90,16 @@ def _save_baseline(path: Path, model, recipe: RunConfig, provenance: dict[str, A
     save_model(
         path,
         model.state_dict(),
-        network=recipe.network_config(),
-        protocol=get_protocol(recipe.protocol),
-        plan=run_preprocessing_plan(recipe).to_dict(),
+        network=settings.network_config(),
+        protocol=get_protocol(settings.protocol),
+        plan=run_preprocessing_plan(settings).to_dict(),
         training=provenance,
     )
 
 
 def train_comparison_models(
     run_dir: Path,
-    recipe: RunConfig,
+    settings: RunConfig,
     trainers: Sequence[StudySite],
     budget: dict[str, Any],
     on_step: Callable[[str], None],
@@ -119,7 +119,7 @@ def train_comparison_models(
         if not subjects:
             raise NeurofedError(f"{name}: the training split is empty; the site needs more subjects")
         model, result = train_baseline(
-            recipe, subjects, steps, name, step_hook=lambda _i, _loss, n=name: on_step(n)
+            settings, subjects, steps, name, step_hook=lambda _i, _loss, n=name: on_step(n)
         )
         file_name = (
             f"{BASELINES_DIR}/pooled.pt"
@@ -131,12 +131,12 @@ def train_comparison_models(
             "sites": [s.site_id for s in on_sites],
             "train_subjects": len(subjects),
             "steps": int(result.steps),
-            "seed": recipe.seed,
+            "seed": settings.seed,
             "budget_rule": budget["rule"],
             "run_dir": str(run_dir),
             "dp": False,
         }
-        _save_baseline(run_dir / file_name, model, recipe, provenance)
+        _save_baseline(run_dir / file_name, model, settings, provenance)
         out.append(
             ComparisonModel(
                 name=name,

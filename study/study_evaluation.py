@@ -69,7 +69,7 @@ def chance_mean_dice(label: np.ndarray, num_classes: int) -> float:
     return float(np.mean(counts[1:] / counts.sum()))
 
 
-def _score(model, image: np.ndarray, label: np.ndarray, recipe: Any, class_names: Sequence[str], spacing):
+def _score(model, image: np.ndarray, label: np.ndarray, settings: Any, class_names: Sequence[str], spacing):
     """(prediction (X, Y, Z) uint8, {class: {metric: value}}) of one subject, sliding-window inference."""
     import torch
 
@@ -78,7 +78,7 @@ def _score(model, image: np.ndarray, label: np.ndarray, recipe: Any, class_names
 
     model.eval()
     with torch.inference_mode():
-        probabilities = predict_volume(model, image, (recipe.patch_size,) * 3)
+        probabilities = predict_volume(model, image, (settings.patch_size,) * 3)
     prediction = probabilities.argmax(axis=0).astype(np.uint8)
     scores = segmentation_metrics(prediction, np.asarray(label), class_names, spacing)
     return prediction, {c: {m: v[m] for m in REPORTED_METRICS} for c, v in scores.items()}
@@ -88,7 +88,7 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def audit_final_model(model, sites: Sequence[StudySite], recipe: Any, on_subject=None):
+def audit_final_model(model, sites: Sequence[StudySite], settings: Any, on_subject=None):
     """The membership-inference audit (study/membership_audit.py) of ``model``: each training site's
     training split (members) vs its test split (non-members), calibrated on the unseen sites' subjects;
     losses on the run's training patch size, seeded by the run's seed."""
@@ -98,7 +98,7 @@ def audit_final_model(model, sites: Sequence[StudySite], recipe: Any, on_subject
         model,
         {s.site_id: (s.train, s.test) for s in sites if s.role == ROLE_TRAIN},
         {s.site_id: s.test for s in sites if s.role == ROLE_HOLDOUT},
-        AuditSettings(patch_size=(recipe.patch_size,) * 3, seed=recipe.seed),
+        AuditSettings(patch_size=(settings.patch_size,) * 3, seed=settings.seed),
         on_subject=on_subject,
     )
 
@@ -135,7 +135,7 @@ def evaluate_study(
             f"{run_dir} holds no final model (final-model.pt): the run did not finish; continue it with "
             f"`neurofed simulate --resume {run_dir}`"
         )
-    recipe = RunConfig.from_dict(run_config)
+    settings = RunConfig.from_dict(run_config)
     if data_root is None:
         data_root = Path(str(run_config.get("data_root") or "")) if run_config.get("data_root") else None
     if data_root is None or not Path(data_root).is_dir():
@@ -144,11 +144,11 @@ def evaluate_study(
             "folders the run used with --data-root"
         )
     data_root = Path(data_root)
-    protocol = get_protocol(recipe.protocol)
+    protocol = get_protocol(settings.protocol)
     class_names = protocol.class_names
-    sites = load_study_sites(run_dir, data_root, recipe, document["sites"])
+    sites = load_study_sites(run_dir, data_root, settings, document["sites"])
     trainers = [s for s in sites if s.role == ROLE_TRAIN]
-    budget = budget_rule(int(run_config["num_rounds"]), recipe.local_steps, len(trainers))
+    budget = budget_rule(int(run_config["num_rounds"]), settings.local_steps, len(trainers))
 
     n_test = sum(len(s.test) for s in sites)
     n_audited = sum(len(s.test) + len(s.train) for s in sites)
@@ -171,7 +171,7 @@ def evaluate_study(
     ]
     with ProgressBar(progress, total, "study evaluation", "{task.fields[what]}", what="") as bar:
         trained = train_comparison_models(
-            run_dir, recipe, trainers, budget, on_step=lambda name: bar.advance(what=f"train {name}")
+            run_dir, settings, trainers, budget, on_step=lambda name: bar.advance(what=f"train {name}")
         )
         for baseline in trained:
             models[baseline.name] = baseline.model
@@ -204,10 +204,10 @@ def evaluate_study(
                 }
             )
         results, qc = _score_sites(
-            run_dir, sites, models, personalised, recipe, class_names, qc_subjects, bar
+            run_dir, sites, models, personalised, settings, class_names, qc_subjects, bar
         )
         audit = audit_final_model(
-            models[FEDERATED], sites, recipe, on_subject=lambda _s: bar.advance(what="audit")
+            models[FEDERATED], sites, settings, on_subject=lambda _s: bar.advance(what="audit")
         )
 
     evaluation = {
@@ -217,7 +217,7 @@ def evaluate_study(
         "classes": list(class_names[1:]),
         "metrics": list(REPORTED_METRICS),
         "units": {"dice": "1", "hd95_mm": "mm", "assd_mm": "mm", "abs_volume_diff_ml": "mL"},
-        "grid": f"preprocessed grid, {recipe.spacing_mm:g} mm isotropic, RAS",
+        "grid": f"preprocessed grid, {settings.spacing_mm:g} mm isotropic, RAS",
         "global_model_rounds": int(run_config["num_rounds"]),
         "data_root": str(data_root),
         "budget": budget,
@@ -246,7 +246,7 @@ def _score_sites(
     sites: Sequence[StudySite],
     models: Mapping[str, Any],
     personalised: Mapping[str, tuple[Any, str]],
-    recipe: RunConfig,
+    settings: RunConfig,
     class_names: Sequence[str],
     qc_subjects: int,
     bar: ProgressBar,
@@ -255,14 +255,14 @@ def _score_sites(
     subject of every site; QC images of the global model on the first ``qc_subjects`` of each unseen site."""
     from client.segmentation import write_qc_png
 
-    spacing = (recipe.spacing_mm,) * 3
+    spacing = (settings.spacing_mm,) * 3
     results = []
     qc = []
     for site in sites:
         own = {PERSONALISED: personalised[site.site_id][0]} if site.site_id in personalised else {}
         for subject_id, image, label in site.test:
             for name, model in {**models, **own}.items():
-                prediction, scores = _score(model, image, label, recipe, class_names, spacing)
+                prediction, scores = _score(model, image, label, settings, class_names, spacing)
                 dice = [v["dice"] for v in scores.values()]
                 results.append(
                     {

@@ -36,15 +36,15 @@ class StudySite:
 
 
 def load_study_sites(
-    run_dir: Path, data_root: Path, recipe: RunConfig, sites: Sequence[Mapping[str, Any]]
+    run_dir: Path, data_root: Path, settings: RunConfig, sites: Sequence[Mapping[str, Any]]
 ) -> list[StudySite]:
     """Prepare every site of the run (through the run's preprocessed cache) and split it as the run did."""
     from client.preprocessed_cache import PreprocessedCache
     from client.site_data import prepare_split_site, role_test_fraction, run_preprocessing_plan
     from models.label_protocols import get_protocol
 
-    plan = run_preprocessing_plan(recipe)
-    protocol = get_protocol(recipe.protocol)
+    plan = run_preprocessing_plan(settings)
+    protocol = get_protocol(settings.protocol)
     cache = PreprocessedCache(run_dir / SITE_CACHE_DIR)
     out = []
     for site in sites:
@@ -58,8 +58,8 @@ def load_study_sites(
             data_dir,
             plan,
             protocol,
-            test_fraction=role_test_fraction(role, recipe),
-            seed=recipe.seed,
+            test_fraction=role_test_fraction(role, settings),
+            seed=settings.seed,
             cache=cache,
         )
         out.append(
