@@ -2,7 +2,9 @@
 
 A patch is an image ``(C, X, Y, Z)`` float32 (z-scored intensities, one channel per contrast) and its
 label ``(X, Y, Z)`` integer class indices. Spatial transforms move both; intensity transforms touch the
-image only. Every random draw comes from the ``numpy.random.Generator`` passed in, so a seed fixes the
+image only. The transforms are MONAI's (``Flip``, ``Affine``, ``AdjustContrast``, ``ScaleIntensity``,
+``ShiftIntensity``, ``RandGaussianNoise``), applied with parameters drawn here: every random draw comes
+from the ``numpy.random.Generator`` passed in (the noise from a seed drawn from it), so a seed fixes the
 result.
 
 Left/right mirroring swaps hemispheres: with a protocol that has left and right classes (``aseg``) a
@@ -132,6 +134,8 @@ def augment_patch(
 def _random_flips(
     image: np.ndarray, label: np.ndarray, config: AugmentationConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
+    from monai.transforms import Flip
+
     for axis in config.flip_axes:
         # Draw for every axis, also skipped ones, so enabling an axis does not shift the other draws.
         flip = rng.random() < config.flip_probability
@@ -141,8 +145,9 @@ def _random_flips(
             if config.left_right_permutation is None:
                 continue
             label = np.asarray(config.left_right_permutation, dtype=label.dtype)[label]
-        image = np.flip(image, axis=axis + 1)
-        label = np.flip(label, axis=axis)
+        mirror = Flip(spatial_axis=axis)
+        image = _numpy(mirror(image))
+        label = _numpy(mirror(label[None]))[0]
     return image, label
 
 
@@ -169,20 +174,27 @@ def _random_affine(
 
 
 def _random_intensity(image: np.ndarray, config: AugmentationConfig, rng: np.random.Generator) -> np.ndarray:
-    image = np.array(image, dtype=np.float32)
+    from monai.transforms import AdjustContrast, RandGaussianNoise, ScaleIntensity, ShiftIntensity
+
+    channels = []
     for c in range(image.shape[0]):
-        channel = image[c]
+        channel = np.array(image[c : c + 1], dtype=np.float32)
         if rng.random() < config.gamma_probability:
-            gamma = rng.uniform(*config.gamma_range)
-            low, high = float(channel.min()), float(channel.max())
-            if high > low:
-                # Gamma needs non-negative values: rescale to [0, 1], bend, restore the range.
-                channel[...] = ((channel - low) / (high - low)) ** gamma * (high - low) + low
+            # MONAI's gamma rescales to [0, 1], bends and restores the range (gamma needs values >= 0).
+            channel = _numpy(AdjustContrast(gamma=rng.uniform(*config.gamma_range))(channel))
         factor = rng.uniform(1 - config.intensity_scale, 1 + config.intensity_scale)
         shift = rng.uniform(-config.intensity_shift, config.intensity_shift)
-        channel *= factor
-        channel += shift
+        channel = _numpy(ShiftIntensity(offset=shift)(ScaleIntensity(minv=None, maxv=None, factor=factor - 1)(channel)))
+        channels.append(channel)
+    image = np.concatenate(channels).astype(np.float32)
     if rng.random() < config.noise_probability:
-        std = rng.uniform(0.0, config.noise_std)
-        image += rng.normal(0.0, std, size=image.shape).astype(np.float32)
+        # The noise std is uniform in [0, noise_std] (sample_std), drawn from a seed of this rng.
+        noise = RandGaussianNoise(prob=1.0, std=config.noise_std, sample_std=True, dtype=np.float32)
+        noise.set_random_state(seed=int(rng.integers(0, 2**32 - 1)))
+        image = _numpy(noise(image))
     return image
+
+
+def _numpy(array) -> np.ndarray:
+    """MONAI returns tensors (MetaTensor) for array transforms; patches stay numpy float32."""
+    return np.asarray(array.detach().cpu().numpy() if hasattr(array, "detach") else array)

@@ -115,15 +115,13 @@ def _bias_field(rng: np.random.Generator, grid: OutputGrid, center: np.ndarray, 
 
 
 def _resample_axis(volume: np.ndarray, axis: int, n_out: int) -> np.ndarray:
-    """Linear interpolation along ``axis`` onto ``n_out`` evenly spaced voxels spanning the same extent."""
+    """Linear interpolation along ``axis`` onto ``n_out`` evenly spaced voxels spanning the same extent
+    (voxels as areas, ``grid_mode``; values beyond the edge voxels clamped, ``mode="nearest"``)."""
     n_in = volume.shape[axis]
     if n_in == n_out:
         return volume
-    q = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1.0)
-    i0 = np.minimum(np.floor(q).astype(int), max(n_in - 2, 0))
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    w = (q - i0).astype(np.float32).reshape([-1 if d == axis else 1 for d in range(volume.ndim)])
-    return np.take(volume, i0, axis=axis) * (1.0 - w) + np.take(volume, i1, axis=axis) * w
+    factors = [n_out / n_in if d == axis else 1.0 for d in range(volume.ndim)]
+    return ndi.zoom(volume, factors, order=1, mode="nearest", grid_mode=True)
 
 
 def _acquire(
