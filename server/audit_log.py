@@ -2,7 +2,7 @@
 
 One JSON object per line in ``<state-dir>/audit.jsonl`` (see server/coordinator_state.py), appended and
 flushed to disk at once, never rewritten. Every line has ``time`` (UTC, ISO 8601), ``unix`` (seconds)
-and ``event``; the ServerApp (server/app.py) writes:
+and ``event``; the ServerApp's run loop (server/federated_run.py) writes:
 
 - ``run-started``: ``run_id`` (neurofed's run id, also in the sites' privacy ledgers), ``flower_run_id``,
   ``run_dir``, ``resume``, ``first_round``, ``num_rounds``.

@@ -95,7 +95,7 @@ def run_settings(
     if resume is not None:
         settings["resume"] = True
         settings["run-dir"] = resume if "/" in resume else f"{RUNS_FOLDER}/{resume}"
-        # A resumed run keeps its stored settings; asking for more rounds extends it (server/app.py).
+        # A resumed run keeps its stored settings; asking for more rounds extends it (server/federated_run.py).
         settings["resume-rounds"] = int(settings.pop("num-server-rounds", 0))
     elif "run-dir" not in settings or settings["run-dir"] == RunConfig().run_dir:
         settings["run-dir"] = f"{RUNS_FOLDER}/{(now or datetime.now(UTC)):%Y%m%d-%H%M%S}"
