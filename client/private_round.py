@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from client.site_secret import SiteSecret
 from client.site_setup import SIMULATED_BUDGET, SiteSetup
 from contract.site_task import SiteTask
 from models.errors import NeurofedError
@@ -39,7 +40,9 @@ class Refusal:
 
 
 def site_rng(task: SiteTask, site_id: str) -> np.random.Generator:
-    # Training depends only on (seed, round, site), so a resumed round repeats the interrupted one.
+    """The draws of a round trained without DP: from the run's seed, the round and the site, so a resumed
+    round repeats the interrupted one and a run can be repeated exactly. (A DP round draws from the
+    site's secret instead, client/site_secret.py.)"""
     return np.random.default_rng([task.run.seed, task.server_round, zlib.crc32(site_id.encode())])
 
 
@@ -143,8 +146,11 @@ def train_private_round(
     if not decision.allowed:
         return Refusal(decision.reason, ledger.run_epsilon(task.run_id), dp.delta)
 
-    seed = int(site_rng(task, setup.site_id).integers(0, 2**63 - 1))
-    units = PrivacyUnitDataset(SubjectPatches(subjects, config, max(run.local_steps, 1), seed), n_subjects)
+    # Every draw of the release comes from the site's secret, never from a value the coordinator knows.
+    secret = SiteSecret.load_or_create(setup.state_dir)
+    patch_seed = secret.seed(task.run_id, task.server_round, "patches")
+    patches = SubjectPatches(subjects, config, max(run.local_steps, 1), patch_seed)
+    units = PrivacyUnitDataset(patches, n_subjects)
     optimizer = make_optimizer(model, config)
     started = time.perf_counter()
     model.train()
@@ -160,10 +166,10 @@ def train_private_round(
                 loss_fn=make_loss(),
                 planned_steps=planned_steps,
                 accountant_state=ledger.accountant_state(task.run_id),
-                generator=torch.Generator().manual_seed(seed),
+                generator=secret.torch_generator(task.run_id, task.server_round, "sampling-and-noise"),
             ) as private,
         ):
-            torch.manual_seed(seed)  # dropout
+            torch.manual_seed(secret.seed(task.run_id, task.server_round, "dropout"))
             with ledger.reserved_round(
                 task.run_id,
                 task.server_round,
