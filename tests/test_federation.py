@@ -67,18 +67,8 @@ def site(monkeypatch, tmp_path, task_identity, node_grid):
         return real_train_steps(model, subjects, config, steps, **kwargs)
 
     monkeypatch.setattr("models.training.train_steps", spy_train_steps)
-    context = Context(
-        run_id=1,
-        node_id=7,
-        node_config={
-            "data-dir": str(tmp_path / "site-a"),
-            "site-id": "site-a",
-            "state-dir": str(tmp_path / "state"),
-            "require-dp": False,  # this site opts in to runs without DP (the tests below are non-DP)
-        },
-        state=RecordDict(),
-        run_config={},
-    )
+    # This site opts in to runs without DP (the tests below are non-DP).
+    context = deployed_site_context(tmp_path, "state", **{"require-dp": False})
     config = RunConfig(
         num_sites=SITES,
         unseen_sites=UNSEEN,
@@ -105,6 +95,23 @@ def site(monkeypatch, tmp_path, task_identity, node_grid):
     call.context = context  # type: ignore[attr-defined]
     call.tmp_path = tmp_path  # type: ignore[attr-defined]
     return call
+
+
+def deployed_site_context(tmp_path: Path, state: str, **node_config) -> Context:
+    """The Flower context of deployed site ``site-a`` (node 7): its data folder and state folder under
+    ``tmp_path``, and further node-config settings."""
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={
+            "data-dir": str(tmp_path / "site-a"),
+            "site-id": "site-a",
+            "state-dir": str(tmp_path / state),
+            **node_config,
+        },
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def _initial_state() -> dict[str, torch.Tensor]:

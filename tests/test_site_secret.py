@@ -14,11 +14,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flwr.app import (  # noqa: E402
     ConfigRecord,  # noqa: E402
-    Context,
     Message,
-    RecordDict,
 )
-from test_federation import _fake_site_data, _initial_state  # noqa: E402
+from test_federation import _fake_site_data, _initial_state, deployed_site_context  # noqa: E402
 
 import client.app as site_app  # noqa: E402
 from client.site_secret import SECRET_FILE, SiteSecret  # noqa: E402
@@ -41,19 +39,8 @@ def dp_release(monkeypatch, tmp_path, node_grid):
         run = RunConfig(
             num_sites=2, unseen_sites=1, local_steps=2, patch_size=16, batch_size=1, run_dir=str(tmp_path), **changes
         )
-        context = Context(
-            run_id=1,
-            node_id=7,
-            node_config={
-                "data-dir": str(tmp_path / "site-a"),
-                "site-id": "site-a",
-                "state-dir": str(tmp_path / state),
-                "ledger": str(tmp_path / ledger),
-                "budget-epsilon": 100.0,
-                "budget-delta": 1e-3,
-            },
-            state=RecordDict(),
-            run_config={},
+        context = deployed_site_context(
+            tmp_path, state, ledger=str(tmp_path / ledger), **{"budget-epsilon": 100.0, "budget-delta": 1e-3}
         )
         record = ConfigRecord(site_task_record(run, server_round=1, run_id="run-1"))
         (message,) = make_strategy(run).configure_train(1, state_dict_to_arrays(initial), record, node_grid([7]))
