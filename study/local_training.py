@@ -18,8 +18,7 @@ import numpy as np
 
 from client.preprocessed_cache import PreprocessedCache
 from client.preprocessing import PreprocessedSubject, PreprocessingPlan
-from client.site_data import prepare_site
-from client.site_split import split_subjects
+from client.site_data import prepare_split_site
 from models.errors import NeurofedError
 from models.label_protocols import LabelProtocol
 from study.progress_bar import ProgressBar
@@ -83,16 +82,10 @@ def load_sites(
     cache = cache if cache is not None else PreprocessedCache()
     sites = []
     for data_dir in data_dirs:
-        prepared = prepare_site(Path(data_dir), plan, protocol, cache=cache, progress=progress)
-        by_id = {s.subject_id: s for s in prepared.subjects}
-        split = split_subjects(by_id, validation_fraction, seed)
-        sites.append(
-            SiteSubjects(
-                name=Path(data_dir).name,
-                train=[by_id[i] for i in split.train],
-                validation=[by_id[i] for i in split.test],
-            )
+        split = prepare_split_site(
+            Path(data_dir), plan, protocol, test_fraction=validation_fraction, seed=seed, cache=cache, progress=progress
         )
+        sites.append(SiteSubjects(name=Path(data_dir).name, train=split.train, validation=split.test))
     return sites
 
 
