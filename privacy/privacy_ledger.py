@@ -1,19 +1,27 @@
 """The site's privacy ledger: every release of a model trained on the site's data, and the lifetime budget.
 
 A JSON file owned by the site (never by the coordinator). Each federated round a site trains is a
-*release*: run id, round, DP-SGD steps, sample rate, noise multiplier, δ, and the run's cumulative ε after
-it. Before training a round the site *reserves* it (recorded as if the round completes: the worst case);
-after training it *commits* it. A reservation that is never committed (a crash mid-round) stays in the
-ledger and counts as spent, so a crash can over-count but never under-count.
+*release*: run id, round, DP-SGD steps, sample rate, noise multiplier, the run's δ, and the run's
+cumulative ε after it. Before training a round the site *reserves* it (recorded as if the round
+completes: the worst case); after training it *commits* it. A reservation that is never committed (a
+crash mid-round) stays in the ledger and counts as spent, so a crash can over-count but never under-count.
 
-Composition: within a run, rounds compose by the run's RDP accountant (ε is cumulative for the run).
-Across runs on the same data, basic composition applies: (ε₁, δ₁) and (ε₂, δ₂) give (ε₁ + ε₂, δ₁ + δ₂), so
-the ε of different runs ADD, and so do their δ. The operator's lifetime budget (ε_max, δ_max) bounds both
-sums; a round that would exceed either is refused with a reason the site sends to the coordinator.
+Composition: Rényi DP adds up over every release of every run on the same data, so the lifetime budget
+(ε_max, δ_max) is checked on ALL releases composed in one RDP accountant and converted to (ε, δ) once, at
+the lifetime δ_max; the δ of runs is never summed (privacy/ledger_records.py, `decide_round`). Each run's
+own ε, at the run's δ, is what the run reports.
 
-Every write replaces the whole file atomically (temporary file in the same folder, fsync, ``os.replace``:
-common/atomic_files.py; then fsync of the folder) under an exclusive lock, so the file on disk is always a
-complete ledger. The records, and the budget rule, are in privacy/ledger_records.py.
+Loss and rollback: beside the ledger, its *marker* (``<ledger>.marker``, `MARKER_SUFFIX`) records the
+ledger's write count (``generation``), its number of releases and the SHA-256 of its bytes, rewritten after
+every write. A missing ledger whose marker exists, a ledger behind its marker (an older copy restored), or
+one edited since its last write is refused with a PrivacyError naming both files: the site restores the
+latest backup of both, and never re-creates the ledger. (Without ledger and marker a ledger is simply
+not set up; whether the site may create it is the caller's choice: `create` refuses to overwrite.)
+
+Every write replaces each file atomically (temporary file in the same folder, fsync, ``os.replace``:
+common/atomic_files.py; then fsync of the folder) under an exclusive lock, the ledger before its marker,
+so the files on disk are always complete and the ledger is never behind its marker. Readers read the
+marker first, then the ledger, so a concurrent write never looks like a rollback.
 """
 
 from __future__ import annotations
@@ -32,19 +40,31 @@ from privacy.errors import PrivacyBudgetExceeded, PrivacyError
 from privacy.ledger_records import (
     LEDGER_FORMAT,
     LEDGER_VERSION,
+    READABLE_VERSIONS,
     Decision,
+    LedgerMarker,
     LedgerSummary,
     LifetimeBudget,
     Release,
     RunSummary,
     budget_from,
     by_run,
+    check_against_marker,
     damaged,
+    damaged_marker,
     decide_round,
+    lifetime_epsilon,
+    lost_ledger,
+    marker_from_text,
+    marker_of,
+    marker_to_text,
     release_to_json,
     releases_from,
     run_summary,
 )
+
+MARKER_SUFFIX = ".marker"
+"""The marker of ledger ``privacy-ledger.jsonl`` is ``privacy-ledger.jsonl.marker``, in the same folder."""
 
 
 class PrivacyLedger:
@@ -61,10 +81,25 @@ class PrivacyLedger:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
+    @property
+    def marker_path(self) -> Path:
+        """The marker file beside the ledger (back it up with the ledger)."""
+        return self.path.with_name(self.path.name + MARKER_SUFFIX)
+
     # -- reading
 
     def exists(self) -> bool:
+        """Whether the ledger file exists (it may still be stale: `verify` checks it against its marker)."""
         return self.path.is_file()
+
+    def verify(self) -> bool:
+        """True if the ledger exists and is its latest version; False if neither it nor its marker exists.
+
+        Raises PrivacyError (naming the files and what to do) if the ledger is missing while its marker
+        exists, is older than its marker (rolled back), was edited, or is damaged.
+        """
+        self._read()
+        return self.exists()
 
     def budget(self) -> LifetimeBudget | None:
         """The lifetime budget the operator set, or None."""
@@ -90,15 +125,24 @@ class PrivacyLedger:
         releases = self.releases(run_id)
         return history_epsilon([r.segment for r in releases], releases[0].delta) if releases else 0.0
 
+    def lifetime_epsilon(self) -> float | None:
+        """The site's lifetime ε: every release of every run composed (RDP), at the budget's lifetime δ.
+
+        None without a budget (there is no lifetime δ to convert at).
+        """
+        return self.summary().spent_epsilon
+
     def summary(self) -> LedgerSummary:
-        """Spending per run and in total, and what is left of the lifetime budget."""
+        """Each run's own ε (at the run's δ), the lifetime ε (all runs composed, at the lifetime δ), and
+        what is left of the lifetime budget."""
         doc = self._read()
         budget = budget_from(doc, self.path)
-        runs = [run_summary(run_id, rs) for run_id, rs in by_run(releases_from(doc, self.path)).items()]
-        spent_epsilon = sum(r.epsilon for r in runs)
-        spent_delta = sum(r.delta for r in runs)
-        left = None if budget is None else budget.epsilon - spent_epsilon
-        return LedgerSummary(budget, runs, spent_epsilon, spent_delta, left)
+        releases = releases_from(doc, self.path)
+        runs = [run_summary(run_id, rs) for run_id, rs in by_run(releases).items()]
+        if budget is None:
+            return LedgerSummary(None, runs, None, None)
+        spent = lifetime_epsilon([r.segment for r in releases], budget.delta)
+        return LedgerSummary(budget, runs, spent, budget.epsilon - spent)
 
     def check_round(
         self, run_id: str, steps: int, sample_rate: float, noise_multiplier: float, delta: float
@@ -106,20 +150,40 @@ class PrivacyLedger:
         """Whether one more round of ``run_id`` fits the lifetime budget (recording nothing).
 
         The round is counted as if it completes all ``steps`` steps. Refused when no budget is set, when
-        ``delta`` differs from the run's earlier δ, or when the site's ε or δ summed over all runs (basic
-        composition) would exceed the budget.
+        ``delta`` differs from the run's earlier δ, or when the lifetime ε after it (every release of every
+        run and this round composed by RDP, at the lifetime δ) would exceed the budget's ε.
         """
         return decide_round(self._read(), self.path, run_id, steps, sample_rate, noise_multiplier, delta)
 
     # -- writing
 
-    def set_budget(self, epsilon: float, delta: float) -> LifetimeBudget:
-        """Set the lifetime budget (ε_max, δ_max) for all runs on this site's data."""
+    def create(self, epsilon: float, delta: float) -> LifetimeBudget:
+        """Create the ledger (and its marker) with the lifetime budget; PrivacyError if either file exists."""
         check_privacy_parameters(epsilon=epsilon, delta=delta)
-        budget = LifetimeBudget(float(epsilon), float(delta), _now())
         with self._locked() as doc:
-            doc["budget"] = asdict(budget)
-            self._write(doc)
+            existing = [p for p in (self.path, self.marker_path) if p.exists()]
+            if existing:
+                raise PrivacyError(
+                    f"{existing[0]} already exists: this site's privacy ledger is set up, and it is never "
+                    "created again (that would reset its spending). Show it with `neurofed-site budget "
+                    f"--ledger {self.path}`, or change the budget with --set-budget EPS --delta D (without --init)"
+                )
+            return self._write_budget(doc, epsilon, delta)
+
+    def set_budget(self, epsilon: float, delta: float) -> LifetimeBudget:
+        """Set the lifetime budget (ε_max, δ_max) for all runs on this site's data.
+
+        Creates the ledger if neither it nor its marker exists (callers that must not create one check
+        `verify` first); refuses, like every access, a ledger that is lost or rolled back.
+        """
+        check_privacy_parameters(epsilon=epsilon, delta=delta)
+        with self._locked() as doc:
+            return self._write_budget(doc, epsilon, delta)
+
+    def _write_budget(self, doc: dict, epsilon: float, delta: float) -> LifetimeBudget:
+        budget = LifetimeBudget(float(epsilon), float(delta), _now())
+        doc["budget"] = asdict(budget)
+        self._write(doc)
         return budget
 
     def reserve(
@@ -211,22 +275,47 @@ class PrivacyLedger:
     # -- file
 
     def _read(self) -> dict:
-        if not self.path.exists():
-            return {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "budget": None, "releases": []}
+        """The ledger document, checked against its marker (read first: see the module docstring)."""
+        marker = self._read_marker()
         try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            ledger_bytes = self.path.read_bytes()
+        except FileNotFoundError:
+            if marker is not None:
+                raise lost_ledger(self.path, self.marker_path, marker) from None
+            return {
+                "format": LEDGER_FORMAT,
+                "version": LEDGER_VERSION,
+                "generation": 0,
+                "budget": None,
+                "releases": [],
+            }
+        except OSError as exc:
+            raise damaged(self.path, str(exc)) from exc
+        try:
+            doc = json.loads(ledger_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise damaged(self.path, str(exc)) from exc
         if not isinstance(doc, dict) or doc.get("format") != LEDGER_FORMAT:
             raise damaged(self.path, f"it is not a {LEDGER_FORMAT} file")
-        if doc.get("version") != LEDGER_VERSION:
+        if doc.get("version") not in READABLE_VERSIONS:
             raise PrivacyError(
                 f"{self.path}: privacy ledger version {doc.get('version')} is not supported by this neurofed "
-                f"(it reads version {LEDGER_VERSION}); use the neurofed release that wrote it"
+                f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); use the neurofed release that "
+                "wrote it"
             )
-        if not isinstance(doc.get("releases"), list):
-            raise damaged(self.path, "it has no list of releases")
+        if not isinstance(doc.get("releases"), list) or not isinstance(doc.get("generation", 0), int):
+            raise damaged(self.path, "it has no list of releases or no whole-number generation")
+        check_against_marker(doc, ledger_bytes, marker, self.path, self.marker_path)
         return doc
+
+    def _read_marker(self) -> LedgerMarker | None:
+        try:
+            text = self.marker_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise damaged_marker(self.marker_path, self.path, str(exc)) from exc
+        return marker_from_text(text, self.marker_path, self.path)
 
     @contextmanager
     def _locked(self) -> Iterator[dict]:
@@ -244,7 +333,14 @@ class PrivacyLedger:
             yield self._read()
 
     def _write(self, doc: dict) -> None:
-        atomic_write_text(self.path, json.dumps(doc, indent=1) + "\n")
+        """Write the document as the next generation, then its marker (each atomically and durably)."""
+        doc["version"] = LEDGER_VERSION
+        doc["generation"] = int(doc.get("generation", 0)) + 1
+        text = json.dumps(doc, indent=1) + "\n"
+        atomic_write_text(self.path, text)
+        _fsync_folder(self.path.parent)
+        marker = marker_of(doc, text.encode("utf-8"), _now())
+        atomic_write_text(self.marker_path, marker_to_text(marker))
         _fsync_folder(self.path.parent)
 
 
@@ -267,7 +363,9 @@ def _fsync_folder(folder: Path) -> None:
 
 
 __all__ = [
+    "MARKER_SUFFIX",
     "Decision",
+    "LedgerMarker",
     "LedgerSummary",
     "LifetimeBudget",
     "PrivacyLedger",

@@ -1,4 +1,5 @@
-"""The site's ε agrees with Google's independent RDP accountant (dp-accounting), and stays cumulative."""
+"""The site's ε agrees with Google's independent RDP accountant (dp-accounting), and stays cumulative;
+the ledger's lifetime ε, every run composed at the lifetime δ, agrees with it too."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from privacy.accounting import (
     noise_multiplier_for_target,
 )
 from privacy.errors import PrivacyError
+from privacy.privacy_ledger import PrivacyLedger
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
@@ -110,3 +112,33 @@ def test_bad_parameters_are_named() -> None:
 def test_restoring_a_foreign_accountant_state_is_a_clear_error() -> None:
     with pytest.raises(PrivacyError, match="cannot restore the privacy accountant"):
         make_accountant({"mechanism": "prv", "history": []})
+
+
+def test_ledger_lifetime_epsilon_composes_all_runs_as_dp_accounting_does(tmp_path) -> None:
+    # Three runs with their own δ, sample rates and noise, one with an uncommitted (crashed) round: the
+    # lifetime ε is all releases composed in one RDP accountant, converted once at the lifetime δ.
+    runs = {
+        "run-a": (1e-5, [(1.1, 0.05, 40), (1.1, 0.05, 40), (1.1, 0.05, 25)]),
+        "run-b": (1e-6, [(1.5, 0.2, 30), (1.5, 0.2, 30)]),
+        "run-c": (1e-5, [(0.9, 0.01, 200), (2.0, 0.5, 5)]),
+    }
+    lifetime_delta = 1e-5
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.jsonl")
+    ledger.set_budget(epsilon=50.0, delta=lifetime_delta)
+    for run_id, (delta, rounds) in runs.items():
+        for server_round, (noise, rate, steps) in enumerate(rounds, start=1):
+            release = ledger.reserve(
+                run_id, server_round, steps=steps, sample_rate=rate, noise_multiplier=noise, delta=delta
+            )
+            if run_id != "run-c" or server_round == 1:
+                ledger.commit(release)
+    every_round = [segment for _, rounds in runs.values() for segment in rounds]
+    reference = google_epsilon(every_round, lifetime_delta)
+    assert ledger.lifetime_epsilon() == pytest.approx(reference, rel=0.01)
+    summary = ledger.summary()
+    assert summary.left_epsilon == pytest.approx(50.0 - reference, rel=0.01)
+    # Each run's own ε, at its δ, is dp-accounting's for that run alone; the lifetime figure is not their sum.
+    for run in summary.runs:
+        delta, rounds = runs[run.run_id]
+        assert run.epsilon == pytest.approx(google_epsilon(rounds, delta), rel=0.01)
+    assert ledger.lifetime_epsilon() < sum(run.epsilon for run in summary.runs)
