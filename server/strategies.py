@@ -11,9 +11,10 @@ What each strategy asks of the sites travels in the train/evaluate ConfigRecord:
   rounds and sends only the other arrays; ``evaluate-personal`` = True: sites also evaluate their
   personalised model (global arrays + their own normalization layers).
 
-Site-level DP (``server-dp``): Flower's server-side fixed or adaptive clipping wrapper around the chosen
-strategy clips each site's update and noises the aggregate. Every update passes the screening of
-server/update_screening.py before any of this.
+Site-level DP (``server-dp``): `server.site_level_dp.SiteLevelDP` around the chosen strategy clips each
+site's update, averages the k accepted updates with weight 1/k each, adds Gaussian noise of std z·C/k and
+lets the strategy take its server step on that; `server_dp_epsilon` is the ε of the rounds it released.
+Every update passes the screening of server/update_screening.py before any of this.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
     FedProx,
@@ -37,6 +36,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from contract.run_config import RunConfig
 from contract.wire import EVALUATE_PERSONAL_KEY, PERSONAL_LAYERS_KEY
+from server.site_level_dp import AdaptiveClipping, SiteLevelDP
 
 
 class FedBN(FedAvg):
@@ -81,17 +81,29 @@ class FedBN(FedAvg):
         return merged, metrics
 
 
+def sites_sampled_per_round(config: RunConfig) -> int:
+    """Training sites asked to train each round: every one of ``config.num_training_sites``."""
+    return config.num_training_sites
+
+
+def site_sample_rate(config: RunConfig) -> float:
+    """``q``: probability that a training site is asked to train in a round (sampled / available sites)."""
+    return sites_sampled_per_round(config) / config.num_training_sites
+
+
 def make_strategy(config: RunConfig) -> Strategy:
     """The strategy ``config.strategy`` names, sampling every training site each round.
 
     Training messages go to the ``config.num_training_sites`` training sites (the caller hands
     ``configure_train`` a grid view without the holdout sites); evaluation goes to all
-    ``config.num_sites`` sites.
+    ``config.num_sites`` sites. With ``server-dp`` the strategy is wrapped in `SiteLevelDP`, which
+    releases a round only with at least ``min-sites`` accepted updates (1 when ``min-sites`` is 0: the
+    run then already stops when a site does not answer, and screening may still leave fewer).
     """
     common: dict[str, Any] = {
         "fraction_train": 1.0,
         "fraction_evaluate": 1.0,
-        "min_train_nodes": config.num_training_sites,
+        "min_train_nodes": sites_sampled_per_round(config),
         "min_evaluate_nodes": config.num_sites,
         "min_available_nodes": config.num_training_sites,
     }
@@ -107,48 +119,57 @@ def make_strategy(config: RunConfig) -> Strategy:
         strategy = FedBN(**common)
     else:
         raise ValueError(f"unknown strategy {config.strategy!r}")  # RunConfig validated it
-    if config.server_dp == "fixed":
-        return DifferentialPrivacyServerSideFixedClipping(
-            strategy,
-            noise_multiplier=config.server_dp_noise_multiplier,
-            clipping_norm=config.server_dp_clipping_norm,
-            num_sampled_clients=config.num_training_sites,
-        )
+    if config.server_dp == "off":
+        return strategy
+    adaptive = None
     if config.server_dp == "adaptive":
-        return DifferentialPrivacyServerSideAdaptiveClipping(
-            strategy,
-            noise_multiplier=config.server_dp_noise_multiplier,
-            num_sampled_clients=config.num_training_sites,
-            initial_clipping_norm=config.server_dp_clipping_norm,
-            # Flower's default (sites / 20) is too small for few sites: with the count noise equal to the
-            # update noise, the update noise is 1.15 x the configured multiplier, and the two releases
-            # together are private as one Gaussian mechanism with the configured multiplier.
-            clipped_count_stddev=max(config.num_training_sites / 20, config.server_dp_noise_multiplier),
-        )
-    return strategy
+        # Flower's default count noise (sites / 20) is too small for few sites: with it equal to the
+        # noise multiplier, the mean's noise is 1.15 x the configured multiplier, and the two releases
+        # together are private as one Gaussian mechanism with the configured multiplier.
+        count_noise_std = max(sites_sampled_per_round(config) / 20, config.server_dp_noise_multiplier)
+        adaptive = AdaptiveClipping(count_noise_std=count_noise_std)
+    assert isinstance(strategy, FedAvg)
+    return SiteLevelDP(
+        strategy,
+        noise_multiplier=config.server_dp_noise_multiplier,
+        clipping_norm=config.server_dp_clipping_norm,
+        min_sites=max(1, config.min_sites),
+        adaptive=adaptive,
+    )
 
 
 def inner_strategy(strategy: Strategy) -> Strategy:
-    """The aggregation strategy inside a DP wrapper (the strategy itself when it is not wrapped)."""
-    while isinstance(
-        strategy, DifferentialPrivacyServerSideFixedClipping | DifferentialPrivacyServerSideAdaptiveClipping
-    ):
+    """The aggregation strategy inside the site-level DP wrapper (the strategy itself when not wrapped)."""
+    while isinstance(strategy, SiteLevelDP):
         strategy = strategy.strategy
     return strategy
+
+
+def released_rounds(strategy: Strategy) -> int:
+    """Rounds whose site-level DP aggregate ``strategy`` released (0 without site-level DP)."""
+    return strategy.released_rounds if isinstance(strategy, SiteLevelDP) else 0
+
+
+def unreleased_reason(strategy: Strategy, server_round: int) -> str | None:
+    """Why ``strategy`` released no aggregate in ``server_round`` (None if it did, or has no such rule)."""
+    return strategy.skipped_rounds.get(server_round) if isinstance(strategy, SiteLevelDP) else None
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
     """What ``strategy`` carries from one round to the next, as tensors (for ``torch.save``).
 
-    FedAdam/FedYogi: the first and second moments ``m_t`` / ``v_t`` (name -> tensor, same shapes as
-    the model's arrays). FedAvg, FedProx and FedBN carry nothing between rounds.
+    Site-level DP: ``released_rounds`` (its privacy count) and, with adaptive clipping, the current
+    ``clipping_norm``. FedAdam/FedYogi: the first and second moments ``m_t`` / ``v_t`` (name -> tensor,
+    same shapes as the model's arrays). FedAvg, FedProx and FedBN carry nothing between rounds.
     """
     import torch
 
     state: dict[str, Any] = {}
-    if isinstance(strategy, DifferentialPrivacyServerSideAdaptiveClipping):
-        # The adaptive clipping norm moves every round; a resumed run continues from where it was.
-        state["clipping_norm"] = torch.tensor(float(strategy.clipping_norm), dtype=torch.float64)
+    if isinstance(strategy, SiteLevelDP):
+        state["released_rounds"] = torch.tensor(strategy.released_rounds, dtype=torch.int64)
+        if strategy.adaptive is not None:
+            # The adaptive clipping norm moves every round; a resumed run continues from where it was.
+            state["clipping_norm"] = torch.tensor(float(strategy.clipping_norm), dtype=torch.float64)
     strategy = inner_strategy(strategy)
     if not isinstance(strategy, FedOpt):
         return state
@@ -159,10 +180,19 @@ def strategy_state(strategy: Strategy) -> dict[str, Any]:
     return state
 
 
-def restore_strategy_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
-    """Put ``state`` (from `strategy_state`) back into a freshly made ``strategy``."""
-    if isinstance(strategy, DifferentialPrivacyServerSideAdaptiveClipping) and "clipping_norm" in state:
-        strategy.clipping_norm = float(state["clipping_norm"])
+def restore_strategy_state(
+    strategy: Strategy, state: Mapping[str, Any], *, completed_rounds: int = 0
+) -> None:
+    """Put ``state`` (from `strategy_state`) back into a freshly made ``strategy``.
+
+    ``completed_rounds``: rounds the checkpoint holds. A checkpoint from before site-level DP counted its
+    releases counts every one of them as released (never less ε than was spent).
+    """
+    if isinstance(strategy, SiteLevelDP):
+        released = state.get("released_rounds")
+        strategy.released_rounds = int(released) if released is not None else completed_rounds
+        if strategy.adaptive is not None and "clipping_norm" in state:
+            strategy.clipping_norm = float(state["clipping_norm"])
     strategy = inner_strategy(strategy)
     if not isinstance(strategy, FedOpt):
         return
@@ -182,16 +212,17 @@ def state_dict_to_arrays(state_dict: Mapping[str, Any]) -> ArrayRecord:
 
 
 def server_dp_epsilon(config: RunConfig, releases: int) -> float:
-    """Site-level ε (at ``dp-delta``) of ``releases`` noised aggregates of the server-side DP wrapper.
+    """Site-level ε (at ``dp-delta``) after ``releases`` rounds released by `SiteLevelDP`.
 
-    Every training site takes part in every round (sample rate 1), and Flower's wrapper adds noise of std
-    ``noise_multiplier x clipping_norm`` to the sum of clipped updates: the Gaussian mechanism, composed
-    by the RDP accountant of privacy/accounting.py. Infinite without noise. Adaptive clipping splits the
-    same privacy between the update and the clipped-count release (Andrew et al., 2021), so it has the
-    same ε.
+    Each released round is the Gaussian mechanism on the uniform mean of the k sites' clipped updates:
+    sensitivity ``C/k`` (one site's update, k known), noise std ``z x C/k``, so noise multiplier
+    ``z = server-dp-noise-multiplier`` whatever k is. Sites are sampled with rate `site_sample_rate`
+    (1: every training site, every round); rounds are composed by the RDP accountant of
+    privacy/accounting.py. Only released rounds count: a round skipped for too few sites, or with no
+    accepted update, releases nothing. Adaptive clipping releases the mean and the unclipped count with
+    noise chosen so that together they have the same ε (Andrew et al., 2021). Infinite without noise
+    (once a round is released).
     """
     from privacy.accounting import epsilon_for
 
-    if config.server_dp_noise_multiplier == 0:
-        return float("inf")
-    return epsilon_for(releases, 1.0, config.server_dp_noise_multiplier, config.dp_delta)
+    return epsilon_for(releases, site_sample_rate(config), config.server_dp_noise_multiplier, config.dp_delta)

@@ -20,7 +20,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 
-from client.site_split import split_subjects  # noqa: E402
 from contract.run_config import RunConfig  # noqa: E402
 from models.errors import NeurofedError  # noqa: E402
 from server.run_directory import RunDirectory  # noqa: E402
@@ -210,17 +209,6 @@ def test_a_checkpoint_without_its_strategy_state_does_not_count(tmp_path) -> Non
     torch.testing.assert_close(checkpoint.state_dict["w"], torch.ones(2))
 
 
-def test_site_split_is_deterministic_disjoint_and_independent_of_order() -> None:
-    ids = [f"sub-{i:02d}" for i in range(10)]
-    split = split_subjects(ids, 0.25, seed=3)
-    assert split == split_subjects(list(reversed(ids)), 0.25, seed=3)
-    assert len(split.test) == 3 and not set(split.train) & set(split.test)
-    assert sorted(split.train + split.test) == ids
-    assert split_subjects(ids, 0.25, seed=4) != split  # another seed, another split (10 choose 3 ways)
-    assert split_subjects(ids[:2], 0.25, seed=0).train  # a small site still trains
-    assert split_subjects(ids, 1.0, seed=0).train == ()  # an unseen site only tests
-
-
 def test_pyproject_declares_a_valid_flower_app_with_every_run_setting() -> None:
     import tomllib
     from pathlib import Path
@@ -239,3 +227,155 @@ def test_pyproject_declares_a_valid_flower_app_with_every_run_setting() -> None:
     # Every RunConfig field is declared, with the same default, so `flwr run .` and `neurofed simulate` agree.
     assert set(settings) == set(RunConfig().to_flower())
     assert RunConfig.from_flower(settings) == RunConfig()
+
+
+# --- site-level DP at the coordinator (server-dp) ------------------------------------------------------
+
+
+def _dp_config(**changes: object) -> RunConfig:
+    """Three training sites (and one unseen), site-level DP on."""
+    settings = {"num_sites": 4, "unseen_sites": 1, "server_dp": "fixed", **changes}
+    return RunConfig(**settings)
+
+
+def _moved(start: dict[str, np.ndarray], rng: np.random.Generator, norm: float) -> dict[str, np.ndarray]:
+    """``start`` plus an update of L2 norm ``norm`` over all arrays together."""
+    step = {k: rng.normal(size=v.shape) for k, v in start.items()}
+    scale = norm / np.sqrt(sum(np.sum(s**2) for s in step.values()))
+    return {k: (start[k] + scale * step[k]).astype(np.float32) for k in start}
+
+
+def _clipped_update(site: dict[str, np.ndarray], start: dict[str, np.ndarray], clip: float) -> dict:
+    step = {k: site[k].astype(np.float64) - start[k] for k in start}
+    norm = np.sqrt(sum(np.sum(s**2) for s in step.values()))
+    return {k: s * min(1.0, clip / norm) for k, s in step.items()}
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+def test_site_level_dp_weighs_every_site_alike_whatever_examples_it_claims(mode: str, node_grid) -> None:
+    rng = np.random.default_rng(10)
+    config = _dp_config(server_dp=mode, server_dp_noise_multiplier=0.0, server_dp_clipping_norm=1.0)
+    strategy = make_strategy(config)
+    start = _arrays(rng)
+    list(strategy.configure_train(1, _record(start), ConfigRecord(), node_grid([1, 2, 3])))
+    greedy, modest = _moved(start, rng, 5.0), _moved(start, rng, 0.5)  # clipped to 1, and within the norm
+    replies = [_reply(1, greedy, 10**6, loss=0.5), _reply(2, modest, 1, loss=1.5)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    clipped = [_clipped_update(site, start, 1.0) for site in (greedy, modest)]
+    for key in start:
+        expected = start[key] + (clipped[0][key] + clipped[1][key]) / 2
+        np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert metrics["train-loss"] == pytest.approx(1.0)  # the uniform mean too
+
+
+def test_site_level_dp_noise_is_calibrated_to_the_sites_that_replied(node_grid) -> None:
+    rng = np.random.default_rng(11)
+    z, clip = 1.3, 0.5
+    config = _dp_config(server_dp_noise_multiplier=z, server_dp_clipping_norm=clip, min_sites=2)
+    strategy = make_strategy(config)
+    start = {
+        "conv.weight": rng.normal(size=(200_000,)).astype(np.float32),
+        "norm.bias": np.zeros(4, np.float32),
+    }
+    list(strategy.configure_train(1, _record(start), ConfigRecord(), node_grid([1, 2, 3])))
+    sites = [_moved(start, rng, 3.0), _moved(start, rng, 3.0)]  # 2 of the 3 training sites reply
+    arrays, metrics = strategy.aggregate_train(1, [_reply(i + 1, a, 4) for i, a in enumerate(sites)])
+    clipped = [_clipped_update(site, start, clip) for site in sites]
+    noise = np.concatenate(
+        [arrays[k].numpy() - start[k] - (clipped[0][k] + clipped[1][k]) / 2 for k in start]
+    )
+    assert np.std(noise) == pytest.approx(z * clip / 2, rel=0.03)
+    assert abs(np.mean(noise)) < 0.01 * z * clip
+    assert metrics["server-dp-sites"] == 2 and metrics["server-dp-noise-std"] == pytest.approx(z * clip / 2)
+    # One reply is fewer than min-sites: nothing is released, and the round says why.
+    list(strategy.configure_train(2, arrays, ConfigRecord(), node_grid([1, 2, 3])))
+    assert strategy.aggregate_train(2, [_reply(1, _moved(start, rng, 0.1), 4)]) == (None, None)
+    from server.strategies import released_rounds, unreleased_reason
+
+    assert "fewer than the 2" in unreleased_reason(strategy, 2)
+    assert unreleased_reason(strategy, 1) is None and released_rounds(strategy) == 1
+
+
+def test_site_level_dp_noises_the_mean_before_the_server_optimizer(node_grid) -> None:
+    rng = np.random.default_rng(12)
+    config = _dp_config(strategy="fedadam", server_dp_noise_multiplier=1.0, server_learning_rate=0.01)
+    strategy = make_strategy(config)
+    start = _arrays(rng)
+    list(strategy.configure_train(1, _record(start), ConfigRecord(), node_grid([1, 2, 3])))
+    replies = [_reply(i + 1, _moved(start, rng, 2.0), 3) for i in range(3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # Adam moves each parameter by at most about its learning rate, noise or not: the noise (std 1/3
+    # here) went into its input, the mean update, not onto the model it returned.
+    for key in start:
+        assert np.max(np.abs(arrays[key].numpy() - start[key])) <= config.server_learning_rate
+
+
+def _google_epsilon(noise_multiplier: float, sample_rate: float, releases: int, delta: float) -> float:
+    """ε of ``releases`` site-level releases, by Google's dp-accounting RDP accountant."""
+    dp_accounting = pytest.importorskip("dp_accounting")
+    from privacy.accounting import RDP_ORDERS
+
+    event = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if sample_rate < 1:
+        event = dp_accounting.PoissonSampledDpEvent(sample_rate, event)
+    accountant = dp_accounting.rdp.RdpAccountant(orders=list(RDP_ORDERS))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, releases))
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize(("mode", "noise"), [("fixed", 0.8), ("adaptive", 1.5)])
+def test_site_level_epsilon_counts_released_rounds_as_dp_accounting_does(
+    mode: str, noise: float, node_grid, caplog
+) -> None:
+    import logging
+
+    caplog.set_level(logging.ERROR)  # dp-accounting logs each fractional order it cannot evaluate
+    rng = np.random.default_rng(13)
+    config = _dp_config(server_dp=mode, server_dp_noise_multiplier=noise, min_sites=2)
+    strategy = make_strategy(config)
+    arrays, released = _record(_arrays(rng)), []
+    for server_round, replying in [(1, 3), (2, 1), (3, 2), (4, 3)]:  # round 2: too few sites, not released
+        list(strategy.configure_train(server_round, arrays, ConfigRecord(), node_grid([1, 2, 3])))
+        start = {k: v.numpy() for k, v in arrays.items()}
+        new, _ = strategy.aggregate_train(
+            server_round, [_reply(i + 1, _moved(start, rng, 1.0), 2) for i in range(replying)]
+        )
+        released.append(new is not None)
+        arrays = new if new is not None else arrays
+    assert released == [True, False, True, True]
+    from server.strategies import released_rounds, server_dp_epsilon, site_sample_rate
+
+    assert released_rounds(strategy) == 3 and site_sample_rate(config) == 1.0
+    ours = server_dp_epsilon(config, released_rounds(strategy))
+    assert ours == pytest.approx(
+        _google_epsilon(noise, site_sample_rate(config), 3, config.dp_delta), rel=0.01
+    )
+    assert ours < 0.95 * server_dp_epsilon(config, 4)  # a skipped round spends nothing
+
+    # A resumed run continues the count; a checkpoint from before the count counts every completed round.
+    state = strategy_state(strategy)
+    resumed = make_strategy(config)
+    restore_strategy_state(resumed, state, completed_rounds=4)
+    assert released_rounds(resumed) == 3
+    older = make_strategy(config)
+    restore_strategy_state(
+        older, {k: v for k, v in state.items() if k != "released_rounds"}, completed_rounds=4
+    )
+    assert released_rounds(older) == 4
+    if mode == "adaptive":
+        assert resumed.clipping_norm == float(state["clipping_norm"]) == strategy.clipping_norm
+        assert strategy.clipping_norm != config.server_dp_clipping_norm  # it moved, and the move was kept
+
+
+def test_adaptive_clipping_norm_moves_towards_the_median_update_norm(node_grid) -> None:
+    rng = np.random.default_rng(14)
+    config = _dp_config(server_dp="adaptive", server_dp_noise_multiplier=0.0, server_dp_clipping_norm=1.0)
+    strategy = make_strategy(config)
+    arrays = _record(_arrays(rng))
+    for server_round in range(1, 6):  # every update is far within the norm: the norm shrinks towards them
+        list(strategy.configure_train(server_round, arrays, ConfigRecord(), node_grid([1, 2, 3])))
+        start = {k: v.numpy() for k, v in arrays.items()}
+        arrays, _ = strategy.aggregate_train(
+            server_round, [_reply(i + 1, _moved(start, rng, 0.05), 2) for i in range(3)]
+        )
+    assert 0.05 < strategy.clipping_norm < 0.75

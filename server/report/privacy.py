@@ -29,8 +29,24 @@ def dp_line(records: RunRecords, epsilon: Epsilon) -> str:
         parts.append(text + (f", δ = {delta:g}" if delta else ""))
     if server_dp != "off":
         # A noised aggregate at the coordinator protects whole sites, not a site's subjects.
-        parts.append(f"site-level DP at the coordinator ({server_dp} clipping)")
+        parts.append(_site_level_text(records, server_dp))
     return "Differential privacy: ON (" + "; ".join(parts) + ")."
+
+
+def _site_level_text(records: RunRecords, server_dp: str) -> str:
+    """Site-level DP as released: the mechanism, and the ε of the last released round's event."""
+    text = (
+        f"site-level DP at the coordinator ({server_dp} clipping): each released round is the uniform mean of "
+        "the k accepted sites' clipped updates plus Gaussian noise of std z·C/k"
+    )
+    released = [e for e in records.events if "site_level_epsilon" in e]  # the aggregate-train events
+    if released:
+        last = released[-1]
+        text += f", site-level ε = {float(last['site_level_epsilon']):.3g}"
+        text += f" at δ = {last['site_level_delta']:g}" if last.get("site_level_delta") else ""
+        if "site_level_releases" in last:
+            text += f" after {last['site_level_releases']} released round(s)"
+    return text
 
 
 def _audit_intro(audit: Mapping[str, Any]) -> str:
