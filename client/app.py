@@ -5,12 +5,17 @@
 
 - ``query``: the site's id, role (``train`` / ``holdout``), subject counts and preprocessing plan.
 - ``train``: load the global arrays, train ``local-steps`` steps on the site's training split, reply
-  with the updated arrays and the training loss. With ``dp`` on, training is subject-level DP-SGD
+  with the updated arrays (and, only without DP, the training loss). With ``dp`` on, training is
+  person-level DP-SGD
   (client/private_round.py), and a round that would exceed the site's lifetime budget is declined (a
   reply with metric ``refused`` = 1, the reason in ConfigRecord ``refusal``, no arrays); otherwise the
   reply's metrics carry the run's cumulative ``epsilon`` and ``delta`` as recorded in the ledger.
 - ``evaluate``: score the global model (and, for FedBN, the site's personalised model) on the site's
-  test split; reply with mean Dice / HD95 / ASSD per class and the number of test subjects.
+  test split; reply with mean Dice / HD95 / ASSD per class and the number of test subjects. The site
+  answers only evaluations its rules allow (client/site_activity.py: a round it trained in, once, at
+  most ``max-evaluations``, a test split of at least ``min-test-subjects`` persons); otherwise a reply
+  with ``refused`` = 1 and the reason. Every handler refuses a run beyond the site's resource caps
+  (client/site_policy.py).
 
 What leaves the site: model arrays (the state dict of the shared network) and a MetricRecord of
 scalar aggregates. Never an image, a label map, a prediction, a subject id or a per-subject value.
@@ -27,7 +32,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.private_round import Refusal, no_dp_refusal, site_rng, train_private_round
+from client.private_round import Refusal, no_dp_refusal, site_refusal, site_rng, train_private_round
+from client.site_activity import EvaluationRequest, SiteActivity, model_digest
 from client.site_data import load_site_data
 from client.site_model import build_model, evaluation_metrics, run_training_config
 from client.site_setup import SiteSetup, site_setup
@@ -68,8 +74,22 @@ def _global_model(msg: Message, task: SiteTask) -> torch.nn.Module:
     return model
 
 
+def _evaluation_refusal(
+    request: EvaluationRequest, task: SiteTask, setup: SiteSetup, test_persons: int
+) -> str | None:
+    """Why the site answers no evaluation of this message (its caps and client/site_activity.py's rules)."""
+    if (beyond := setup.policy.refusal(task.run)) is not None:
+        return beyond
+    policy = setup.policy
+    return SiteActivity(setup.state_dir).evaluation_refusal(
+        request, setup.role, test_persons, policy.min_test_subjects, policy.max_evaluations
+    )
+
+
 def _refusal_reply(msg: Message, refusal: Refusal) -> Message:
-    metrics = MetricRecord({REFUSED_KEY: 1, WEIGHT_KEY: 0, "epsilon": refusal.epsilon, "delta": refusal.delta})
+    metrics = MetricRecord(
+        {REFUSED_KEY: 1, WEIGHT_KEY: 0, "epsilon": refusal.epsilon, "delta": refusal.delta}
+    )
     reason = ConfigRecord({REFUSAL_REASON: refusal.reason})
     return Message(content=RecordDict({METRICS_RECORD: metrics, REFUSAL_RECORD: reason}), reply_to=msg)
 
@@ -81,6 +101,8 @@ app = ClientApp()
 def query(msg: Message, context: Context) -> Message:
     """Describe the site; preparing its data here makes the first round's timing honest."""
     task, setup = _context(msg, context)
+    if (beyond := setup.policy.refusal(task.run)) is not None:
+        raise NeurofedError(f"site {setup.site_id} takes no part in this run: {beyond}")
     data = load_site_data(setup, task.run)
     site = ConfigRecord(
         {
@@ -104,6 +126,8 @@ def train(msg: Message, context: Context) -> Message:
         raise NeurofedError(f"site {setup.site_id} has role {setup.role!r} and never trains")
     if setup.require_dp and not run.dp:
         return _refusal_reply(msg, no_dp_refusal(task, setup))
+    if (beyond := setup.policy.refusal(run)) is not None:
+        return _refusal_reply(msg, site_refusal(task, setup, beyond))
     data = load_site_data(setup, run)
     if not data.train:
         raise NeurofedError(f"site {setup.site_id}: no training subjects after holding out the test split")
@@ -117,29 +141,36 @@ def train(msg: Message, context: Context) -> Message:
     proximal_to = global_weights if task.proximal_mu > 0 else None
     privacy: dict[str, float] = {}
     if run.dp:
-        outcome = train_private_round(model, data.train, config, task, setup, proximal_to)
+        outcome = train_private_round(model, data.train_by_person(), config, task, setup, proximal_to)
         if isinstance(outcome, Refusal):
             return _refusal_reply(msg, outcome)
         result, privacy = outcome
     else:
         rng = site_rng(task, setup.site_id)
         result = train_steps(
-            model, data.train, config, run.local_steps, rng=rng, proximal_to=proximal_to, proximal_mu=task.proximal_mu
+            model,
+            data.train,
+            config,
+            run.local_steps,
+            rng=rng,
+            proximal_to=proximal_to,
+            proximal_mu=task.proximal_mu,
         )
     state = model.state_dict()
     if personal_keys:
         save_personal_layers(setup, task.server_round, {k: state[k] for k in personal_keys})
     shared = {k: v.detach().cpu() for k, v in state.items() if k not in personal_keys}
-    metrics = MetricRecord(
-        {
-            WEIGHT_KEY: len(data.train),
-            "train-loss": float(result.mean_loss),
-            "steps": int(result.steps),
-            "seconds": float(result.seconds),
-            **privacy,
-        }
-    )
-    content = RecordDict({ARRAYS_RECORD: ArrayRecord(shared), METRICS_RECORD: metrics})
+    SiteActivity(setup.state_dir).record_trained(task.run_id, task.server_round)
+    metrics: dict[str, float | int] = {
+        WEIGHT_KEY: len(data.train),
+        "steps": int(result.steps),
+        "seconds": float(result.seconds),
+        **privacy,
+    }
+    if not run.dp:
+        # An unnoised loss is a function of every training subject: only a run without DP releases it.
+        metrics["train-loss"] = float(result.mean_loss)
+    content = RecordDict({ARRAYS_RECORD: ArrayRecord(shared), METRICS_RECORD: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
@@ -149,6 +180,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     task, setup = _context(msg, context)
     data = load_site_data(setup, task.run)
     model = _global_model(msg, task)
+    request = EvaluationRequest(task.run_id, task.server_round, model_digest(model.state_dict()))
+    if (reason := _evaluation_refusal(request, task, setup, data.test_persons)) is not None:
+        refusal = ConfigRecord({REFUSAL_REASON: f"site {setup.site_id}: {reason}"})
+        metrics = MetricRecord({REFUSED_KEY: 1, WEIGHT_KEY: 0})
+        return Message(content=RecordDict({METRICS_RECORD: metrics, REFUSAL_RECORD: refusal}), reply_to=msg)
+    SiteActivity(setup.state_dir).record_evaluated(request)
     metrics: dict[str, float | int] = {WEIGHT_KEY: len(data.test)}
     metrics.update(evaluation_metrics(model, data, task.run))
     if task.evaluate_personal:

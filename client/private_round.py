@@ -1,7 +1,8 @@
 """One round of subject-level DP-SGD at a site, checked against and recorded in the site's ledger.
 
-The privacy unit is the subject: each step includes each training subject with probability
-``batch_size / len(subjects)`` (one fresh patch of it). The accountant continues from the run's releases
+The privacy unit is the person (all sessions of ``sub-X``, `client.subjects.person_of`): each step
+includes each training person with probability ``batch_size / len(persons)`` (one fresh patch of one of
+their sessions). The accountant continues from the run's releases
 in the ledger, so ε is cumulative for the run; the noise multiplier comes from ``dp-noise-multiplier`` or
 from ``dp-target-epsilon`` for the planned rounds x local steps. A round the ledger does not allow is a
 `Refusal`: nothing is trained or recorded.
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from client.site_secret import SiteSecret
+from client.site_secret import SECRET_FILE, SiteSecret
 from client.site_setup import SIMULATED_BUDGET, SiteSetup
 from contract.site_task import SiteTask
 from models.errors import NeurofedError
@@ -62,45 +63,75 @@ def dp_config(task: SiteTask) -> DPConfig:
 
 
 def prepare_ledger(setup: SiteSetup) -> PrivacyLedger:
-    """The site's ledger, its folder created and its lifetime budget set from the node config.
+    """The site's ledger, checked to be its latest version, its lifetime budget set from the node config.
 
+    A deployed site's ledger must have been set up by its operator (`neurofed-site budget --init`); it is
+    never created here, so a lost ledger cannot silently start again from zero. A simulated site's ledger
+    (in the run directory, fresh per run) is created with its folder. For either, a missing ledger whose
+    marker exists, or a ledger older than its marker (rolled back), is a NeurofedError naming the files.
     A budget in the node config (``budget-epsilon``, ``budget-delta``) replaces the ledger's; a simulated
     site whose ledger has none gets `SIMULATED_BUDGET`. A deployed site without either is refused every
     DP round, with a reason that says how to set one.
     """
+    from privacy.errors import PrivacyError
+
     ledger = setup.ledger
-    ledger.path.parent.mkdir(parents=True, exist_ok=True)
-    current = ledger.budget()
-    wanted = setup.budget or (SIMULATED_BUDGET if setup.simulated and current is None else None)
-    if wanted is not None and (current is None or (current.epsilon, current.delta) != wanted):
-        ledger.set_budget(*wanted)
+    try:
+        if not ledger.verify():
+            if not setup.simulated:
+                from client.privacy_budget import init_command
+
+                raise NeurofedError(
+                    f"site {setup.site_id} has no privacy ledger at {ledger.path} (nor its marker), so it trains "
+                    f"no DP round. A new site is set up once by its operator: `{init_command(ledger.path)}`. "
+                    "If this site has trained before, its ledger was lost: restore the latest backup of the "
+                    f"ledger, {ledger.marker_path.name} and {SECRET_FILE} instead, and never --init again"
+                )
+            ledger.path.parent.mkdir(parents=True, exist_ok=True)
+        current = ledger.budget()
+        wanted = setup.budget or (SIMULATED_BUDGET if setup.simulated and current is None else None)
+        if wanted is not None and (current is None or (current.epsilon, current.delta) != wanted):
+            ledger.set_budget(*wanted)
+    except PrivacyError as exc:
+        raise NeurofedError(f"site {setup.site_id}: {exc}") from exc
     return ledger
 
 
-def no_dp_refusal(task: SiteTask, setup: SiteSetup) -> Refusal:
-    """The refusal of a site that trains only with DP, asked to train without it."""
+def site_refusal(task: SiteTask, setup: SiteSetup, reason: str) -> Refusal:
+    """A refusal of the site's own rules (no DP where it requires DP, a setting beyond its caps), with the
+    run's ε so far."""
     return Refusal(
-        f"site {setup.site_id} trains only with differential privacy and this run has dp=false; "
-        "run with dp=true, or the site operator starts the site with --allow-no-dp",
+        f"site {setup.site_id}: {reason}",
         setup.ledger.run_epsilon(task.run_id) if setup.ledger.path.is_file() else 0.0,
         task.run.dp_delta,
     )
 
 
-class SubjectPatches(torch.utils.data.Dataset):
-    """Patches arranged as ``privacy.dp_sgd.PrivacyUnitDataset`` requires: item ``u + n * k`` is the
-    ``k``-th patch of subject ``u`` (of ``n``), each ``(image (C, *patch) float32, label (1, *patch) int64)``.
+def no_dp_refusal(task: SiteTask, setup: SiteSetup) -> Refusal:
+    """The refusal of a site that trains only with DP, asked to train without it."""
+    return site_refusal(
+        task,
+        setup,
+        "the site trains only with differential privacy and this run has dp=false; "
+        "run with dp=true, or the site operator starts the site with --allow-no-dp",
+    )
 
-    One `models.training.PatchDataset` per subject, so a unit never draws another subject's patch.
+
+class PersonPatches(torch.utils.data.Dataset):
+    """Patches arranged as ``privacy.dp_sgd.PrivacyUnitDataset`` requires: item ``u + n * k`` is the
+    ``k``-th patch of person ``u`` (of ``n``), each ``(image (C, *patch) float32, label (1, *patch) int64)``.
+
+    One `models.training.PatchDataset` per person over all of that person's sessions, so a unit never
+    draws another person's patch and a person with many sessions is still one unit.
     """
 
-    def __init__(self, subjects: list, config: Any, patches_per_subject: int, seed: int) -> None:
+    def __init__(self, persons: list[list], config: Any, patches_per_person: int, seed: int) -> None:
         from models.training import PatchDataset
 
-        seeds = np.random.default_rng(seed).integers(0, 2**63 - 1, size=len(subjects))
+        seeds = np.random.default_rng(seed).integers(0, 2**63 - 1, size=len(persons))
         self.per_subject = [
-            PatchDataset.from_config([subject], config, length=patches_per_subject, seed=int(s))
-            for subject, s in zip(subjects, seeds, strict=True)
+            PatchDataset.from_config(sessions, config, length=patches_per_person, seed=int(s))
+            for sessions, s in zip(persons, seeds, strict=True)
         ]
 
     def __len__(self) -> int:
@@ -113,13 +144,16 @@ class SubjectPatches(torch.utils.data.Dataset):
 
 def train_private_round(
     model: torch.nn.Module,
-    subjects: list,
+    persons: list[list],
     config: Any,
     task: SiteTask,
     setup: SiteSetup,
     proximal_to: Mapping[str, torch.Tensor] | None,
 ) -> tuple[Any, dict[str, float]] | Refusal:
-    """Train one round with subject-level DP-SGD (see the module docstring).
+    """Train one round with person-level DP-SGD (see the module docstring).
+
+    Args:
+        persons: the training subjects grouped by person (`client.site_data.SiteData.train_by_person`).
 
     Returns:
         ``(TrainResult, {"epsilon", "delta", "noise-multiplier", "sample-rate"})`` with the run's ε after
@@ -133,10 +167,10 @@ def train_private_round(
         raise NeurofedError("the server's message lacks 'run-id', which DP needs; update the coordinator")
     run, dp = task.run, dp_config(task)
     ledger = prepare_ledger(setup)
-    n_subjects = len(subjects)
-    # Poisson sampling over subjects: a batch larger than the site's subjects is not possible.
-    batch_size = min(run.batch_size, n_subjects)
-    sample_rate = batch_size / n_subjects
+    n_persons = len(persons)
+    # Poisson sampling over persons: a batch larger than the site's persons is not possible.
+    batch_size = min(run.batch_size, n_persons)
+    sample_rate = batch_size / n_persons
     planned_steps = run.num_rounds * run.local_steps
     try:
         noise = dp.resolve_noise_multiplier(sample_rate, planned_steps)
@@ -149,8 +183,8 @@ def train_private_round(
     # Every draw of the release comes from the site's secret, never from a value the coordinator knows.
     secret = SiteSecret.load_or_create(setup.state_dir)
     patch_seed = secret.seed(task.run_id, task.server_round, "patches")
-    patches = SubjectPatches(subjects, config, max(run.local_steps, 1), patch_seed)
-    units = PrivacyUnitDataset(patches, n_subjects)
+    patches = PersonPatches(persons, config, max(run.local_steps, 1), patch_seed)
+    units = PrivacyUnitDataset(patches, n_persons)
     optimizer = make_optimizer(model, config)
     started = time.perf_counter()
     model.train()

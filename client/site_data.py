@@ -19,7 +19,7 @@ from client.preprocessed_cache import PreprocessedCache, default_cache_dir
 from client.preprocessing import PreprocessedSubject, PreprocessingPlan, preprocess_subject
 from client.site_layout import discover_site
 from client.site_split import split_subjects
-from client.subjects import Problem, SubjectCheck, SubjectFiles
+from client.subjects import Problem, SubjectCheck, SubjectFiles, person_of
 from client.validation import validate_subject
 from contract.wire import ROLE_HOLDOUT
 from models.errors import NeurofedError
@@ -28,6 +28,7 @@ from models.label_protocols import LabelProtocol, get_protocol
 if TYPE_CHECKING:
     import numpy as np
 
+    from client.site_policy import SitePolicy
     from client.site_setup import SiteSetup
     from contract.run_config import RunConfig
 
@@ -153,7 +154,7 @@ def _check(
 
 @dataclass(frozen=True)
 class SplitSite:
-    """A site's usable labelled subjects, split as the federation splits them (`split_subjects`)."""
+    """A site's usable labelled subjects, split by person as the site splits them (`split_subjects`)."""
 
     root: Path
     train: list[PreprocessedSubject]
@@ -166,19 +167,22 @@ def prepare_split_site(
     protocol: LabelProtocol,
     *,
     test_fraction: float,
-    seed: int,
+    split_key: bytes,
     cache: PreprocessedCache | None = None,
     require_label: bool = True,
     progress: bool = False,
 ) -> SplitSite:
-    """`prepare_site`, then the site's deterministic train/test split of its labelled subjects."""
-    prepared = prepare_site(data_dir, plan, protocol, cache=cache, require_label=require_label, progress=progress)
+    """`prepare_site`, then the train/test split of its labelled subjects by ``split_key``
+    (`client.site_split`: the site's secret-derived key, or `seed_key` for a local baseline)."""
+    prepared = prepare_site(
+        data_dir, plan, protocol, cache=cache, require_label=require_label, progress=progress
+    )
     by_id = {s.subject_id: s for s in prepared.subjects if s.label is not None}
     if not by_id:
         raise NeurofedError(
             f"no usable labelled subject in {data_dir}; run `neurofed-site check {data_dir}` to see why"
         )
-    split = split_subjects(by_id, test_fraction, seed)
+    split = split_subjects(by_id, test_fraction, split_key)
     return SplitSite(
         root=prepared.root, train=[by_id[i] for i in split.train], test=[by_id[i] for i in split.test]
     )
@@ -193,19 +197,36 @@ def run_preprocessing_plan(run: RunConfig) -> PreprocessingPlan:
     return PreprocessingPlan(input_contrasts=(run.contrast,), target_spacing_mm=spacing, field_of_view_mm=fov)
 
 
-def role_test_fraction(role: str, run: RunConfig) -> float:
-    """A holdout site tests on every subject; a training site holds out the run's test fraction."""
-    return 1.0 if role == ROLE_HOLDOUT else run.test_fraction
+def role_test_fraction(role: str, policy: SitePolicy) -> float:
+    """A holdout site tests on every subject; a training site holds out its policy's test fraction."""
+    return 1.0 if role == ROLE_HOLDOUT else policy.test_fraction
+
+
+def site_split_key(setup: SiteSetup) -> bytes:
+    """The key of the site's lifetime split: derived from the site's secret, unknown to the coordinator."""
+    from client.site_secret import SiteSecret
+
+    return SiteSecret.load_or_create(setup.state_dir).derived_key("split")
 
 
 @dataclass(frozen=True)
 class SiteData:
-    """The site's preprocessed subjects, split; arrays as ``(image (C,X,Y,Z) float32, label (X,Y,Z) uint8)``."""
+    """The site's preprocessed subjects, split by person; arrays as ``(image (C,X,Y,Z) float32, label
+    (X,Y,Z) uint8)``; ``train_persons`` holds the person (`client.subjects.person_of`) of each of ``train``."""
 
     train: list[tuple[np.ndarray, np.ndarray]]
     test: list[tuple[np.ndarray, np.ndarray]]
     plan: PreprocessingPlan
     spacing_mm: tuple[float, float, float]
+    train_persons: tuple[str, ...] = ()
+    test_persons: int = 0
+
+    def train_by_person(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """The training subjects grouped by person (the DP unit), in a fixed order."""
+        groups: dict[str, list] = {}
+        for person, subject in zip(self.train_persons, self.train, strict=True):
+            groups.setdefault(person, []).append(subject)
+        return [groups[p] for p in sorted(groups)]
 
 
 _LOADED: OrderedDict[tuple, SiteData] = OrderedDict()
@@ -214,11 +235,12 @@ _MAX_LOADED = 4
 
 
 def load_site_data(setup: SiteSetup, run: RunConfig) -> SiteData:
-    """Preprocess (or read from the cache) the site's labelled subjects and split them; kept in memory
-    for the next message of the same worker."""
+    """Preprocess (or read from the cache) the site's labelled subjects and split them by the site's own
+    key and policy; kept in memory for the next message of the same worker."""
     plan = run_preprocessing_plan(run)
-    fraction = role_test_fraction(setup.role, run)
-    key = (str(setup.data_dir), plan.fingerprint(), run.protocol, fraction, run.seed)
+    fraction = role_test_fraction(setup.role, setup.policy)
+    split_key = site_split_key(setup)
+    key = (str(setup.data_dir), plan.fingerprint(), run.protocol, fraction, split_key)
     if key in _LOADED:
         _LOADED.move_to_end(key)
         return _LOADED[key]
@@ -228,7 +250,7 @@ def load_site_data(setup: SiteSetup, run: RunConfig) -> SiteData:
             plan,
             get_protocol(run.protocol),
             test_fraction=fraction,
-            seed=run.seed,
+            split_key=split_key,
             cache=PreprocessedCache(setup.cache_dir or default_cache_dir()),
         )
     except NeurofedError as exc:
@@ -238,6 +260,8 @@ def load_site_data(setup: SiteSetup, run: RunConfig) -> SiteData:
         test=[(s.image, s.label) for s in split.test],
         plan=plan,
         spacing_mm=tuple(plan.target_spacing_mm),
+        train_persons=tuple(person_of(s.subject_id) for s in split.train),
+        test_persons=len({person_of(s.subject_id) for s in split.test}),
     )
     _LOADED[key] = data
     while len(_LOADED) > _MAX_LOADED:

@@ -9,10 +9,11 @@ and read the sum of clipped gradients in the clear. Each site therefore makes a 
 retried round repeats its draws exactly, so it is never released twice with different noise); another
 site state gives other draws.
 
-Where it lives: ``<state-dir>/site-secret.key`` (mode 0600). A simulated site's state is in the run
-directory (``RUN_DIR/sites/<site>/``), so each run has fresh secrets and a resumed run reuses them.
-Back it up with the privacy ledger (deploy/README.md): a restored ledger with a lost secret is still
-sound (new draws), but a run resumed with a new secret re-draws its remaining rounds.
+Where it lives: ``<state-dir>/site-secret.key`` (mode 0600). A deployed site makes it with its privacy
+ledger, once (`neurofed-site budget --init`, client/privacy_budget.py); a simulated site's state is in the
+run directory (``RUN_DIR/sites/<site>/``), so each run has fresh secrets and a resumed run reuses them.
+Back it up with the privacy ledger and its marker (deploy/README.md): a restored ledger with a lost
+secret is still sound (new draws), but a run resumed with a new secret re-draws its remaining rounds.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ PURPOSES = ("patches", "sampling-and-noise", "dropout")
 """Each DP round draws three independent streams; a purpose names each."""
 
 
+def secret_path(state_dir: Path) -> Path:
+    """Where the secret of the site whose state is in ``state_dir`` lives."""
+    return Path(state_dir) / SECRET_FILE
+
+
 class SiteSecret:
     """A site's secret key and the seeds derived from it."""
 
@@ -45,7 +51,7 @@ class SiteSecret:
     @classmethod
     def load_or_create(cls, state_dir: Path) -> SiteSecret:
         """The secret in ``state_dir``; made (and written, mode 0600) when the state has none yet."""
-        path = Path(state_dir) / SECRET_FILE
+        path = secret_path(state_dir)
         if not path.is_file():
             atomic_write_bytes(path, secrets.token_bytes(SECRET_BYTES), mode=0o600)
         key = path.read_bytes()
@@ -63,6 +69,10 @@ class SiteSecret:
         message = f"neurofed-dp|{run_id}|{server_round}|{purpose}".encode()
         digest = hmac.new(self._key, message, hashlib.sha256).digest()
         return int.from_bytes(digest[:8], "big") >> 1
+
+    def derived_key(self, purpose: str) -> bytes:
+        """A 256-bit key for one lifetime purpose of the site (``"split"``: its train/test split)."""
+        return hmac.new(self._key, f"neurofed-site|{purpose}".encode(), hashlib.sha256).digest()
 
     def torch_generator(self, run_id: str, server_round: int, purpose: str) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed(run_id, server_round, purpose))

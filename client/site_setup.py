@@ -9,7 +9,9 @@ Deployed, the site's operator sets them in the SuperNode's node config (``flower
   personalised normalization layers); ``ledger`` (the privacy ledger, default
   ``<state-dir>/privacy-ledger.jsonl``); ``budget-epsilon`` / ``budget-delta`` (the lifetime privacy
   budget written into the ledger; without one, and without one set by `neurofed-site budget`, every DP
-  round is declined); ``require-dp`` (default true: refuse every round without DP).
+  round is declined); ``require-dp`` (default true: refuse every round without DP); the site's split,
+  evaluation and resource rules (``test-fraction``, ``min-test-subjects``, ``max-evaluations``, the
+  ``max-*`` caps: client/site_policy.py).
 - In Flower's simulation the node config only holds ``partition-id`` / ``num-partitions``: partition
   i is then the i-th site folder (`contract.run_layout.site_folders`) under the run's ``data-root``, the
   last ``unseen-sites`` partitions are holdout sites, and cache, state and ledger go under the run's
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client.site_policy import SitePolicy, deployed_policy, simulated_policy
 from contract.run_config import RunConfig
 from contract.run_layout import SITE_CACHE_DIR, SITE_STATE_DIR, site_folders
 from contract.wire import ROLE_HOLDOUT, ROLE_TRAIN, ROLES
@@ -54,6 +57,8 @@ class SiteSetup:
     """Refuse every round the coordinator asks to train without DP. On by default for a deployed site
     (node config ``require-dp``, off only by the site's own choice): the privacy promise is enforced by
     the site, not by the coordinator's settings."""
+    policy: SitePolicy = SitePolicy()
+    """The site's own split, evaluation and resource rules (client/site_policy.py)."""
 
     @property
     def ledger(self) -> PrivacyLedger:
@@ -123,6 +128,7 @@ def _deployed_setup(node_config: Mapping[str, Any]) -> SiteSetup:
         ledger_path=Path(str(ledger)).expanduser() if ledger else None,
         budget=node_budget(node_config),
         require_dp=node_flag(node_config, "require-dp", default=True),
+        policy=deployed_policy(node_config),
     )
 
 
@@ -151,4 +157,5 @@ def _simulated_setup(node_config: Mapping[str, Any], run: RunConfig) -> SiteSetu
         run_dir / SITE_STATE_DIR / data_dir.name,
         True,
         budget=node_budget(node_config),
+        policy=simulated_policy(run),
     )

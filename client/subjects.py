@@ -9,6 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STRUCTURAL_CONTRASTS: tuple[str, ...] = ("T1w", "T2w", "FLAIR", "PDw")
+SESSION_SEPARATOR = "_ses-"
+"""What joins a BIDS subject and its session in a subject id (``sub-01_ses-pre``)."""
+
+
+def person_of(subject_id: str) -> str:
+    """The person a subject id belongs to: ``"sub-01"`` for ``"sub-01_ses-pre"`` and for ``"sub-01"``.
+
+    The privacy unit is the person: all sessions of one person fall in one split and are sampled
+    together in DP-SGD, so a person with many sessions gets the ε of one unit, not of each session.
+    """
+    return subject_id.split(SESSION_SEPARATOR, 1)[0]
 """BIDS suffixes of the structural images a site may hold; a plan names which it feeds the network."""
 
 

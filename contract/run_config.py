@@ -26,8 +26,8 @@ fedadam / fedyogi: server-side adaptive optimizer on the mean update; fedbn: fed
 except normalization layers, which each site keeps (personalised model)."""
 
 SERVER_DP_MODES: tuple[str, ...] = ("off", "fixed", "adaptive")
-"""Site-level (user-level) DP at the coordinator: off; Flower's server-side fixed clipping of each site's
-update to ``server-dp-clipping-norm``; or Flower's adaptive clipping (the norm follows the median update)."""
+"""Site-level (user-level) DP at the coordinator (server/site_level_dp.py): off; each site's update clipped
+to ``server-dp-clipping-norm``; or adaptive clipping (the norm follows the median update norm)."""
 
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("vmap", "functorch", "ghost", "hooks")
 """The per-sample gradient modes of privacy/dp_sgd.py (kept here so the run config imports no torch)."""
@@ -50,7 +50,10 @@ class RunConfig:
         batch_size: patches per optimizer step.
         learning_rate: the sites' optimizer learning rate.
         seed: seed of model initialisation, test splits and every site's training in every round.
-        test_fraction: share of each training site's subjects held out for testing.
+        test_fraction: share of each simulated training site's persons held out for testing (a deployed
+            site sets its own, client/site_policy.py).
+        simulated_min_test_subjects: persons a simulated site's test split needs before the site reports
+            any test metric (a deployed site sets its own ``min-test-subjects``, default 5).
         num_sites: number of site nodes the server waits for, unseen sites included.
         unseen_sites: how many of the sites never train (role ``holdout``); in simulation the last ones.
         eval_every: sites evaluate the global model every this many rounds (and after the last one).
@@ -72,7 +75,8 @@ class RunConfig:
         dp_delta: δ of each site's (ε, δ) guarantee for the run.
         dp_grad_sample_mode: how per-sample gradients are computed (one of `GRAD_SAMPLE_MODES`).
         server_dp: site-level DP at the coordinator, one of `SERVER_DP_MODES`.
-        server_dp_noise_multiplier: noise std / clipping norm of the aggregate (server_dp only).
+        server_dp_noise_multiplier: ``z``, noise std / sensitivity of each released round: the uniform mean
+            of k clipped site updates gets noise of std ``z x clipping norm / k`` (server_dp only).
         server_dp_clipping_norm: norm each site's update is clipped to (``fixed``; the initial norm for
             ``adaptive``).
         update_norm_limit: a site update whose norm (distance from the global model) is above this many
@@ -81,7 +85,8 @@ class RunConfig:
         round_timeout_s: seconds the server waits for replies in one round.
         min_sites: training sites whose updates a round needs; a site that fails or does not answer
             within ``round_timeout_s`` is dropped from that round (logged with the reason) as long as at
-            least this many replied. 0: every training site (any dropout stops the run).
+            least this many replied. 0: every training site (any dropout stops the run). With server_dp,
+            also the fewest accepted updates a round is released with (at least 1).
     """
 
     num_rounds: int = 5
@@ -97,6 +102,7 @@ class RunConfig:
     learning_rate: float = 2e-3
     seed: int = 0
     test_fraction: float = 0.25
+    simulated_min_test_subjects: int = 2
     num_sites: int = 4
     unseen_sites: int = 1
     eval_every: int = 1
@@ -135,6 +141,8 @@ class RunConfig:
                 f"{self.unseen_sites} unseen of {self.num_sites} sites leaves no site to train; "
                 "use fewer unseen sites or more sites",
             )
+        if self.simulated_min_test_subjects < 1:
+            raise bad("simulated_min_test_subjects", f"must be >= 1, got {self.simulated_min_test_subjects}")
         if not 0.0 < self.test_fraction < 1.0:
             raise bad("test_fraction", f"must be between 0 and 1 (exclusive), got {self.test_fraction}")
         for name in ("learning_rate", "server_learning_rate", "spacing_mm", "round_timeout_s"):

@@ -136,7 +136,7 @@ class PrivacyUnitDataset(Dataset):
 
     ``items[u + units * k]`` must belong to unit ``u`` for every ``k``. ``models.training.PatchDataset`` does
     NOT guarantee this (it shuffles the subject order within each block of items), so build ``items`` with
-    one patch source per subject, as ``client.private_round.SubjectPatches`` does. The ``j``-th time unit ``u`` is
+    one patch source per subject, as ``client.private_round.PersonPatches`` does. The ``j``-th time unit ``u`` is
     read, it returns ``items[u + units * (j mod (len(items) // units))]``, so Poisson sampling over units
     gives subject-level DP while every draw sees a different patch. Use with ``num_workers=0`` (the draw
     counters live in this process).

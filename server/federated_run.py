@@ -17,7 +17,16 @@ from flwr.serverapp import Grid
 
 from contract.run_config import RunConfig
 from contract.site_task import site_task_record
-from contract.wire import CONFIG_RECORD, METRICS_RECORD, PERSONAL_PREFIX, ROLE_TRAIN, WEIGHT_KEY
+from contract.wire import (
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    PERSONAL_PREFIX,
+    REFUSAL_REASON,
+    REFUSAL_RECORD,
+    REFUSED_KEY,
+    ROLE_TRAIN,
+    WEIGHT_KEY,
+)
 from models.errors import NeurofedError
 from server.audit_log import AuditLog
 from server.global_model import initial_state_dict, read_model_state, write_model_file
@@ -26,10 +35,12 @@ from server.site_discovery import Site, site_summaries, sites_from_replies
 from server.site_replies import NodeView, lost_nodes
 from server.strategies import (
     make_strategy,
+    released_rounds,
     restore_strategy_state,
     server_dp_epsilon,
     state_dict_to_arrays,
     strategy_state,
+    unreleased_reason,
 )
 from server.update_screening import check_float_arrays, screen_training_replies
 
@@ -251,7 +262,7 @@ class FederatedRun:
         strategy = make_strategy(
             config.replace(num_sites=len(sites), unseen_sites=len(sites) - len(trainers))
         )
-        restore_strategy_state(strategy, saved_state)
+        restore_strategy_state(strategy, saved_state, completed_rounds=start_round - 1)
         arrays = state_dict_to_arrays(state_dict)
         dtypes = {k: v.numpy().dtype for k, v in arrays.items()}
 
@@ -270,19 +281,16 @@ class FederatedRun:
                 messages, "training", server_round, required=config.min_sites or len(trainers)
             )
             accepted = self._screen_updates(server_round, replies, arrays, dropped)
-            if not accepted:
-                # No site's update is usable this round: the global model stays as it was.
-                self._emit(
-                    {
-                        "event": "aggregate-train",
-                        "round": server_round,
-                        "metrics": {},
-                        "skipped": "no site update was accepted this round",
-                    }
-                )
+            new_arrays, train_metrics, skipped = None, None, "no site update was accepted this round"
+            if accepted:
+                new_arrays, train_metrics = strategy.aggregate_train(server_round, accepted)
+                skipped = unreleased_reason(strategy, server_round)
+            if new_arrays is None and skipped:
+                # No site's update is usable, or too few for site-level DP: the global model stays as it was.
+                event = {"event": "aggregate-train", "round": server_round, "metrics": {}, "skipped": skipped}
+                self._emit(event)
                 self._finish_round(strategy, server_round, arrays, write_model)
                 continue
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, accepted)
             if new_arrays is None:
                 raise NeurofedError(
                     f"round {server_round}: the strategy could not aggregate the site updates"
@@ -298,8 +306,10 @@ class FederatedRun:
                 "metrics": dict(train_metrics or {}),
             }
             if config.server_dp != "off":
-                aggregate_event["site_level_epsilon"] = server_dp_epsilon(config, server_round)
+                releases = released_rounds(strategy)
+                aggregate_event["site_level_epsilon"] = server_dp_epsilon(config, releases)
                 aggregate_event["site_level_delta"] = config.dp_delta
+                aggregate_event["site_level_releases"] = releases
             self._emit(aggregate_event)
             self._finish_round(strategy, server_round, arrays, write_model)
 
@@ -371,6 +381,21 @@ class FederatedRun:
         )
         return screened.accepted
 
+    def _answered_evaluations(
+        self, server_round: int, replies: list[Message], by_node: dict[int, Site]
+    ) -> list[Message]:
+        """Log each site that declined to evaluate (its own rules, client/site_activity.py); return the rest."""
+        answered = []
+        for r in replies:
+            if not dict(r.content[METRICS_RECORD]).get(REFUSED_KEY):
+                answered.append(r)
+                continue
+            site = by_node[r.metadata.src_node_id]
+            reason = r.content[REFUSAL_RECORD][REFUSAL_REASON] if REFUSAL_RECORD in r.content else ""
+            event = {"event": "evaluate-refused", "round": server_round, "site": site.site_id}
+            self._emit({**event, "role": site.role, "reason": str(reason)})
+        return answered
+
     def _evaluate(self, strategy: Any, server_round: int, arrays: ArrayRecord) -> None:
         by_node = {s.node_id: s for s in self.sites}
         messages = strategy.configure_evaluate(
@@ -383,6 +408,7 @@ class FederatedRun:
             evaluated=[by_node[r.metadata.src_node_id].site_id for r in replies],
             dropped=dropped,
         )
+        replies = self._answered_evaluations(server_round, replies, by_node)
         for r in replies:
             site = by_node[r.metadata.src_node_id]
             metrics = dict(r.content[METRICS_RECORD])

@@ -84,11 +84,23 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         help="continue the run in RUN_DIR (its stored settings are used; --rounds may extend it)",
     )
     p.add_argument(
-        "--data-root", dest="data_folder", metavar="DATA_ROOT", type=Path, default=None, help="existing folder of site folders to use"
+        "--data-root",
+        dest="data_folder",
+        metavar="DATA_ROOT",
+        type=Path,
+        default=None,
+        help="existing folder of site folders to use",
     )
     p.add_argument("--label-maps", type=Path, default=None, help="FreeSurfer label maps as synthesis anatomy")
     p.add_argument("--subjects-per-site", type=int, default=6, help="subjects synthesized per site")
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
+    p.add_argument(
+        "--fixed-site-secrets",
+        type=int,
+        metavar="SEED",
+        help="derive every site's secret from SEED so the run repeats exactly (splits, DP noise); for "
+        "benchmarks only: whoever knows SEED can replay the noise (default: each site's own random secret)",
+    )
     add_run_config_options(p, exclude=("data_root", "run_dir"))
 
 
@@ -138,7 +150,13 @@ def _run_simulate(args: argparse.Namespace) -> int:
     from study.simulation import run_simulation
 
     config = _simulation_config(args)
-    run_dir = run_simulation(config, client_app, resume=args.resume is not None, verbose=args.verbose)
+    run_dir = run_simulation(
+        config,
+        client_app,
+        resume=args.resume is not None,
+        verbose=args.verbose,
+        site_secrets_seed=args.fixed_site_secrets,
+    )
     _print_summary(run_dir)
     # A resumed run may have added rounds: its evaluation is always rebuilt.
     _evaluate_and_report(run_dir.root, data_root=None, evaluate=True)

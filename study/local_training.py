@@ -19,6 +19,7 @@ import numpy as np
 from client.preprocessed_cache import PreprocessedCache
 from client.preprocessing import PreprocessedSubject, PreprocessingPlan
 from client.site_data import prepare_split_site
+from client.site_split import seed_key
 from models.errors import NeurofedError
 from models.label_protocols import LabelProtocol
 from study.progress_bar import ProgressBar
@@ -83,7 +84,13 @@ def load_sites(
     sites = []
     for data_dir in data_dirs:
         split = prepare_split_site(
-            Path(data_dir), plan, protocol, test_fraction=validation_fraction, seed=seed, cache=cache, progress=progress
+            Path(data_dir),
+            plan,
+            protocol,
+            test_fraction=validation_fraction,
+            split_key=seed_key(seed),
+            cache=cache,
+            progress=progress,
         )
         sites.append(SiteSubjects(name=Path(data_dir).name, train=split.train, validation=split.test))
     return sites

@@ -54,6 +54,7 @@ def run_simulation(
     on_message: Callable[[str, Any], None] | None = None,
     live: bool | None = None,
     verbose: bool = False,
+    site_secrets_seed: int | None = None,
 ) -> RunDirectory:
     """Run (or resume) a federated run with ``config.num_sites`` simulated sites; returns its run directory.
 
@@ -67,6 +68,8 @@ def run_simulation(
         live: True: show the live progress view; False: print nothing; None (default): the live view on
             a terminal, else one line per round.
         verbose: keep Flower's INFO log.
+        site_secrets_seed: derive every site's secret from this seed (`fix_site_secrets`), for a
+            benchmark that must repeat exactly; None (default): each site makes its own random secret.
     """
     run_dir = RunDirectory(config.run_dir)
     if resume:
@@ -80,6 +83,9 @@ def run_simulation(
             f"data root {config.data_root} holds {len(folders)} site folder(s), fewer than the {config.num_sites} "
             "sites to simulate; synthesize more sites or simulate fewer"
         )
+
+    if site_secrets_seed is not None and not resume:
+        fix_site_secrets(Path(config.run_dir), folders[: config.num_sites], site_secrets_seed)
 
     from flwr.simulation import run_simulation as flower_run_simulation
 
@@ -113,6 +119,23 @@ def run_simulation(
             f"continue it with --resume {run_dir.root}"
         )
     return run_dir
+
+
+def fix_site_secrets(run_dir: Path, site_dirs: list[Path], seed: int) -> None:
+    """Write each simulated site's secret as ``SHA-256(seed, site)`` into its state in ``run_dir``.
+
+    Only for a benchmark that must repeat exactly (its splits, patches and DP noise): anyone who knows
+    the seed can replay every draw, so the run's ε then holds against nobody who knows it. Never the
+    default (`neurofed simulate --fixed-site-secrets SEED`)."""
+    import hashlib
+
+    from client.site_secret import SECRET_FILE
+    from common.atomic_files import atomic_write_bytes
+    from contract.run_layout import SITE_STATE_DIR
+
+    for site_dir in site_dirs:
+        secret = hashlib.sha256(f"neurofed-fixed-site-secret|{seed}|{site_dir.name}".encode()).digest()
+        atomic_write_bytes(run_dir / SITE_STATE_DIR / site_dir.name / SECRET_FILE, secret, mode=0o600)
 
 
 def _is_terminal() -> bool:
@@ -171,7 +194,7 @@ class LiveView:
             row["loss"] = event["metrics"].get("train-loss")
             if "epsilon" in event:
                 row["epsilon"] = event["epsilon"]
-        elif kind in ("refused", "rejected"):
+        elif kind in ("refused", "rejected", "evaluate-refused"):
             row = self.rows.setdefault(event["site"], {"role": event["role"]})
             row["note"] = f"round {event['round']} {kind}"
             if "epsilon" in event:
@@ -225,7 +248,7 @@ class PlainProgress:
                 f"round {event['round']}: trained, mean site loss {loss:.4f}" if loss is not None else "",
                 flush=True,
             )
-        elif kind in ("refused", "rejected"):
+        elif kind in ("refused", "rejected", "evaluate-refused"):
             print(f"round {event['round']}: {event['site']} {kind}: {event['reason']}", flush=True)
         elif kind == "train" and "epsilon" in event:
             print(

@@ -15,7 +15,7 @@ and preprocessing plan as the run; each trained centrally with one optimizer):
 
 Every model (the run's final global model, each local-only model, the pooled model) is scored on the test
 split of every site: a training site's held-out split, and all subjects of an unseen (holdout) site. The
-split is the federation's own (`client.site_split.split_subjects` with the run's seed and test fraction).
+split is the federation's own (`client.site_split.split_subjects` keyed by each site's secret in the run directory).
 
 Written into the run directory::
 

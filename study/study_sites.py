@@ -1,8 +1,9 @@
 """The sites of a finished run, prepared and split as the run did, for its study evaluation.
 
 Every site is preprocessed through the run's cache with the run's plan, and split by the federation's
-own rule (`client.site_split.split_subjects`, the run's seed and the role's test fraction), so each
-model of study/study_evaluation.py is scored on exactly the subjects the federation held out.
+own rule (`client.site_split.split_subjects` with the key from the site's secret in the run directory and
+the role's test fraction), so each model of study/study_evaluation.py is scored on exactly the subjects
+the federation held out.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from contract.run_config import RunConfig
-from contract.run_layout import SITE_CACHE_DIR
+from contract.run_layout import SITE_CACHE_DIR, SITE_STATE_DIR
 from models.errors import NeurofedError
 
 
@@ -40,7 +41,14 @@ def load_study_sites(
 ) -> list[StudySite]:
     """Prepare every site of the run (through the run's preprocessed cache) and split it as the run did."""
     from client.preprocessed_cache import PreprocessedCache
-    from client.site_data import prepare_split_site, role_test_fraction, run_preprocessing_plan
+    from client.site_data import (
+        prepare_split_site,
+        role_test_fraction,
+        run_preprocessing_plan,
+        site_split_key,
+    )
+    from client.site_policy import simulated_policy
+    from client.site_setup import SiteSetup
     from models.label_protocols import get_protocol
 
     plan = run_preprocessing_plan(settings)
@@ -54,12 +62,13 @@ def load_study_sites(
             raise NeurofedError(
                 f"site {site_id} of the run has no folder {data_dir}: pass the run's data root with --data-root"
             )
+        setup = SiteSetup(site_id, role, data_dir, None, run_dir / SITE_STATE_DIR / site_id, True)
         split = prepare_split_site(
             data_dir,
             plan,
             protocol,
-            test_fraction=role_test_fraction(role, settings),
-            seed=settings.seed,
+            test_fraction=role_test_fraction(role, simulated_policy(settings)),
+            split_key=site_split_key(setup),
             cache=cache,
         )
         out.append(

@@ -39,19 +39,23 @@ SITES, UNSEEN, ROUNDS = 3, 1, 2
 # --- the site's ClientApp, in process, on made-up arrays ----------------------------------------------
 
 
-def _fake_site_data(run: RunConfig) -> SiteData:
+def _fake_site_data(run: RunConfig, persons: tuple[str, ...] = ("sub-01", "sub-02")) -> SiteData:
+    """Made-up training subjects of ``persons`` (one session each, unless a person is named twice) and one
+    test subject."""
     rng = np.random.default_rng(0)
     subjects = []
-    for _ in range(3):
+    for _ in range(len(persons) + 1):
         label = np.zeros((16, 16, 16), np.uint8)
         label[4:12, 4:12, 4:12] = 1 + rng.integers(0, 3, size=(8, 8, 8))
         image = (label.astype(np.float32) + rng.normal(0, 0.3, label.shape).astype(np.float32))[None]
         subjects.append((image, label))
     return SiteData(
-        train=subjects[:2],
-        test=subjects[2:],
+        train=subjects[:-1],
+        test=subjects[-1:],
         plan=run_preprocessing_plan(run),
         spacing_mm=(2.0, 2.0, 2.0),
+        train_persons=persons,
+        test_persons=1,
     )
 
 
@@ -67,8 +71,9 @@ def site(monkeypatch, tmp_path, task_identity, node_grid):
         return real_train_steps(model, subjects, config, steps, **kwargs)
 
     monkeypatch.setattr("models.training.train_steps", spy_train_steps)
-    # This site opts in to runs without DP (the tests below are non-DP).
-    context = deployed_site_context(tmp_path, "state", **{"require-dp": False})
+    # This site opts in to runs without DP (the tests below are non-DP) and reports metrics of its
+    # one-person test split (its own choice, for this test).
+    context = deployed_site_context(tmp_path, "state", **{"require-dp": False, "min-test-subjects": 1})
     config = RunConfig(
         num_sites=SITES,
         unseen_sites=UNSEEN,

@@ -19,6 +19,7 @@ from flwr.app import (  # noqa: E402
 from test_federation import _fake_site_data, _initial_state, deployed_site_context  # noqa: E402
 
 import client.app as site_app  # noqa: E402
+from client.privacy_budget import init_site  # noqa: E402
 from client.site_secret import SECRET_FILE, SiteSecret  # noqa: E402
 from contract.run_config import RunConfig  # noqa: E402
 from contract.site_task import site_task_record  # noqa: E402
@@ -37,13 +38,23 @@ def dp_release(monkeypatch, tmp_path, node_grid):
 
     def release(state: str, ledger: str, **changes) -> dict[str, np.ndarray]:
         run = RunConfig(
-            num_sites=2, unseen_sites=1, local_steps=2, patch_size=16, batch_size=1, run_dir=str(tmp_path), **changes
+            num_sites=2,
+            unseen_sites=1,
+            local_steps=2,
+            patch_size=16,
+            batch_size=1,
+            run_dir=str(tmp_path),
+            **changes,
         )
+        if not (tmp_path / ledger).exists():
+            init_site(tmp_path / ledger, 100.0, 1e-3)  # what the operator runs once: budget --init
         context = deployed_site_context(
             tmp_path, state, ledger=str(tmp_path / ledger), **{"budget-epsilon": 100.0, "budget-delta": 1e-3}
         )
         record = ConfigRecord(site_task_record(run, server_round=1, run_id="run-1"))
-        (message,) = make_strategy(run).configure_train(1, state_dict_to_arrays(initial), record, node_grid([7]))
+        (message,) = make_strategy(run).configure_train(
+            1, state_dict_to_arrays(initial), record, node_grid([7])
+        )
         reply: Message = site_app.app(message, context)
         assert not reply.has_error(), reply.error
         assert reply.content["metrics"]["epsilon"] > 0  # a DP release, recorded in the ledger
@@ -69,7 +80,9 @@ def test_two_fresh_sites_release_different_updates_and_one_site_repeats_its_own(
 
 def test_nothing_the_coordinator_sends_seeds_the_noise(dp_release) -> None:
     # The run seed is the coordinator's: changing it changes nothing in the release of a DP round.
-    assert _same(dp_release("state-1", "ledger-1.json", seed=0), dp_release("state-1", "ledger-2.json", seed=12345))
+    assert _same(
+        dp_release("state-1", "ledger-1.json", seed=0), dp_release("state-1", "ledger-2.json", seed=12345)
+    )
 
 
 def test_seeds_differ_by_run_round_and_purpose_and_depend_on_the_secret_only() -> None:
