@@ -61,7 +61,18 @@ def _run_check(args: argparse.Namespace) -> int:
 
 def _add_budget(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "budget", _run_budget)
-    p.add_argument("--ledger", type=Path, required=True, help="the site's privacy ledger file (JSON)")
+    p.add_argument(
+        "--ledger",
+        type=Path,
+        required=True,
+        help="the site's privacy ledger file (<state-dir>/privacy-ledger.jsonl for `neurofed-site start`)",
+    )
+    p.add_argument(
+        "--init",
+        action="store_true",
+        help="set up a new site once: create the ledger (and its marker) with the lifetime budget "
+        "(needs --set-budget and --delta) and the site secret in the ledger's folder; never overwrites",
+    )
     p.add_argument(
         "--set-budget",
         type=float,
@@ -74,16 +85,19 @@ def _add_budget(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_budget(args: argparse.Namespace) -> int:
-    """Show the site's privacy spending per run and what is left of its lifetime budget.
+    """Set up the site's privacy ledger, set its lifetime budget, and show its spending.
 
-    Show the privacy ledger: ε and δ spent by every federated run trained on this site's data, and
-    what is left of the lifetime budget (ε and δ of different runs add up). With --set-budget, first
-    set the lifetime budget; the site refuses any round that would exceed it. Rounds reserved but
-    never completed (a crash mid-round) count as spent.
+    Show the privacy ledger: each federated run's own ε at its δ, and the site's lifetime ε at the
+    lifetime δ, every release of every run composed in one RDP accountant (runs' δ are never summed),
+    with what is left of the lifetime budget. --init (once, before the site first starts) creates the
+    ledger, its marker and the site secret beside it; it never overwrites them. With --set-budget,
+    first set the lifetime budget; the site refuses any round that would take the lifetime ε above it.
+    Rounds reserved but never completed (a crash mid-round) count as spent. A missing or rolled-back
+    ledger is an error: restore the latest backup of the ledger and its marker.
     """
     from client.privacy_budget import run_budget
 
-    return run_budget(args.ledger, set_epsilon=args.set_budget, delta=args.delta)
+    return run_budget(args.ledger, set_epsilon=args.set_budget, delta=args.delta, init=args.init)
 
 
 def _add_keygen(sub: argparse._SubParsersAction) -> None:
@@ -145,6 +159,14 @@ def _add_start(sub: argparse._SubParsersAction) -> None:
         help="also train in runs without differential privacy (by default the site refuses such rounds, "
         "whatever the coordinator asks)",
     )
+    _add_approved_apps_option(p)
+    p.add_argument(
+        "--trusted-entities",
+        type=Path,
+        metavar="YAML_FILE",
+        help="also require a bundle signature by one of these Flower trusted entities (flower-supernode's "
+        "option; only bundles from Flower Hub are signed)",
+    )
     p.add_argument("--telemetry", action="store_true", help="allow Flower's anonymous usage telemetry")
 
 
@@ -154,9 +176,11 @@ def _run_start(args: argparse.Namespace) -> int:
     Run `neurofed-site check` on DATA_DIR (refusing to start when no subject is usable), then run
     Flower's SuperNode for this site in the foreground (as systemd does): TLS to the coordinator
     (verified with --ca), authenticated with --key (enrolled at the coordinator), runtime
-    installation of app dependencies off. Its node config gives the ClientApp the data folder, site
-    id, state folder (privacy ledger, preprocessed cache) and the lifetime privacy budget: rounds
-    that would exceed it are refused. Scans never leave the site.
+    installation of app dependencies off. It runs only app bundles approved in --approved-apps
+    (`neurofed-site approve`); any other bundle the coordinator sends is refused before any of its code
+    runs, and every accepted or refused bundle is recorded in <state-dir>/audit.jsonl. Its node config
+    gives the ClientApp the data folder, site id, state folder (privacy ledger, preprocessed cache) and
+    the lifetime privacy budget: rounds that would exceed it are refused. Scans never leave the site.
     """
     from client.site_daemon import SiteDaemonConfig, start_site
 
@@ -174,9 +198,65 @@ def _run_start(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         contrast=args.contrast,
         allow_no_dp=args.allow_no_dp,
+        approved_apps=args.approved_apps,
+        trusted_entities=args.trusted_entities,
     )
     start_site(config, telemetry=args.telemetry)
     return 0  # not reached: the process became the SuperNode
+
+
+def _add_approved_apps_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--approved-apps",
+        type=Path,
+        metavar="FILE",
+        help="the approved app bundle hashes, one a line (when not given: <state-dir>/approved-apps.txt)",
+    )
+
+
+def _add_approve(sub: argparse._SubParsersAction) -> None:
+    from client.site_daemon import DEFAULT_STATE_DIR
+
+    p = add_command(sub, "approve", _run_approve)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "bundle", type=Path, nargs="?", metavar="BUNDLE.fab", help="a bundle file (flwr build)"
+    )
+    which.add_argument("--hash", metavar="SHA256", help="the SHA-256 of a bundle (sha256sum BUNDLE.fab)")
+    which.add_argument(
+        "--installed",
+        action="store_true",
+        help="the bundle Flower builds from the neurofed installed here (after installing or upgrading it)",
+    )
+    p.add_argument("--replace", action="store_true", help="approve only this bundle: drop the others")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"the site's state folder ({DEFAULT_STATE_DIR})",
+    )
+    _add_approved_apps_option(p)
+
+
+def _run_approve(args: argparse.Namespace) -> int:
+    """Approve an app bundle: the only app code the site runs is code its operator approved.
+
+    Add a bundle's SHA-256 to the approved apps (default <state-dir>/approved-apps.txt), which
+    `neurofed-site start` reads again for every new run: a bundle whose hash is not there is refused
+    before any of its code runs. --installed approves what Flower builds from this neurofed
+    installation's source folder (`flwr build` is byte-reproducible, so the coordinator submitting the
+    same release sends exactly this bundle); run it again after every upgrade. BUNDLE.fab approves a
+    bundle file the coordinator's operator sent (review its code first: it is a zip), --hash a hash
+    read to you. Prints the approved hashes.
+    """
+    from client.approved_apps import approve, approved_apps_path, hash_to_approve
+
+    fab_hash, source = hash_to_approve(args.bundle, args.hash, args.installed)
+    path = approved_apps_path(args.state_dir, args.approved_apps)
+    approved = approve(path, fab_hash, source, replace=args.replace)
+    print(f"approved app bundle {fab_hash} ({source}) in {path}")
+    print("this site now runs only:\n" + "\n".join(f"  {h}" for h in approved))
+    return 0
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
@@ -224,9 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     return command_parser(
         "neurofed-site",
         "neurofed site daemon tools for hospital research IT: check the site's data before joining a "
-        "federation, keep its privacy budget, start its daemon, and segment its own scans with a "
-        "trained model. Scans never leave the site. Run `neurofed-site COMMAND --help` for options.",
-        [_add_check, _add_budget, _add_keygen, _add_start, _add_segment],
+        "federation, keep its privacy budget, approve the app code it runs, start its daemon, and segment "
+        "its own scans with a trained model. Scans never leave the site. Run `neurofed-site COMMAND --help` for options.",
+        [_add_check, _add_budget, _add_keygen, _add_approve, _add_start, _add_segment],
     )
 
 

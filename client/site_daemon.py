@@ -4,6 +4,10 @@ The SuperNode connects to the coordinator over TLS (verifying it with the federa
 authenticates with the site's private key (enrolled at the coordinator), and runs the ClientApp
 (client/app.py) with the site's data folder, id, state folder and privacy budget in its node config.
 Runtime installation of app dependencies stays off: the site runs the neurofed installed here, offline.
+
+It runs only the app bundles the site's operator approved (`neurofed-site approve`,
+client/approved_apps.py): this process becomes client/approved_supernode.py, which checks every bundle
+the coordinator sends before Flower stores it or starts any process that would run its code.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.approved_apps import APPROVE_COMMAND, AUDIT_LOG_FILE, approved_apps_path, read_approved
 from client.site_keys import check_private_key
 from models.errors import NeurofedError
 
@@ -37,6 +42,9 @@ class SiteDaemonConfig:
         protocol, contrast: what `neurofed-site check` validates the data against.
         allow_no_dp: train rounds of runs without differential privacy too. Off by default: the site
             refuses such rounds whatever the coordinator asks (node config ``require-dp``).
+        approved_apps: the file of approved app bundle hashes (default: ``<state-dir>/approved-apps.txt``).
+        trusted_entities: Flower's trusted-entities YAML: bundles must also carry a signature of one of
+            them (``flower-supernode --trusted-entities``; only bundles from Flower Hub are signed).
     """
 
     coordinator: str
@@ -52,6 +60,8 @@ class SiteDaemonConfig:
     protocol: str = "tissue"
     contrast: str = "T1w"
     allow_no_dp: bool = False
+    approved_apps: Path | None = None
+    trusted_entities: Path | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -60,6 +70,14 @@ class SiteDaemonConfig:
     @property
     def cache_dir(self) -> Path:
         return self.state_dir.expanduser() / "cache"
+
+    @property
+    def approved_apps_path(self) -> Path:
+        return approved_apps_path(self.state_dir, self.approved_apps)
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.state_dir.expanduser() / AUDIT_LOG_FILE
 
 
 def node_config(config: SiteDaemonConfig) -> str:
@@ -110,6 +128,21 @@ def check_site_config(config: SiteDaemonConfig) -> None:
         raise NeurofedError(f"--delta {config.budget_delta}: must be in (0, 1), e.g. 1e-5")
     if config.role not in ("train", "holdout"):
         raise NeurofedError(f"--role {config.role!r}: use train or holdout")
+    if config.trusted_entities is not None and not config.trusted_entities.expanduser().is_file():
+        raise NeurofedError(f"--trusted-entities {config.trusted_entities}: file not found")
+
+
+def check_approved_apps(config: SiteDaemonConfig) -> list[str]:
+    """The approved bundle hashes; NeurofedError saying how to approve one when there is none."""
+    path = config.approved_apps_path
+    approved = read_approved(path)
+    if not approved:
+        raise NeurofedError(
+            f"--approved-apps {path}: no approved app bundle, so the site would refuse every run; approve the "
+            f"neurofed installed here with `{APPROVE_COMMAND} --installed --approved-apps {path}` (or a bundle "
+            "file the coordinator's operator sent: BUNDLE.fab, or --hash SHA256)"
+        )
+    return approved
 
 
 def check_site_data(config: SiteDaemonConfig) -> None:
@@ -124,9 +157,23 @@ def check_site_data(config: SiteDaemonConfig) -> None:
 
 
 def supernode_command(config: SiteDaemonConfig) -> list[str]:
-    """The ``flower-supernode`` command line of this site."""
+    """This site's SuperNode: Flower's ``flower-supernode`` behind neurofed's approval check."""
+    from client.approved_supernode import launcher_command
+
+    _executable("flower-superexec")  # the SuperNode starts it by name
+    return launcher_command(
+        config.approved_apps_path.resolve(), config.audit_log_path.resolve(), supernode_arguments(config)
+    )
+
+
+def supernode_arguments(config: SiteDaemonConfig) -> list[str]:
+    """The ``flower-supernode`` arguments of this site."""
+    trusted = (
+        []
+        if config.trusted_entities is None
+        else ["--trusted-entities", str(config.trusted_entities.expanduser().resolve())]
+    )
     return [
-        _executable("flower-supernode"),
         "--superlink",
         config.coordinator,
         "--root-certificates",
@@ -137,6 +184,7 @@ def supernode_command(config: SiteDaemonConfig) -> list[str]:
         node_config(config),
         "--port",
         str(config.runtime_port),
+        *trusted,
     ]
 
 
@@ -167,6 +215,7 @@ def start_site(config: SiteDaemonConfig, telemetry: bool = False) -> None:
     """Check the options and the data, then become the SuperNode (``exec``; never returns)."""
     check_site_config(config)
     check_site_data(config)
+    check_approved_apps(config)
     state_dir = config.state_dir.expanduser()
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -295,6 +295,22 @@ def test_unit_commands_parse_with_the_cli(unit: str) -> None:
         assert_cli_accepts(argv, f"{unit} ({line.split()[1]} ...)")
 
 
+def test_site_unit_runs_only_bundles_approved_in_a_file_it_cannot_write() -> None:
+    service = read_unit(SYSTEMD / "neurofed-site.service")["Service"]
+    env = read_env_file(SYSTEMD / "site.env")
+    (line,) = values(service, "ExecStart")
+    argv = expand_exec_line(line, env, "neurofed-site.service")
+    approved = Path(argv[argv.index("--approved-apps") + 1])
+    writable = " ".join(values(service, "ReadWritePaths")).split()
+    writable += ["/var/lib/" + name for name in values(service, "StateDirectory")]
+    assert not any(approved.is_relative_to(w) for w in writable), f"the service may write {approved}"
+    assert values(service, "ProtectSystem") == ["strict"]  # so /etc is read-only to it
+    documented = [line for line in readme_command_lines() if " approve --installed " in line]
+    assert any(str(approved) in line for line in documented), (
+        "deploy/README.md: approve into NEUROFED_APPROVED_APPS"
+    )
+
+
 @pytest.mark.parametrize("unit", sorted(UNITS))
 def test_systemd_analyze_verify_finds_nothing(unit: str, tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
@@ -528,6 +544,28 @@ def test_compose_paths_in_commands_are_mounted(compose: dict) -> None:
                 )
 
 
+def test_compose_sites_are_approved_in_their_state_volume(compose: dict) -> None:
+    """The README's `docker compose run ... approve` writes where the site's `start` reads its approvals."""
+    stages = dockerfile_stages()
+    documented = {}
+    for line in readme_command_lines():
+        if not line.startswith("docker compose run ") or " approve " not in line:
+            continue
+        words = shlex.split(line, comments=True)
+        if "--entrypoint" in words:
+            service = words[words.index("--entrypoint") + 2]
+            documented[service] = words[words.index("--state-dir") + 1]
+    sites = {
+        name: service_argv(service, stages)
+        for name, service in neurofed_services(compose).items()
+        if service_argv(service, stages)[:2] == ["neurofed-site", "start"]
+    }
+    assert documented, "deploy/README.md shows no `docker compose run ... approve` for a site"
+    for name, state_dir in documented.items():
+        argv = sites[name]
+        assert "--approved-apps" not in argv and argv[argv.index("--state-dir") + 1] == state_dir, name
+
+
 def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     docker = shutil.which("docker")
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
@@ -569,6 +607,8 @@ def test_readme_commands_parse_with_the_cli() -> None:
         if not starts:
             continue
         argv = words[starts[0] :]
+        if words[starts[0] - 1] == "--entrypoint":  # docker compose run --entrypoint PROGRAM SERVICE ARGS
+            argv = [argv[0], *argv[2:]]
         for i, word in enumerate(argv):
             if word in ("|", "&&", ";", ">", "<"):
                 argv = argv[:i]
@@ -578,4 +618,5 @@ def test_readme_commands_parse_with_the_cli() -> None:
         documented.add(" ".join([program, *argv[1:3]] if argv[1] == "coordinator" else [program, argv[1]]))
     tasks = {"neurofed coordinator enroll", "neurofed coordinator sites", "neurofed coordinator revoke"}
     tasks |= {"neurofed run", "neurofed-site keygen", "neurofed-site check", "neurofed-site budget"}
+    tasks |= {"neurofed-site approve"}
     assert tasks <= documented, f"deploy/README.md shows no command line for {sorted(tasks - documented)}"

@@ -6,17 +6,26 @@ one site is killed (the round completes with the other two, above ``min-sites``)
 checkpoint the coordinator is stopped and started again, and `neurofed run --resume` finishes the run from
 that checkpoint. Sites whose key was never enrolled, or was revoked, are refused. Certificates come from
 deploy/make-certs.sh; every process a test starts is stopped by its fixture (the whole process tree).
+
+The sites run only the app bundle approved with `neurofed-site approve`: the fixture freezes the app as
+`neurofed run` submits it (this checkout's bundle, unpacked, so that edits made meanwhile change nothing),
+approves that bundle's file, and submits it with `--app`. The same bundle with one byte changed is refused
+by every site before any of its code runs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -25,7 +34,9 @@ import pytest
 
 from bench.process_tree import stop_process_tree
 from bench.tiny_sites import write_tiny_site
+from client.approved_apps import ACCEPTED_EVENT, AUDIT_LOG_FILE, REFUSED_EVENT, read_audit_events
 from client.site_keys import check_private_key, generate_site_keys
+from client.site_setup import LEDGER_FILE
 from models.errors import NeurofedError
 from server.audit_log import AuditLog
 from server.coordinator_state import CoordinatorState
@@ -54,6 +65,8 @@ JOB = [
     "dp=true",
     f"run-dir='runs/{RUN_NAME}'",
 ]
+SITE_BUDGET = "50"
+"""Every site's lifetime ε."""
 WAIT_S = 420.0
 """Upper bound for one step of the job on two loaded cores (each Flower message starts a fresh process)."""
 
@@ -106,6 +119,19 @@ def _port_open(port: int) -> bool:
 # --- the federation ------------------------------------------------------------------------------------
 
 
+def _freeze_app(folder: Path) -> tuple[Path, Path]:
+    """(app folder, its bundle file): the bundle `neurofed run` makes of this checkout, unpacked into
+    ``folder/neurofed``, and the bundle Flower builds from that folder (the same bytes: `flwr build` is
+    reproducible, tests/test_approved_apps.py)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    app = folder / "neurofed"
+    zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).extractall(app)
+    bundle = folder / "neurofed.fab"
+    bundle.write_bytes(build_fab_from_disk(app))
+    return app, bundle
+
+
 def _make_certs(folder: Path) -> tuple[Path, Path, Path]:
     """CA and coordinator certificate for loopback, made by the deployment kit's script."""
     if not MAKE_CERTS.is_file():
@@ -134,6 +160,11 @@ class Federation:
         self.daemons: list[Daemon] = []
         self.logs = root / "logs"
         self.logs.mkdir()
+        self.app, bundle = _freeze_app(root / "app")
+        self.approved_hash = hashlib.sha256(bundle.read_bytes()).hexdigest()
+        self.approved_apps = root / "approved-apps.txt"
+        approve = self.cli("client.cli", "approve", str(bundle), "--approved-apps", str(self.approved_apps))
+        subprocess.run(approve, check=True, env=self.env, cwd=ROOT, timeout=120, capture_output=True)
 
     def cli(self, module: str, *args: str) -> list[str]:
         return [sys.executable, "-m", module, *args]
@@ -171,21 +202,48 @@ class Federation:
             "--data",
             str(data),
             "--budget",
-            "50",
+            SITE_BUDGET,
             "--state-dir",
-            str(self.root / "site-state" / name),
+            str(self.site_state(name)),
             "--site-id",
             name,
             "--runtime-port",
             str(_free_port()),
+            "--approved-apps",
+            str(self.approved_apps),
         )
-        daemon = Daemon(command, self.logs / f"{name}.log", self.env)
+        # Each site keeps Flower's files in its own state folder, as deployed (apps it installed: flwr-home/apps).
+        env = {k: v for k, v in self.env.items() if k != "FLWR_HOME"}
+        daemon = Daemon(command, self.logs / f"{name}.log", env)
         self.sites[name] = daemon
         self.daemons.append(daemon)
         return daemon
 
-    def run(self, *args: str) -> list[str]:
-        return self.cli("server.cli", "run", "--state-dir", str(self.state.root), *args)
+    def run(self, *args: str, app: Path | None = None) -> list[str]:
+        """`neurofed run` of the frozen app (or of ``app``)."""
+        return self.cli(
+            "server.cli", "run", "--state-dir", str(self.state.root), "--app", str(app or self.app), *args
+        )
+
+    def site_state(self, name: str) -> Path:
+        return self.root / "site-state" / name
+
+    def init_ledgers(self, names: list[str]) -> None:
+        """The sites' one-time setup by their operators: the privacy ledger with the lifetime budget."""
+        setups = []
+        for name in names:
+            ledger = self.site_state(name) / LEDGER_FILE
+            budget = ["--set-budget", SITE_BUDGET, "--delta", "1e-5"]
+            init = self.cli("client.cli", "budget", "--init", "--ledger", str(ledger), *budget)
+            setups.append(subprocess.Popen(init, env=self.env, cwd=ROOT))
+        assert [p.wait(timeout=120) for p in setups] == [0] * len(names)
+
+    def start_missing_sites(self) -> None:
+        """(Re)start every site of SITES whose daemon is not running."""
+        for name in SITES:
+            daemon = self.sites.get(name)
+            if daemon is None or daemon.process.poll() is not None:
+                self.start_site(name, self.keys[name].private_key, self.root / "data" / name)
 
     def stop_all(self) -> None:
         for daemon in reversed(self.daemons):
@@ -222,6 +280,7 @@ def federation(tmp_path_factory):
             registry.enroll(fed.keys[name].public_key, name)
         for i, name in enumerate(SITES):
             write_tiny_site(root / "data" / name, 3, gain=1.0 + 0.3 * i, seed=i)
+        fed.init_ledgers(list(SITES))
         yield fed
     finally:
         fed.stop_all()
@@ -341,6 +400,73 @@ def test_audit_log_names_sites_rounds_contributions_dropouts_and_epsilon(interru
     for site in set(rounds[1]["contributed"]):
         assert rounds[2]["epsilon"][site]["epsilon"] > rounds[1]["epsilon"][site]["epsilon"]
     assert audit[-1]["event"] == "run-finished"
+
+
+@pytest.mark.slow
+def test_sites_ran_only_the_approved_bundle(federation, interrupted_study) -> None:
+    fed = federation
+    for name in SITES:
+        events = read_audit_events(fed.site_state(name) / AUDIT_LOG_FILE)
+        accepted = {e["fab_hash"] for e in events if e["event"] == ACCEPTED_EVENT}
+        assert accepted == {fed.approved_hash}, f"{name}: {events}"
+        installed = [p.name for p in (fed.site_state(name) / "flwr-home" / "apps").iterdir()]
+        assert installed and all(p.endswith(fed.approved_hash[:8]) for p in installed), installed
+
+
+TAMPERED_JOB = [s for s in JOB if not s.startswith(("num-server-rounds=", "run-dir="))] + [
+    "num-server-rounds=1",
+    "run-dir='runs/tampered'",
+]
+
+
+@pytest.mark.slow
+def test_a_bundle_changed_after_approval_never_runs_at_any_site(federation) -> None:
+    from flwr.cli.build import build_fab_from_disk
+
+    fed = federation
+    fed.start_missing_sites()
+    tampered = fed.root / "tampered" / "neurofed"
+    shutil.copytree(fed.app, tampered)
+    client_app = tampered / "client" / "app.py"
+    client_app.write_bytes(client_app.read_bytes() + b"#")  # one byte more in the ClientApp's code
+    tampered_hash = hashlib.sha256(build_fab_from_disk(tampered)).hexdigest()
+    assert tampered_hash != fed.approved_hash
+    settings = [a for s in TAMPERED_JOB for a in ("--set", s)]
+    done = subprocess.run(
+        fed.run(*settings, "--no-stream", app=tampered),
+        env=fed.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    # The run stopped at site discovery, before any round: no site trained, and the coordinator was told why.
+    events = RunDirectory(fed.state.runs_dir / "tampered").read_events()
+    assert not [e for e in events if e["event"] == "train"]
+    failed = [
+        e
+        for e in AuditLog(fed.state.audit_path).read()
+        if e["event"] == "run-failed" and e.get("run_dir") == str(fed.state.runs_dir / "tampered")
+    ]
+    assert len(failed) == 1 and f"app bundle {tampered_hash} is not approved" in failed[0]["reason"]
+    for name in SITES:
+        daemon = fed.sites[name]
+        assert daemon.process.poll() is None, f"{name} stopped:\n{daemon.text()[-2000:]}"
+        log = daemon.text()
+        assert "REFUSED run" in log and tampered_hash in log and fed.approved_hash in log, log[-2000:]
+        refused = [
+            e
+            for e in read_audit_events(fed.site_state(name) / AUDIT_LOG_FILE)
+            if e["event"] == REFUSED_EVENT and e["fab_hash"] == tampered_hash
+        ]
+        assert refused and refused[0]["approved"] == [fed.approved_hash], name
+        assert refused[0]["time"].endswith("+00:00")
+        apps = fed.site_state(name) / "flwr-home" / "apps"
+        installed = [p.name for p in apps.iterdir()] if apps.is_dir() else []
+        assert not [p for p in installed if p.endswith(tampered_hash[:8])], (
+            f"{name} installed it: {installed}"
+        )
 
 
 # --- fast checks of the commands' inputs ----------------------------------------------------------------

@@ -1,0 +1,304 @@
+"""The site runs only app bundles its operator approved (client/approved_apps.py, client/approved_supernode.py).
+
+The check runs inside Flower's real SuperNode loop function (``_pull_and_store_message`` of the pinned
+Flower 1.41.0) with a stand-in SuperLink connection: an approved bundle is stored and gets a task (what makes
+Flower start a ClientApp), an unapproved or mislabelled one gets an error reply and leaves nothing behind.
+tests/test_deployment.py checks the same with real processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from client.approved_apps import (
+    ACCEPTED_EVENT,
+    REFUSED_EVENT,
+    AppApproval,
+    app_dir_bundle_hash,
+    approve,
+    bundle_file_hash,
+    read_approved,
+    read_audit_events,
+)
+from models.errors import NeurofedError
+
+RUN_ID = 7
+NODE_ID = 5
+TINY_PYPROJECT = b"""[build-system]
+requires = ["setuptools"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "tinyapp"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "neurofed"
+
+[tool.flwr.app.components]
+serverapp = "tinyapp.server:app"
+clientapp = "tinyapp.client:app"
+
+[tool.flwr.app.config]
+rounds = 1
+"""
+
+
+def write_tiny_app(folder: Path) -> Path:
+    """A minimal Flower app project (what `flwr build` needs) in ``folder``."""
+    (folder / "tinyapp").mkdir(parents=True)
+    (folder / "pyproject.toml").write_bytes(TINY_PYPROJECT)
+    (folder / "tinyapp" / "__init__.py").write_text("")
+    (folder / "tinyapp" / "client.py").write_text("app = None  # reads the scans\n")
+    (folder / "tinyapp" / "server.py").write_text("app = None\n")
+    return folder
+
+
+def build_fab(folder: Path) -> bytes:
+    from flwr.cli.build import build_fab_from_disk
+
+    return build_fab_from_disk(folder)
+
+
+@pytest.fixture()
+def supernode(tmp_path, task_identity, monkeypatch):
+    """Flower's SuperNode loop function with the approval check installed, and a one-message SuperLink."""
+    from flwr.supernode import start_client_internal as loop
+
+    from client.approved_supernode import HOOK_FUNCTION, install_approval_check
+
+    monkeypatch.setattr(loop, HOOK_FUNCTION, getattr(loop, HOOK_FUNCTION))  # undone after the test
+    approval = AppApproval(tmp_path / "approved-apps.txt", tmp_path / "audit.jsonl")
+    install_approval_check(approval)
+    install_approval_check(approval)  # a second install does not check twice
+    return StandInSuperLink(approval)
+
+
+class StandInSuperLink:
+    """Sends one ``query`` message of run ``RUN_ID`` with a given bundle through the patched loop function."""
+
+    def __init__(self, approval: AppApproval) -> None:
+        self.approval = approval
+
+    def deliver(self, fab_content: bytes, claimed_hash: str | None = None):
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+        from flwr.supercore.fab import Fab
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+        from flwr.supercore.object_store import ObjectStoreFactory
+        from flwr.supercore.run import Run
+        from flwr.supernode import start_client_internal as loop
+        from flwr.supernode.nodestate import NodeStateFactory
+
+        stores = ObjectStoreFactory()
+        state, store = NodeStateFactory(objectstore_factory=stores).state(), stores.store()
+        state.set_node_id(NODE_ID)
+        message = Message(
+            RecordDict({"config": ConfigRecord({"x": 1})}),
+            dst_node_id=NODE_ID,
+            message_type=MessageType.QUERY,
+        )
+        message.metadata.__dict__["_run_id"] = RUN_ID
+        message.metadata.__dict__["_message_id"] = message.object_id
+        objects = {k: v.deflate() for k, v in get_all_nested_objects(message).items()}
+        claimed = claimed_hash or hashlib.sha256(fab_content).hexdigest()
+        run = Run.create_empty(RUN_ID)
+        run.fab_id, run.fab_version, run.fab_hash = "neurofed/tinyapp", "1.0.0", claimed
+        returned = loop._pull_and_store_message(
+            state=state,
+            object_store=store,
+            node_config={},
+            receive=lambda: (message, get_object_tree(message)),
+            get_run=lambda run_id: run,
+            get_fab=lambda fab_hash, run_id: Fab(claimed, fab_content, {}),
+            pull_object=lambda run_id, object_id: objects[object_id],
+            confirm_message_received=lambda run_id, message_id: None,
+            trusted_entities=None,
+        )
+        assert returned == RUN_ID
+        return state
+
+
+def test_an_approved_bundle_is_stored_and_gets_a_task(tmp_path, supernode) -> None:
+    fab = build_fab(write_tiny_app(tmp_path / "tinyapp"))
+    fab_hash = hashlib.sha256(fab).hexdigest()
+    approve(supernode.approval.approved_apps, fab_hash, "test")
+    state = supernode.deliver(fab)
+    assert state.get_run(RUN_ID) is not None and state.get_fab(fab_hash).content == fab
+    assert len(state.get_tasks(run_ids=[RUN_ID])) == 1  # Flower's SuperExec starts a ClientApp for it
+    assert state.get_messages_legacy(is_reply=True) == []
+    (event,) = read_audit_events(supernode.approval.audit_log)
+    assert event["event"] == ACCEPTED_EVENT and event["fab_hash"] == fab_hash and event["run_id"] == RUN_ID
+    assert event["time"].endswith("+00:00") and event["unix"] > 0
+
+
+def test_an_unapproved_bundle_is_refused_before_it_is_stored(tmp_path, supernode) -> None:
+    from flwr.common.constant import ErrorCode
+
+    approved = approve(supernode.approval.approved_apps, "a" * 64, "an older release")
+    fab = build_fab(write_tiny_app(tmp_path / "tinyapp"))
+    fab_hash = hashlib.sha256(fab).hexdigest()
+    state = supernode.deliver(fab)
+    # Nothing of the run is kept, and no task exists: no process ever installs or imports the bundle.
+    assert state.get_run(RUN_ID) is None and state.get_fab(fab_hash) is None
+    assert len(state.get_tasks(run_ids=[RUN_ID])) == 0
+    (reply,) = state.get_messages_legacy(is_reply=True)
+    assert reply.has_error() and reply.error.code == ErrorCode.INVALID_FAB
+    assert fab_hash in reply.error.reason and "a" * 64 in reply.error.reason
+    assert "neurofed-site approve" in reply.error.reason
+    (event,) = read_audit_events(supernode.approval.audit_log)
+    assert event["event"] == REFUSED_EVENT and event["fab_hash"] == fab_hash and event["run_id"] == RUN_ID
+    assert event["approved"] == approved and event["approved_apps"] == str(supernode.approval.approved_apps)
+    # Approving it takes effect for the next run without a restart.
+    approve(supernode.approval.approved_apps, fab_hash, "reviewed")
+    assert supernode.deliver(fab).get_run(RUN_ID) is not None
+
+
+def test_a_bundle_whose_content_does_not_match_its_hash_is_refused(tmp_path, supernode) -> None:
+    fab = build_fab(write_tiny_app(tmp_path / "tinyapp"))
+    approved_hash = hashlib.sha256(fab).hexdigest()
+    approve(supernode.approval.approved_apps, approved_hash, "test")
+    tampered = fab[:-1] + bytes([fab[-1] ^ 1])
+    state = supernode.deliver(tampered, claimed_hash=approved_hash)
+    (reply,) = state.get_messages_legacy(is_reply=True)
+    assert reply.has_error() and "not to " + approved_hash in reply.error.reason
+    assert state.get_run(RUN_ID) is None
+    (event,) = read_audit_events(supernode.approval.audit_log)
+    assert event["event"] == REFUSED_EVENT and event["fab_hash"] == hashlib.sha256(tampered).hexdigest()
+    assert event["claimed_hash"] == [approved_hash]
+
+
+def test_an_unreadable_approvals_file_refuses_everything(tmp_path, supernode) -> None:
+    supernode.approval.approved_apps.write_text("not-a-hash\n")
+    state = supernode.deliver(build_fab(write_tiny_app(tmp_path / "tinyapp")))
+    (reply,) = state.get_messages_legacy(is_reply=True)
+    assert reply.has_error() and "line 1" in reply.error.reason
+    assert state.get_run(RUN_ID) is None
+
+
+# --- Flower's hook point ---------------------------------------------------------------------------
+
+
+def test_the_hook_point_is_where_the_pinned_flower_fetches_bundles() -> None:
+    """Fails when a Flower upgrade moves the bundle fetch: then client/approved_supernode.py needs a new hook."""
+    import flwr
+
+    from client.approved_supernode import FLOWER_VERSION, check_hook_point
+
+    assert flwr.__version__ == FLOWER_VERSION
+    check_hook_point()
+
+
+def test_a_changed_hook_point_stops_the_site_from_starting(monkeypatch) -> None:
+    import flwr
+    from flwr.supernode import start_client_internal as loop
+
+    from client.approved_supernode import HOOK_FUNCTION, check_hook_point
+
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    with pytest.raises(NeurofedError, match=r"Flower 1\.42\.0 is installed, not 1\.41\.0.*does not start"):
+        check_hook_point()
+    monkeypatch.undo()
+
+    def renamed(state, object_store, receive, fetch_fab):  # the fetch is no longer passed as get_fab
+        return None
+
+    monkeypatch.setattr(loop, HOOK_FUNCTION, renamed)
+    with pytest.raises(NeurofedError, match=r"no parameter\(s\) \['get_fab'\]"):
+        check_hook_point()
+
+
+def test_the_launcher_installs_the_check_then_runs_flowers_supernode(tmp_path, monkeypatch, capsys) -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    from client.approved_supernode import HOOK_FUNCTION, main
+
+    monkeypatch.setattr(loop, HOOK_FUNCTION, getattr(loop, HOOK_FUNCTION))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    approved = tmp_path / "approved-apps.txt"
+    approve(approved, "b" * 64, "test")
+    seen = {}
+
+    def flower_supernode() -> None:
+        seen["argv"] = list(sys.argv)
+        seen["checked"] = getattr(getattr(loop, HOOK_FUNCTION), "_neurofed_approval_check", False)
+
+    args = ["--approved-apps", str(approved), "--audit-log", str(tmp_path / "audit.jsonl"), "--"]
+    assert main([*args, "--superlink", "h:1"], run_supernode=flower_supernode) == 0
+    assert seen == {"argv": ["flower-supernode", "--superlink", "h:1"], "checked": True}
+    assert "b" * 64 in capsys.readouterr().out
+
+
+# --- the approvals file and bundle hashes ------------------------------------------------------------
+
+
+def test_approve_adds_once_replaces_on_request_and_names_a_bad_line(tmp_path) -> None:
+    path = tmp_path / "etc" / "approved-apps.txt"
+    assert read_approved(path) == []
+    assert approve(path, "A" * 64, "first") == ["a" * 64]
+    assert approve(path, "sha256:" + "b" * 64, "second") == ["a" * 64, "b" * 64]
+    assert approve(path, "b" * 64, "again") == ["a" * 64, "b" * 64]
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert "first, approved 20" in path.read_text()
+    assert approve(path, "c" * 64, "upgrade", replace=True) == ["c" * 64]
+    path.write_text(path.read_text() + "deadbeef\n")
+    with pytest.raises(NeurofedError, match=rf"{path} line 4: 'deadbeef' is not a SHA-256"):
+        read_approved(path)
+
+
+def test_flwr_build_is_byte_reproducible_and_one_byte_changes_the_hash(tmp_path) -> None:
+    """What `neurofed-site approve --installed` relies on: file times, modes and paths do not matter."""
+    first = write_tiny_app(tmp_path / "a" / "tinyapp")
+    fab = build_fab(first)
+    second = write_tiny_app(tmp_path / "b" / "tinyapp")
+    os.utime(second / "tinyapp" / "client.py", (0, 0))
+    (second / "tinyapp" / "client.py").chmod(0o600)
+    assert build_fab(second) == fab and app_dir_bundle_hash(second) == hashlib.sha256(fab).hexdigest()
+    # The bundle a SuperNode unpacks builds to itself again.
+    unpacked = tmp_path / "c" / "tinyapp"
+    zipfile.ZipFile(io.BytesIO(fab)).extractall(unpacked)
+    assert build_fab(unpacked) == fab
+    client = second / "tinyapp" / "client.py"
+    client.write_bytes(client.read_bytes() + b"#")
+    assert build_fab(second) != fab
+
+
+def test_a_bundle_file_is_hashed_as_flower_does_and_other_files_are_refused(tmp_path) -> None:
+    fab = build_fab(write_tiny_app(tmp_path / "tinyapp"))
+    (tmp_path / "app.fab").write_bytes(fab)
+    assert bundle_file_hash(tmp_path / "app.fab") == hashlib.sha256(fab).hexdigest()
+    (tmp_path / "notes.fab").write_text("hello")
+    with pytest.raises(NeurofedError, match="not a Flower app bundle"):
+        bundle_file_hash(tmp_path / "notes.fab")
+
+
+def test_site_start_needs_an_approved_bundle_and_runs_the_launcher(tmp_path) -> None:
+    from client.approved_supernode import LAUNCHER_MODULE
+    from client.site_daemon import SiteDaemonConfig, check_approved_apps, supernode_command
+
+    config = SiteDaemonConfig(
+        coordinator="c.example.org:9092",
+        ca_cert=tmp_path / "ca.crt",
+        private_key=tmp_path / "site.key",
+        data_dir=tmp_path,
+        budget_epsilon=8,
+        state_dir=tmp_path / "state",
+        trusted_entities=tmp_path / "trusted.yaml",
+    )
+    with pytest.raises(NeurofedError, match=r"no approved app bundle.*neurofed-site approve --installed"):
+        check_approved_apps(config)
+    approve(config.approved_apps_path, "d" * 64, "test")
+    assert check_approved_apps(config) == ["d" * 64]
+    command = supernode_command(config)
+    assert command[:4] == [sys.executable, "-P", "-m", LAUNCHER_MODULE]
+    flower = command[command.index("--") + 1 :]
+    assert flower[flower.index("--trusted-entities") + 1] == str(tmp_path / "trusted.yaml")
+    assert command[command.index("--approved-apps") + 1] == str(tmp_path / "state" / "approved-apps.txt")
+    assert command[command.index("--audit-log") + 1] == str(tmp_path / "state" / "audit.jsonl")
