@@ -148,6 +148,15 @@ def deploy(root: Path, n_sites: int, local_steps: int) -> dict[str, float]:
         keys_of = {name: generate_site_keys(root / "keys" / name) for name in names}
         for name in names:
             registry.enroll(keys_of[name].public_key, name)
+        # Every site approves the bundle built from this checkout (what `neurofed run` submits).
+        approved = root / "approved-apps.txt"
+        subprocess.run(
+            [sys.executable, "-m", "client.cli", "approve", "--installed", "--approved-apps", str(approved)],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         # The sites start together, as after a power cut.
         launched: dict[Path, float] = {}
         for name in names:
@@ -157,7 +166,11 @@ def deploy(root: Path, n_sites: int, local_steps: int) -> dict[str, float]:
             launch(
                 ["client.cli", "start", "--coordinator", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt")]
                 + ["--key", str(keys.private_key), "--data", str(root / "data" / name), "--budget", "10"]
-                + ["--allow-no-dp"]  # the job compares with simulation without DP
+                + [
+                    "--allow-no-dp",
+                    "--approved-apps",
+                    str(approved),
+                ]  # the job compares with simulation without DP
                 + [
                     "--state-dir",
                     str(root / "sites" / name),

@@ -161,6 +161,16 @@ def _add_start(sub: argparse._SubParsersAction) -> None:
     )
     _add_approved_apps_option(p)
     p.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one of the site's own rules, whatever the coordinator asks (repeatable): test-fraction "
+        "(0.25), min-test-subjects (5 persons before any test metric is reported), max-evaluations "
+        "(20 per run), and the caps max-rounds, max-local-steps, max-batch-size, max-patch-size, "
+        "min-spacing-mm, max-grid-voxels",
+    )
+    p.add_argument(
         "--trusted-entities",
         type=Path,
         metavar="YAML_FILE",
@@ -199,6 +209,7 @@ def _run_start(args: argparse.Namespace) -> int:
         contrast=args.contrast,
         allow_no_dp=args.allow_no_dp,
         approved_apps=args.approved_apps,
+        policy=tuple(args.policy),
         trusted_entities=args.trusted_entities,
     )
     start_site(config, telemetry=args.telemetry)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from client.approved_apps import APPROVE_COMMAND, AUDIT_LOG_FILE, approved_apps_path, read_approved
 from client.site_keys import check_private_key
+from client.site_policy import parse_policy_options
 from models.errors import NeurofedError
 
 DEFAULT_STATE_DIR = Path("~/.neurofed/site")
@@ -61,6 +62,9 @@ class SiteDaemonConfig:
     contrast: str = "T1w"
     allow_no_dp: bool = False
     approved_apps: Path | None = None
+    policy: tuple[str, ...] = ()
+    """The site's own rules as ``KEY=VALUE`` (client/site_policy.py `POLICY_KEYS`): its split, evaluation
+    limits and resource caps."""
     trusted_entities: Path | None = None
 
     @property
@@ -92,6 +96,7 @@ def node_config(config: SiteDaemonConfig) -> str:
         "budget-epsilon": float(config.budget_epsilon),
         "budget-delta": float(config.budget_delta),
         "require-dp": "false" if config.allow_no_dp else "true",
+        **parse_policy_options(config.policy),
     }
     parts = []
     for key, value in values.items():

@@ -74,6 +74,27 @@ class ResourceCaps:
 
 RESOURCE_CAP_KEYS = {f.name: f.name.replace("_", "-") for f in fields(ResourceCaps)}
 """Node config key of each cap (``max_local_steps`` -> ``max-local-steps``)."""
+POLICY_KEYS = ("test-fraction", "min-test-subjects", "max-evaluations", *RESOURCE_CAP_KEYS.values())
+"""Every node-config key of the site's policy (`neurofed-site start --policy KEY=VALUE`)."""
+
+
+def parse_policy_options(options: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """``["min-test-subjects=8", ...]`` -> ``{"min-test-subjects": 8.0}``, checked as a deployed policy."""
+    values: dict[str, float] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in POLICY_KEYS:
+            raise NeurofedError(
+                f"--policy {option!r}: expected KEY=VALUE with KEY one of {', '.join(POLICY_KEYS)}"
+            )
+        try:
+            values[key] = float(value)
+        except ValueError as exc:
+            raise NeurofedError(f"--policy {option!r}: {value!r} is not a number") from exc
+    deployed_policy(values)  # the site must accept what it is started with
+    return values
+
+
 _SETTING_OF = {
     "max_rounds": "num-rounds",
     "max_local_steps": "local-steps",

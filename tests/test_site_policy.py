@@ -160,3 +160,19 @@ def test_a_study_may_fix_site_secrets_explicitly_and_then_repeats_its_splits(tmp
 
     assert key("a", 7) == key("b", 7) != key("c", 8)
     assert key("d", None) != key("e", None)  # by default every run's sites make their own secrets
+
+
+def test_the_site_daemon_passes_its_policy_in_the_node_config_and_refuses_a_bad_one() -> None:
+    from pathlib import Path
+
+    from client.site_daemon import SiteDaemonConfig, node_config
+    from models.errors import NeurofedError
+
+    base = dict(
+        coordinator="c:9092", ca_cert=Path("ca"), private_key=Path("k"), data_dir=Path("d"), budget_epsilon=5
+    )
+    line = node_config(SiteDaemonConfig(**base, policy=("min-test-subjects=8", "max-local-steps=100")))
+    assert "min-test-subjects=8.0" in line and "max-local-steps=100.0" in line
+    for bad in ("min-test-subject=8", "test-fraction=1.5", "max-evaluations=lots"):
+        with pytest.raises(NeurofedError, match="policy|test-fraction"):
+            node_config(SiteDaemonConfig(**base, policy=(bad,)))
