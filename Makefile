@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 # sliding-window inference on 2 cores); training is the same as with evaluation after every round.
 demo: $(STAMP)
 	$(VENV)/bin/neurofed simulate --no-dp --eval-every 2 --out $(DEMO_OUT)
-	@echo "demo report: $(DEMO_OUT)/report.html"
+	@echo "demo report: file://$(abspath $(DEMO_OUT))/report.html"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -189,6 +189,7 @@ def _evaluate_and_report(run_dir: Path, data_root: Path | None, evaluate: bool) 
         print(f"evaluation: {evaluate_study(run_dir, data_root)}")
     markdown, page = write_report(run_dir)
     print(f"report: {page} (and {markdown.name})")
+    print(f"open in a browser: {page.resolve().as_uri()}")
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:

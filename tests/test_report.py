@@ -91,12 +91,12 @@ def test_baselines_get_the_federations_budget_and_are_saved_as_model_files(study
 def test_report_has_every_site_the_unseen_section_the_matrix_and_the_tests(study) -> None:
     run, evaluation = study["run"], study["evaluation"]
     text = (run / "report.md").read_text()
-    assert "Differential privacy: OFF" in "\n".join(text.splitlines()[:6])
     sites = [s["site"] for s in evaluation["sites"]]
     unseen = [s["site"] for s in evaluation["sites"] if s["role"] == "holdout"]
     for site in sites:
         assert site in text
     sections = re.split(r"\n## ", text)
+    assert sections[1].startswith("Summary") and "Differential privacy: OFF" in sections[1]
     (unseen_section,) = [s for s in sections if s.startswith(f"Unseen site {unseen[0]}")]
     assert "better" in unseen_section and "Wilcoxon signed-rank test" in unseen_section
     # The per-site section covers training sites only; the unseen one is reported apart.
@@ -111,6 +111,7 @@ def test_report_has_every_site_the_unseen_section_the_matrix_and_the_tests(study
     assert len(re.findall(r"Wilcoxon signed-rank test, federated vs local-only on", text)) == SITES - UNSEEN
     assert "pooled over training sites" in text
     assert f"report: {run / 'report.html'}" in study["printed"]
+    assert f"open in a browser: {(run / 'report.html').resolve().as_uri()}" in study["printed"]
 
 
 @pytest.mark.slow
@@ -149,8 +150,11 @@ def test_epsilon_per_round_is_plotted_when_sites_report_it(study, tmp_path) -> N
     events = [{**e, "epsilon": 0.5 * e["round"]} if e["event"] == "train" else e for e in study["events"]]
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     markdown, page = write_report(run)
-    head = "\n".join(markdown.read_text().splitlines()[:6])
-    assert "Differential privacy: ON" in head and f"largest final ε over sites {0.5 * ROUNDS:.3g}" in head
+    summary = re.split(r"\n## ", markdown.read_text())[1]
+    assert summary.startswith("Summary")
+    assert (
+        "Differential privacy: ON" in summary and f"largest final ε over sites {0.5 * ROUNDS:.3g}" in summary
+    )
     assert (run / "figures" / "epsilon_per_round.png").is_file()
     assert "figures/epsilon_per_round.png" in page.read_text()
 
@@ -200,6 +204,8 @@ def test_report_has_a_privacy_audit_of_every_training_site_beside_its_epsilon(st
     text = (study["run"] / "report.md").read_text()
     sections = re.split(r"\n## ", text)
     titles = [s.splitlines()[0] for s in sections]
+    # The summary (with each site's ε and AUC) and the figures first; the audit leads the details.
+    assert titles[1:3] == ["Summary", "Figures"]
     assert titles.index("Privacy audit") < titles.index("Per-site results (training sites' test splits)")
     (section,) = [s for s in sections if s.startswith("Privacy audit")]
     rows = [line for line in section.splitlines() if line.startswith("| site-")]
@@ -238,3 +244,134 @@ def test_the_participation_section_names_every_site_left_out_of_a_round_and_why(
     assert "site-a | dropped" not in text
     text = render_markdown("r", [participation_section(events[:1])])
     assert "Every training site contributed to every round." in text
+
+
+def _markdown_sections(text: str) -> dict[str, str]:
+    return {part.split("\n", 1)[0]: part for part in re.split(r"\n## ", text)[1:]}
+
+
+def _table(section: str, first_cell: str) -> list[str]:
+    """The cells of the row of a Markdown table whose first cell is ``first_cell``."""
+    (row,) = [line for line in section.splitlines() if line.startswith(f"| {first_cell} |")]
+    return [cell.strip() for cell in row.strip("|").split(" | ")]
+
+
+@pytest.mark.slow
+def test_the_summary_answers_first_from_evaluation_json(study) -> None:
+    run, evaluation = study["run"], study["evaluation"]
+    sites = {s["site"]: s for s in evaluation["sites"]}
+    (unseen,) = [name for name, s in sites.items() if s["role"] == "holdout"]
+    training = [name for name, s in sites.items() if s["role"] == "train"]
+
+    def mean_dice(model: str, site: str) -> float:
+        return float(
+            np.mean(
+                [r["mean_dice"] for r in evaluation["results"] if (r["model"], r["site"]) == (model, site)]
+            )
+        )
+
+    summary = _markdown_sections((run / "report.md").read_text())["Summary"]
+    assert _table(summary, "federated")[1].startswith(f"{mean_dice('federated', unseen):.3f}")
+    local = {site: mean_dice(f"local-only:{site}", unseen) for site in training}
+    best, worst = max(local, key=local.__getitem__), min(local, key=local.__getitem__)
+    assert _table(summary, f"best local-only ({best})")[1].startswith(f"{local[best]:.3f}")
+    assert _table(summary, f"worst local-only ({worst})")[1].startswith(f"{local[worst]:.3f}")
+    pooled = _table(summary, "pooled")
+    assert pooled[1].startswith(f"{mean_dice('pooled', unseen):.3f}") and "fewer than 6 pairs" in pooled[3]
+    # evaluation.json scores no starting model: the summary says so rather than invent a number.
+    assert "not scored" in _table(summary, "starting model (initial weights)")[1]
+    chance = np.mean(list(sites[unseen]["chance_mean_dice"].values()))
+    assert _table(summary, "chance level (random labels)")[1] == f"{chance:.3f}"
+    assert "DP vs no DP: not applicable" in summary
+    # Who took part: each training site's rounds, ε and membership-inference AUC, beside the unseen one.
+    aucs = {g["name"]: g["auc"] for g in evaluation["membership_audit"]["sites"]}
+    for site in training:
+        assert _table(summary, site)[3:] == [f"{ROUNDS} of {ROUNDS}", "none", "no DP", f"{aucs[site]:.2f}"]
+    assert _table(summary, unseen)[1] == "unseen"
+    assert re.search(r"wall time \d+ (s|min)", summary)
+    # The figures come next, the comparison per site first; the rest is collapsed in the HTML.
+    figures = _markdown_sections((run / "report.md").read_text())["Figures"]
+    assert "(figures/dice_per_site.png)" in figures and (run / "figures" / "dice_per_site.png").is_file()
+    page = (run / "report.html").read_text()
+    assert page.index('id="summary"') < page.index('id="figures"') < page.index("<details>")
+    assert "<details open" not in page and page.count("<details>") == page.count("</details>")
+
+
+@pytest.mark.slow
+def test_the_summary_names_who_was_left_out_and_what_each_site_spent(study, tmp_path) -> None:
+    from server.report import write_report
+
+    run = tmp_path / "left-out"
+    shutil.copytree(study["run"], run, ignore=shutil.ignore_patterns("cache", "checkpoints", "baselines"))
+    training = [s["site"] for s in study["evaluation"]["sites"] if s["role"] == "train"]
+    refusing, rejected = training[0], training[1]
+    events = []
+    for e in study["events"]:
+        if e["event"] == "train" and e["site"] == refusing and e["round"] == 2:
+            e = {**e, "event": "refused", "reason": "budget would be exceeded"}
+        elif e["event"] == "train":
+            e = {**e, "epsilon": 0.5 * e["round"]}
+        events.append(e)
+        if e["event"] == "train" and e["site"] == rejected and e["round"] == 1:
+            events.append({"event": "rejected", "round": 1, "site": rejected, "reason": "update has NaN"})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    markdown, _ = write_report(run)
+    summary = _markdown_sections(markdown.read_text())["Summary"]
+    assert _table(summary, refusing)[3:6] == [f"1 of {ROUNDS}", "refused (round 2)", "0.5"]
+    assert _table(summary, rejected)[3:6] == [f"1 of {ROUNDS}", "rejected (round 1)", f"{0.5 * ROUNDS:.3g}"]
+    assert "DP vs the same configuration without DP: not measured" in summary
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+PROBE = """<script>
+addEventListener("load", () => {
+  const box = (e) => { const r = e.getBoundingClientRect();
+    return [r.left + scrollX, r.top + scrollY, r.right + scrollX, r.bottom + scrollY]; };
+  const closed = (d) => [...d.children].every((c) => c.tagName === "SUMMARY" || !c.checkVisibility());
+  document.body.setAttribute("data-probe", JSON.stringify({
+    summary: box(document.getElementById("summary")),
+    images: [...document.images].map((i) => [i.getAttribute("src"), i.complete && i.naturalWidth > 0]),
+    collapsed: [...document.querySelectorAll("details")].map((d) => !d.open && closed(d)),
+  }));
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> str:
+    """A Chromium or Chrome on PATH; skips the test where none is (module-scoped and listed first, so
+    before the run fixture is built)."""
+    found = next((path for name in BROWSERS if (path := shutil.which(name))), None)
+    if found is None:
+        pytest.skip(f"no headless browser on PATH (looked for {', '.join(BROWSERS)})")
+    return found
+
+
+@pytest.mark.slow
+def test_report_html_in_headless_chromium_loads_its_images_and_shows_the_summary_first(
+    browser, study, tmp_path
+) -> None:
+    """A real browser at 1280x800: every image loads, the summary lies within the first screen, the
+    detailed sections are closed."""
+    import html
+    import subprocess
+
+    run, page = study["run"], tmp_path / "page"
+    page.mkdir()
+    for folder in ("figures", "qc"):  # what the report links to, relative to report.html
+        shutil.copytree(run / folder, page / folder)
+    probe = page / "report.html"
+    probe.write_text((run / "report.html").read_text().replace("</body>", PROBE + "</body>"))
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,800",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    (found,) = re.findall(r'data-probe="([^"]*)"', dom)
+    seen = json.loads(html.unescape(found))
+    sources = re.findall(r'<img src="([^"]+)"', (run / "report.html").read_text())
+    assert sorted(src for src, _ in seen["images"]) == sorted(sources)
+    assert all(loaded for _, loaded in seen["images"]), [src for src, ok in seen["images"] if not ok]
+    left, top, right, bottom = seen["summary"]
+    assert 0 <= left and 0 <= top < bottom <= 800 and right <= 1280, seen["summary"]
+    assert seen["collapsed"] and all(seen["collapsed"])

@@ -54,8 +54,12 @@ def test_an_interim_report_of_round_one_is_there_before_round_two_trains(fedbn_s
     # The federated metrics so far: round 1's Dice per site is plotted; no comparison yet.
     assert "figures/dice_per_round.png" in interim
     assert "Per-site results" not in interim and "Generalization matrix" not in interim
+    # The summary first, with the unseen site's Dice so far; the comparison is announced for the end.
+    summary = _sections(interim)["Summary"]
+    assert "Global model after round 1" in summary and "interim report" in summary
     # One row per site (FedBN: global and personalised) of round 1's evaluation.
-    rows = [line for line in interim.splitlines() if line.startswith("| site-")]
+    progress = _sections(interim)["Training progress"]
+    rows = [line for line in progress.splitlines() if line.startswith("| site-")]
     assert sorted((r.split("|")[1].strip(), r.split("|")[3].strip()) for r in rows) == sorted(
         (site, model) for site in sites for model in ("global", "personal")
     )

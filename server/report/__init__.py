@@ -10,6 +10,8 @@ Reads only the run directory (the coordinator never needs the sites' data):
 
 Writes ``report.md`` and ``report.html`` (the same content; the HTML needs nothing but the image files
 beside it) and the figures under ``figures/``; QC images are those evaluation.json lists under ``qc/``.
+The report opens with a summary (the unseen site's mean Dice per model, privacy, who took part, wall
+time), then the figures, then the detailed tables (collapsed in the HTML).
 
 The statistics: per-subject mean Dice is the mean over the protocol's foreground classes of one subject's
 Dice; tables give mean ± sd (median) over subjects, skipping undefined distances (a class missing from a
@@ -17,8 +19,9 @@ prediction). Federated vs local-only is a two-sided Wilcoxon signed-rank test (s
 per-subject mean Dice.
 
 The package, one job a module: records.py reads the run directory; statistics.py computes table cells
-and tests; figures.py draws; sections.py (with comparison.py and privacy.py) builds the report's sections;
-render.py turns them into Markdown and HTML; `write_report` here writes both.
+and tests; figures.py draws; summary.py builds the first section, figure_section.py the figures, and
+sections.py (with comparison.py and privacy.py) the detailed ones, in report order; render.py turns them
+into Markdown and HTML; `write_report` here writes both.
 """
 
 from __future__ import annotations
@@ -29,18 +32,25 @@ from pathlib import Path
 from common.atomic_files import atomic_write_text
 from contract.run_layout import REPORT_HTML, REPORT_MD
 from server.report.comparison import METRIC_LABELS
-from server.report.figures import plot_matrix, plot_per_round
+from server.report.figure_section import figures_section
+from server.report.figures import plot_matrix, plot_per_round, plot_site_comparison
 from server.report.privacy import privacy_audit_section
-from server.report.records import EvaluationResults, RunRecords, _epsilon_series, read_run
+from server.report.records import LEFT_OUT_EVENTS, EvaluationResults, RunRecords, _epsilon_series, read_run
 from server.report.render import Block, Figure, Section, Table, render_html, render_markdown
 from server.report.sections import (
-    LEFT_OUT_EVENTS,
     build_sections,
     interim_line,
     latest_evaluation_table,
     participation_section,
 )
-from server.report.statistics import MIN_WILCOXON_PAIRS, summary_cell, wilcoxon_line
+from server.report.statistics import (
+    MIN_WILCOXON_PAIRS,
+    PairedTest,
+    paired_wilcoxon,
+    summary_cell,
+    wilcoxon_line,
+)
+from server.report.summary import summary_section
 
 __all__ = [
     "LEFT_OUT_EVENTS",
@@ -49,21 +59,26 @@ __all__ = [
     "Block",
     "EvaluationResults",
     "Figure",
+    "PairedTest",
     "RunRecords",
     "Section",
     "Table",
     "_epsilon_series",
     "build_sections",
+    "figures_section",
     "interim_line",
     "latest_evaluation_table",
+    "paired_wilcoxon",
     "participation_section",
     "plot_matrix",
     "plot_per_round",
+    "plot_site_comparison",
     "privacy_audit_section",
     "read_run",
     "render_html",
     "render_markdown",
     "summary_cell",
+    "summary_section",
     "wilcoxon_line",
     "write_report",
 ]

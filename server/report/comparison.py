@@ -1,11 +1,11 @@
 """The report's sections from evaluation.json: the federated model against the local-only, pooled and
 (FedBN) personalised models, per training site, as a generalization matrix, in Wilcoxon tests, and on
-each unseen site."""
+each unseen site; and which models the report compares on a site (`compared_models`), for these tables
+and the figures (server/report/figure_section.py) alike."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -17,24 +17,33 @@ from contract.evaluation import (
     REPORTED_METRICS,
     local_model_name,
 )
-from contract.run_layout import FIGURES_DIR
-from server.report.figures import plot_matrix
 from server.report.records import EvaluationResults
-from server.report.render import Figure, Section, Table
+from server.report.render import Section, Table
 from server.report.statistics import summary_cell, wilcoxon_line
 
 METRIC_LABELS = dict(zip(REPORTED_METRICS, ("Dice", "HD95 (mm)", "ASSD (mm)", "|ΔV| (mL)"), strict=True))
 """A table's label of each of evaluation.json's metrics."""
 
 
-def _model_label(name: str) -> str:
+def model_label(name: str) -> str:
+    """How the report names a model of evaluation.json."""
     if name == PERSONALISED:
         return "personalised (own site's normalization layers)"
     return name.removeprefix(LOCAL_PREFIX) + " (local-only)" if name.startswith(LOCAL_PREFIX) else name
 
 
+def compared_models(results: EvaluationResults, site: str, unseen: bool) -> list[str]:
+    """The models the report compares on a site's test split: on a training site the federated model,
+    (FedBN) that site's personalised model, its own local-only model and pooled; on an unseen site the
+    federated model, every local-only model and pooled."""
+    if unseen:
+        return [FEDERATED, *results.local_models, *results.pooled]
+    own = [m for m in results.local_models if m == local_model_name(site)]
+    return [FEDERATED, *results.personalised, *own, *results.pooled]
+
+
 def _class_table(results: EvaluationResults, site: str, models: Sequence[str]) -> Table:
-    header = ["class", "metric"] + [_model_label(m) for m in models]
+    header = ["class", "metric"] + [model_label(m) for m in models]
     rows = [["all (mean over classes)", "Dice"] + [summary_cell(results.mean_dice(m, site)) for m in models]]
     for cls in results.classes:
         for metric in results.metrics:
@@ -56,25 +65,39 @@ def per_site_sections(results: EvaluationResults, trainers: Sequence[str]) -> li
             "its normalization layers with the global rest. Personalised vs global shows what keeping the "
             "normalization local buys on the site's own scanner."
         )
-    sections = [Section("Per-site results (training sites' test splits)", intro)]
+    sections = [Section("Per-site results (training sites' test splits)", intro, collapsed=True)]
     for site in trainers:
-        own = [m for m in results.local_models if m == local_model_name(site)]
-        compared = [FEDERATED, *results.personalised, *own, *results.pooled]
-        sections.append(Section(site, [_class_table(results, site, compared)], level=3))
+        compared = compared_models(results, site, unseen=False)
+        sections.append(Section(site, [_class_table(results, site, compared)], level=3, collapsed=True))
     return sections
 
 
-def generalization_section(
-    results: EvaluationResults, site_ids: Sequence[str], unseen: Sequence[str], root: Path
-) -> Section:
-    """Mean Dice of every model on every site, as a table and a heatmap (written under ``figures/``)."""
-    rows = [*results.local_models, *results.pooled, FEDERATED, *results.personalised]
-    columns = [f"{s} (unseen)" if s in unseen else s for s in site_ids]
-    matrix = np.array(
-        [[np.mean(v) if (v := results.mean_dice(m, s)) else np.nan for s in site_ids] for m in rows]
+def generalization_rows(results: EvaluationResults) -> list[str]:
+    """The models of the generalization matrix, in row order."""
+    return [*results.local_models, *results.pooled, FEDERATED, *results.personalised]
+
+
+def generalization_matrix(results: EvaluationResults, site_ids: Sequence[str]) -> np.ndarray:
+    """Mean over test subjects of the per-subject mean Dice, `generalization_rows` x ``site_ids``; NaN
+    where a model was not scored on a site."""
+    return np.array(
+        [
+            [np.mean(v) if (v := results.mean_dice(m, s)) else np.nan for s in site_ids]
+            for m in generalization_rows(results)
+        ]
     )
-    heatmap = f"{FIGURES_DIR}/generalization_matrix.png"
-    plot_matrix(matrix, [_model_label(m) for m in rows], columns, root / heatmap)
+
+
+def site_column(site: str, unseen: Sequence[str]) -> str:
+    """A test site as a column or panel title: ``site-03 (unseen)`` for an unseen site."""
+    return f"{site} (unseen)" if site in unseen else site
+
+
+def generalization_section(
+    results: EvaluationResults, site_ids: Sequence[str], unseen: Sequence[str]
+) -> Section:
+    """Mean Dice of every model on every site, as a table (the heatmap is among the report's figures)."""
+    rows = generalization_rows(results)
     text = (
         "Mean over test subjects of the per-subject mean Dice; rows: the model (trained on), columns: the "
         "site it is tested on. Unseen sites never trained."
@@ -85,18 +108,15 @@ def generalization_section(
             "(an unseen site has none)."
         )
     table = Table(
-        ["model \\ test site", *columns],
-        [[_model_label(m), *(summary_cell(results.mean_dice(m, s)) for s in site_ids)] for m in rows],
+        ["model \\ test site", *(site_column(s, unseen) for s in site_ids)],
+        [[model_label(m), *(summary_cell(results.mean_dice(m, s)) for s in site_ids)] for m in rows],
     )
-    return Section(
-        "Generalization matrix (train site x test site)",
-        [text, table, Figure(heatmap, "Generalization matrix: mean Dice, model x test site")],
-    )
+    return Section("Generalization matrix (train site x test site)", [text, table], collapsed=True)
 
 
 def wilcoxon_section(results: EvaluationResults, trainers: Sequence[str]) -> Section:
     """Federated vs each training site's local-only model on that site, then pooled over the sites."""
-    section = Section("Federated vs local-only (Wilcoxon signed-rank test)")
+    section = Section("Federated vs local-only (Wilcoxon signed-rank test)", collapsed=True)
     all_fed: list[float] = []
     all_local: list[float] = []
     for site in trainers:
@@ -113,8 +133,9 @@ def wilcoxon_section(results: EvaluationResults, trainers: Sequence[str]) -> Sec
     return section
 
 
-def _unseen_verdict(results: EvaluationResults, site: str) -> str:
-    """The federated model on an unseen site against chance, the worst local-only model and pooled."""
+def unseen_verdict(results: EvaluationResults, site: str) -> str:
+    """One sentence: the federated model's mean Dice on an unseen site against chance, the worst local-only
+    model and pooled."""
     locals_, pooled = results.local_models, results.pooled
     chance = results.chance(site)
     mean_of = {m: float(np.mean(results.mean_dice(m, site))) for m in [FEDERATED, *locals_, *pooled]}
@@ -127,7 +148,7 @@ def _unseen_verdict(results: EvaluationResults, site: str) -> str:
         )
     if worst is not None:
         verdict += (
-            f"; worst local-only model {_model_label(worst)} {mean_of[worst]:.3f}: "
+            f"; worst local-only model {model_label(worst)} {mean_of[worst]:.3f}: "
             f"{'better' if mean_of[FEDERATED] > mean_of[worst] else 'NOT better'} than it"
         )
     if pooled:
@@ -136,17 +157,14 @@ def _unseen_verdict(results: EvaluationResults, site: str) -> str:
 
 
 def unseen_site_section(results: EvaluationResults, site: str) -> Section:
-    """An unseen site (never trained): the verdict, per-class results, tests and QC images."""
-    baselines = [*results.local_models, *results.pooled]
-    section = Section(f"Unseen site {site} (never trained)", [_unseen_verdict(results, site)])
-    section.blocks.append(_class_table(results, site, [FEDERATED, *baselines]))
+    """An unseen site (never trained): the verdict, per-class results and tests (its QC images are among
+    the report's figures)."""
+    compared = compared_models(results, site, unseen=True)
+    section = Section(f"Unseen site {site} (never trained)", [unseen_verdict(results, site)], collapsed=True)
+    section.blocks.append(_class_table(results, site, compared))
     fed = results.mean_dice(FEDERATED, site)
-    for m in baselines:
+    for m in compared[1:]:
         section.blocks.append(
-            wilcoxon_line(f"federated vs {_model_label(m)} on unseen {site}", fed, results.mean_dice(m, site))
-        )
-    for qc in results.qc(site):
-        section.blocks.append(
-            Figure(qc["file"], f"QC: federated model's segmentation of {site} {qc['subject']}")
+            wilcoxon_line(f"federated vs {model_label(m)} on unseen {site}", fed, results.mean_dice(m, site))
         )
     return section

@@ -49,6 +49,20 @@ def _site_level_text(records: RunRecords, server_dp: str) -> str:
     return text
 
 
+def epsilon_cell(records: RunRecords, epsilon: Epsilon, site: str) -> str:
+    """A table cell of the ε a site spent: its last reported ε, or why there is none."""
+    points = epsilon.get(site)
+    if points:
+        return f"{points[-1][1]:.3g}"
+    return "DP on, none reported" if records.run_config.get("dp") else "no DP"
+
+
+def epsilon_header(records: RunRecords) -> str:
+    """The header of an ε column, with the run's δ when it has subject-level DP."""
+    delta = records.run_config.get("dp_delta") if records.run_config.get("dp") else None
+    return f"ε spent (δ = {delta:g})" if delta else "ε spent"
+
+
 def _audit_intro(audit: Mapping[str, Any]) -> str:
     settings = audit.get("settings", {})
     fpr_target = settings.get("reference_fpr", 0.1)
@@ -89,7 +103,7 @@ def _audit_row(group: Mapping[str, Any], eps: str) -> list[str]:
 def privacy_audit_section(records: RunRecords, epsilon: Epsilon) -> Section:
     """The membership-inference audit of the final model (evaluation.json ``membership_audit``), per training
     site beside the ε it spent."""
-    section = Section("Privacy audit")
+    section = Section("Privacy audit", collapsed=True)
     audit = (records.evaluation or {}).get("membership_audit")
     if not audit:
         section.blocks.append(
@@ -98,23 +112,15 @@ def privacy_audit_section(records: RunRecords, epsilon: Epsilon) -> Section:
         )
         return section
     section.blocks.append(_audit_intro(audit))
-    dp_on = bool(records.run_config.get("dp"))
-    delta = records.run_config.get("dp_delta")
-
-    def eps_cell(site: str) -> str:
-        points = epsilon.get(site)
-        if points:
-            return f"{points[-1][1]:.3g}"
-        return "DP on, none reported" if dp_on else "no DP"
-
-    groups = [(g, eps_cell(g["name"])) for g in audit.get("sites", [])]
+    groups = [(g, epsilon_cell(records, epsilon, g["name"])) for g in audit.get("sites", [])]
     if audit.get("pooled"):
         finals = [epsilon[g["name"]][-1][1] for g in audit.get("sites", []) if epsilon.get(g["name"])]
-        groups.append((audit["pooled"], f"max {max(finals):.3g}" if finals else eps_cell("")))
-    eps_header = f"ε spent (δ = {delta:g})" if delta else "ε spent"
+        groups.append(
+            (audit["pooled"], f"max {max(finals):.3g}" if finals else epsilon_cell(records, epsilon, ""))
+        )
     header = [
         "training site",
-        eps_header,
+        epsilon_header(records),
         "members",
         "non-members",
         "loss-threshold AUC",

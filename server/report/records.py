@@ -15,6 +15,13 @@ from contract.run_layout import CONFIG_FILE, EVALUATION_FILE, METRICS_FILE
 from contract.wire import ROLE_HOLDOUT
 from models.errors import NeurofedError
 
+LEFT_OUT_EVENTS: dict[str, str] = {
+    "refused": "declined by the site (e.g. its privacy budget, or DP required)",
+    "rejected": "update rejected by the coordinator (NaN/Inf or norm outlier)",
+    "dropped": "failed or did not answer in time",
+}
+"""The metrics.jsonl events that leave a site out of a round, and what each means."""
+
 
 @dataclass(frozen=True)
 class RunRecords:
@@ -82,6 +89,8 @@ class EvaluationResults:
         self.classes: list[str] = list(evaluation["classes"])
         self.metrics: list[str] = list(evaluation["metrics"])
         self.models: list[str] = [m["name"] for m in evaluation["models"]]
+        self.kinds: dict[str, str] = {m["name"]: str(m.get("kind", m["name"])) for m in evaluation["models"]}
+        """Each model's kind: ``federated``, ``local-only``, ``pooled`` or ``personalised``."""
         self.local_models = [m for m in self.models if m.startswith(LOCAL_PREFIX)]
         self.pooled = [m for m in self.models if m == POOLED]
         """``[POOLED]`` when the pooled model was scored, else ``[]``."""

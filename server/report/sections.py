@@ -1,6 +1,8 @@
-"""The report's sections, one function each, and `build_sections`, which lists them in report order.
+"""The report's sections, one function each, and `build_sections`, which lists them in report order:
+the summary (server/report/summary.py), the figures (server/report/figure_section.py), then the detailed
+sections, collapsed in the HTML.
 
-The sections from metrics.jsonl (the run, participation, training progress) are here; those from
+The detailed sections from metrics.jsonl (the run, participation, training progress) are here; those from
 evaluation.json are in server/report/comparison.py and the privacy audit in server/report/privacy.py.
 """
 
@@ -10,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from contract.run_layout import EVALUATION_FILE, FIGURES_DIR
+from contract.run_layout import EVALUATION_FILE
 from contract.wire import ROLE_HOLDOUT, WEIGHT_KEY
 from server.report.comparison import (
     generalization_section,
@@ -18,16 +20,11 @@ from server.report.comparison import (
     unseen_site_section,
     wilcoxon_section,
 )
-from server.report.figures import plot_per_round
-from server.report.privacy import Epsilon, dp_line, privacy_audit_section
-from server.report.records import EvaluationResults, RunRecords, _epsilon_series
-from server.report.render import Block, Figure, Section, Table
-
-LEFT_OUT_EVENTS: dict[str, str] = {
-    "refused": "declined by the site (e.g. its privacy budget, or DP required)",
-    "rejected": "update rejected by the coordinator (NaN/Inf or norm outlier)",
-    "dropped": "failed or did not answer in time",
-}
+from server.report.figure_section import figures_section
+from server.report.privacy import privacy_audit_section
+from server.report.records import LEFT_OUT_EVENTS, EvaluationResults, RunRecords, _epsilon_series
+from server.report.render import Block, Section, Table
+from server.report.summary import summary_section
 
 
 def interim_line(after_round: int, num_rounds: int) -> str:
@@ -72,11 +69,9 @@ def _comparison_line(records: RunRecords, after_round: int | None) -> str:
     )
 
 
-def run_section(records: RunRecords, epsilon: Epsilon, after_round: int | None) -> Section:
-    """The run: its privacy, its settings and what the report compares."""
-    return Section(
-        "Run", [dp_line(records, epsilon), _settings_line(records), _comparison_line(records, after_round)]
-    )
+def run_section(records: RunRecords, after_round: int | None) -> Section:
+    """The run: its settings and what the report compares (its privacy is in the summary)."""
+    return Section("Run", [_settings_line(records), _comparison_line(records, after_round)], collapsed=True)
 
 
 def participation_section(events: Sequence[Mapping[str, Any]]) -> Section:
@@ -92,7 +87,7 @@ def participation_section(events: Sequence[Mapping[str, Any]]) -> Section:
         if e.get("event") in LEFT_OUT_EVENTS
     ]
     if not rows:
-        return Section("Participation", ["Every training site contributed to every round."])
+        return Section("Participation", ["Every training site contributed to every round."], collapsed=True)
     legend = "; ".join(f"{k}: {v}" for k, v in LEFT_OUT_EVENTS.items())
     return Section(
         "Participation",
@@ -100,6 +95,7 @@ def participation_section(events: Sequence[Mapping[str, Any]]) -> Section:
             f"Sites left out of a round ({legend}); the round went on with the others.",
             Table(["round", "site", "what", "reason"], rows),
         ],
+        collapsed=True,
     )
 
 
@@ -135,57 +131,33 @@ def latest_evaluation_table(events: Sequence[Mapping[str, Any]]) -> list[Block] 
     return [f"The sites' own evaluation after round {last} (mean over each site's test subjects):", table]
 
 
-def _dice_series(events: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """Mean Dice per round from the sites' own evaluations during the run, per site (and model)."""
-    dice: dict[str, list[tuple[int, float]]] = {}
-    for e in events:
-        if e.get("event") == "evaluate" and (e.get("metrics") or {}).get("dice-mean") is not None:
-            label = e["site"] + (" (unseen)" if e.get("role") == ROLE_HOLDOUT else "")
-            if e.get("model", "global") != "global":
-                label += f" [{e['model']}]"
-            dice.setdefault(label, []).append((int(e["round"]), float(e["metrics"]["dice-mean"])))
-    return dice
-
-
-def training_progress_section(records: RunRecords, epsilon: Epsilon) -> Section:
-    """The last round's evaluation, and Dice and ε per round (figures written under ``figures/``)."""
-    section = Section("Training progress")
+def training_progress_section(records: RunRecords) -> Section:
+    """The sites' own evaluation of the last evaluated round (the per-round plots are among the figures)."""
     latest = latest_evaluation_table(records.events)
-    if latest is not None:
-        section.blocks += latest
-    dice = _dice_series(records.events)
-    if dice:
-        path = f"{FIGURES_DIR}/dice_per_round.png"
-        plot_per_round(
-            dice, "mean Dice (test split)", "global model's test Dice per round and site", records.root / path
-        )
-        section.blocks.append(Figure(path, "Mean Dice of the global model per round, per site"))
-    else:
-        section.blocks.append("No evaluation events in metrics.jsonl.")
-    if epsilon:
-        path = f"{FIGURES_DIR}/epsilon_per_round.png"
-        plot_per_round(epsilon, "ε (cumulative)", "privacy loss per round and site", records.root / path)
-        section.blocks.append(Figure(path, "ε per round, per site"))
-    return section
+    blocks = latest if latest is not None else ["No evaluation events in metrics.jsonl."]
+    return Section("Training progress", blocks, collapsed=True)
 
 
 def build_sections(records: RunRecords, after_round: int | None = None) -> list[Section]:
     """Every section of the report; writes the figures it references under ``RUN_DIR/figures``.
 
+    The summary and the figures first, then the details (collapsed in HTML): the run, participation,
+    the privacy audit, the per-site, generalization, Wilcoxon and unseen-site tables, training progress.
     ``after_round``: an interim report of a run still going on, from metrics.jsonl only (the comparison
     with local-only and pooled models comes at the end).
     """
     epsilon = _epsilon_series(records.events)
     trainers, unseen = records.training_sites(), records.unseen_sites()
-    sections = [run_section(records, epsilon, after_round), participation_section(records.events)]
+    sections = [summary_section(records, epsilon, after_round), figures_section(records, epsilon)]
+    sections += [run_section(records, after_round), participation_section(records.events)]
     if after_round is None:  # the audit runs with the final evaluation
         sections.append(privacy_audit_section(records, epsilon))
     if records.evaluation is not None:
         results = EvaluationResults(records.evaluation)
         sections += per_site_sections(results, trainers)
         site_ids = [s["site"] for s in records.sites()]
-        sections.append(generalization_section(results, site_ids, unseen, records.root))
+        sections.append(generalization_section(results, site_ids, unseen))
         sections.append(wilcoxon_section(results, trainers))
         sections += [unseen_site_section(results, site) for site in unseen]
-    sections.append(training_progress_section(records, epsilon))
+    sections.append(training_progress_section(records))
     return sections

@@ -1,0 +1,244 @@
+"""The report's first section: the answer in ten seconds.
+
+- the unseen site(s): mean Dice of the federated model vs the best and worst local-only models, pooled,
+  the starting model (where evaluation.json scored it; it does not yet) and chance, with the median
+  paired difference and the Wilcoxon signed-rank p of federated vs each; on the training sites,
+  federated vs each site's own local-only model;
+- differential privacy: the run's DP line, and whether it holds a comparison with the same configuration
+  without DP;
+- who took part: per site its role, subjects, rounds in the model, the rounds it was left out of (and
+  why), the ε it spent and the membership-inference AUC of the final model on it;
+- the run: strategy, rounds and wall time (metrics.jsonl's first to last event).
+
+An interim report (or a finished run without evaluation.json) has no comparison yet: its summary gives the
+sites' own evaluation of the global model in the last evaluated round instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from contract.evaluation import FEDERATED, LOCAL_PREFIX, POOLED, local_model_name
+from contract.run_layout import EVALUATION_FILE
+from contract.wire import ROLE_HOLDOUT
+from server.report.comparison import model_label, unseen_verdict
+from server.report.privacy import Epsilon, dp_line, epsilon_cell, epsilon_header
+from server.report.records import LEFT_OUT_EVENTS, EvaluationResults, RunRecords
+from server.report.render import Block, Section, Table
+from server.report.statistics import p_cell, paired_wilcoxon, summary_cell
+
+
+def _difference_cells(results: EvaluationResults, site: str, model: str) -> list[str]:
+    """``federated - model`` (median over paired subjects) and the Wilcoxon p, as two table cells."""
+    test = paired_wilcoxon(results.mean_dice(FEDERATED, site), results.mean_dice(model, site))
+    if test.median_difference is None:
+        return ["n/a", p_cell(test)]
+    return [f"{test.median_difference:+.3f}", p_cell(test)]
+
+
+def _unseen_rows(results: EvaluationResults, site: str) -> list[list[str]]:
+    """The summary table's rows of one unseen site, federated first."""
+    means = {m: float(np.mean(v)) for m in results.local_models if (v := results.mean_dice(m, site))}
+    ranked = sorted(means, key=means.__getitem__, reverse=True)
+    if len(ranked) > 1:
+        named = [(f"best local-only ({_trained_on(ranked[0])})", ranked[0])]
+        named.append((f"worst local-only ({_trained_on(ranked[-1])})", ranked[-1]))
+    else:
+        named = [(model_label(m), m) for m in ranked]
+    named += [(POOLED, m) for m in results.pooled]
+    rows = [[FEDERATED, summary_cell(results.mean_dice(FEDERATED, site)), "", ""]]
+    rows += [[label, summary_cell(results.mean_dice(m, site)), *_difference_cells(results, site, m)]
+             for label, m in named]  # fmt: skip
+    rows.append(
+        ["starting model (initial weights)", f"not scored ({EVALUATION_FILE} has no such model)", "", ""]
+    )
+    if results.chance(site):
+        rows.append(["chance level (random labels)", f"{np.mean(results.chance(site)):.3f}", "", ""])
+    return rows
+
+
+def _trained_on(local_model: str) -> str:
+    return local_model.removeprefix(LOCAL_PREFIX)
+
+
+def _unseen_blocks(results: EvaluationResults, site: str) -> list[Block]:
+    n = len(results.mean_dice(FEDERATED, site))
+    return [
+        f"Unseen site {site} (never trained, {n} test subjects). {unseen_verdict(results, site)} Below: "
+        "mean ± sd (median) over subjects; federated − model: median paired difference; two-sided "
+        "Wilcoxon signed-rank test.",
+        Table(["model", "mean Dice", "federated − model", "Wilcoxon"], _unseen_rows(results, site)),
+    ]
+
+
+def _training_sites_line(results: EvaluationResults, trainers: Sequence[str]) -> str:
+    """Federated vs each training site's own local-only model on that site's test split, pooled."""
+    fed = [d for s in trainers for d in results.mean_dice(FEDERATED, s)]
+    local = [d for s in trainers for d in results.mean_dice(local_model_name(s), s)]
+    if not fed or len(fed) != len(local):
+        return "Training sites: no paired federated and local-only scores on their test splits."
+    test = paired_wilcoxon(fed, local)
+    line = (
+        f"Training sites' own test splits ({len(fed)} subjects): federated {np.mean(fed):.3f} vs each "
+        f"site's own local-only model {np.mean(local):.3f}"
+    )
+    pooled = [d for s in trainers for d in results.mean_dice(POOLED, s)] if results.pooled else []
+    line += f", pooled {np.mean(pooled):.3f}" if pooled else ""
+    return f"{line}; federated − local-only median {test.median_difference:+.3f}, Wilcoxon {p_cell(test)}."
+
+
+def _comparison_blocks(records: RunRecords, results: EvaluationResults) -> list[Block]:
+    blocks: list[Block] = []
+    for site in records.unseen_sites():
+        blocks += _unseen_blocks(results, site)
+    if not records.unseen_sites():
+        blocks.append("No unseen site in this run: generalization to a new scanner is not measured.")
+    blocks.append(_training_sites_line(results, records.training_sites()))
+    return blocks
+
+
+def _last_evaluation_line(records: RunRecords, after_round: int | None) -> str:
+    """Without evaluation.json: the unseen sites' own evaluation of the global model, last round."""
+    evaluated = [e for e in records.events if e.get("event") == "evaluate" and e.get("metrics")]
+    why = (
+        "interim report: the comparison with local-only and pooled models comes when the run has finished"
+        if after_round is not None
+        else f"{EVALUATION_FILE} is missing, so no comparison with local-only and pooled models; build it "
+        f"with `neurofed report {records.root}`"
+    )
+    if not evaluated:
+        return f"No evaluation of the global model yet ({why})."
+    last = max(int(e["round"]) for e in evaluated)
+    rows = [e for e in evaluated if int(e["round"]) == last and e.get("model", "global") == "global"]
+    unseen = [e for e in rows if e.get("role") == ROLE_HOLDOUT] or rows
+
+    def dice(e: Mapping[str, Any]) -> str:
+        value = e["metrics"].get("dice-mean")
+        return "n/a" if value is None else f"{value:.3f}"
+
+    scores = ", ".join(f"{e['site']} {dice(e)}" for e in sorted(unseen, key=lambda e: e["site"]))
+    kind = "unseen site(s)" if unseen is not rows else "sites"
+    return f"Global model after round {last}, mean Dice on the {kind}' test splits: {scores} ({why})."
+
+
+def _dp_comparison_line(records: RunRecords, epsilon: Epsilon) -> str:
+    """Whether the report can say what DP cost in Dice: it needs the same configuration without DP."""
+    if (
+        not (records.run_config.get("dp") or epsilon)
+        and (records.run_config.get("server_dp") or "off") == "off"
+    ):
+        return "DP vs no DP: not applicable, this run trained without DP."
+    return (
+        "DP vs the same configuration without DP: not measured, a run holds one configuration; run the same "
+        "settings with `--no-dp` and compare the two reports' Dice."
+    )
+
+
+def _rounds_in_model(records: RunRecords, site: str) -> tuple[int, int]:
+    """(rounds whose released global model holds the site's update, rounds aggregated so far)."""
+    aggregated = {int(e["round"]) for e in records.events if e.get("event") == "aggregate-train"}
+    released = {
+        int(e["round"])
+        for e in records.events
+        if e.get("event") == "aggregate-train" and not e.get("skipped")
+    }
+    trained = {int(e["round"]) for e in records.events if e.get("event") == "train" and e.get("site") == site}
+    rejected = {
+        int(e["round"]) for e in records.events if e.get("event") == "rejected" and e.get("site") == site
+    }
+    return len((trained - rejected) & released), len(aggregated)
+
+
+def _left_out_cell(records: RunRecords, site: str) -> str:
+    left = [e for e in records.events if e.get("event") in LEFT_OUT_EVENTS and e.get("site") == site]
+    return ", ".join(f"{e['event']} (round {e.get('round')})" for e in left) or "none"
+
+
+def _audit_aucs(records: RunRecords) -> dict[str, float | None]:
+    audit = (records.evaluation or {}).get("membership_audit") or {}
+    return {g["name"]: g.get("auc") for g in audit.get("sites", [])}
+
+
+def _site_row(
+    records: RunRecords, epsilon: Epsilon, site: Mapping[str, Any], aucs: Mapping[str, Any]
+) -> list[str]:
+    name = site["site"]
+    subjects = f"{site.get('num_train', '?')} / {site.get('num_test', '?')}"
+    if site["role"] == ROLE_HOLDOUT:
+        return [name, "unseen", subjects, "never trains", "—", "—", "reference (non-members)"]
+    contributed, rounds = _rounds_in_model(records, name)
+    auc = aucs.get(name)
+    if records.evaluation is None:
+        auc_cell = "after the run"
+    else:
+        auc_cell = "not measured" if auc is None else f"{auc:.2f}"
+    return [
+        name,
+        "training",
+        subjects,
+        f"{contributed} of {rounds}",
+        _left_out_cell(records, name),
+        epsilon_cell(records, epsilon, name),
+        auc_cell,
+    ]
+
+
+def _sites_blocks(records: RunRecords, epsilon: Epsilon) -> list[Block]:
+    """Who took part: a row per site, and the pooled membership-inference AUC."""
+    aucs = _audit_aucs(records)
+    header = [
+        "site",
+        "role",
+        "subjects train / test",
+        "rounds in the model",
+        "left out",
+        epsilon_header(records),
+    ]
+    header.append("membership-inference AUC")
+    table = Table(header, [_site_row(records, epsilon, s, aucs) for s in records.sites()])
+    pooled = ((records.evaluation or {}).get("membership_audit") or {}).get("pooled") or {}
+    note = (
+        "Membership-inference AUC: can a loss-threshold attack on the final model tell a site's training "
+        "subjects from its test subjects (0.5: chance, 1: always)"
+    )
+    if pooled.get("auc") is not None:
+        note += f"; pooled over the training sites {pooled['auc']:.2f} ({pooled.get('n_members')} members)"
+    return [table, note + "."]
+
+
+def _wall_time(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _run_line(records: RunRecords) -> str:
+    """Strategy, rounds and the wall time of the federated rounds."""
+    c = records.run_config
+    times = [float(e["time"]) for e in records.events if isinstance(e.get("time"), int | float)]
+    finished = any(e.get("event") == "finished" for e in records.events)
+    line = f"Run: {c.get('strategy')}, {c.get('num_rounds')} rounds x {c.get('local_steps')} local steps"
+    if len(times) < 2:
+        return line + "; wall time not recorded in metrics.jsonl."
+    return (
+        f"{line}; wall time {'' if finished else 'so far '}{_wall_time(max(times) - min(times))} "
+        "(metrics.jsonl, first to last event; the comparison models and their evaluation not included)."
+    )
+
+
+def summary_section(records: RunRecords, epsilon: Epsilon, after_round: int | None) -> Section:
+    """The report's first section (HTML id ``summary``): the answer, privacy, who took part, wall time."""
+    blocks: list[Block] = []
+    if records.evaluation is not None and after_round is None:
+        blocks += _comparison_blocks(records, EvaluationResults(records.evaluation))
+    else:
+        blocks.append(_last_evaluation_line(records, after_round))
+    blocks += [dp_line(records, epsilon), _dp_comparison_line(records, epsilon)]
+    blocks += _sites_blocks(records, epsilon)
+    blocks.append(_run_line(records))
+    return Section("Summary", blocks, anchor="summary")
