@@ -86,7 +86,7 @@ def simulate(root: Path, n_sites: int, local_steps: int) -> float:
 
     settings = job_settings(n_sites, local_steps, str(root / "simulation"))
     config = RunConfig.from_flower({**settings, "data-root": str(root / "data")})
-    run_simulation(config, site_app.app, live=False)
+    run_simulation(config, site_app.app, progress=False)
     return round_two_seconds(root / "simulation")
 
 

@@ -82,7 +82,7 @@ def run_arm(name: str, config, data_root: Path, seed_cache: Path | None) -> dict
         # Preprocessing does not depend on the arm: reuse the first arm's cache.
         shutil.copytree(seed_cache, run_path / "cache")
     started = time.perf_counter()
-    run_dir = run_simulation(config, client_app, live=False)
+    run_dir = run_simulation(config, client_app, progress=False)
     seconds = time.perf_counter() - started
     events = run_dir.read_events()
     document = run_dir.read_document()

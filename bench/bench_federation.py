@@ -133,7 +133,7 @@ def _run(config, watch: RunWatch) -> None:
     from client.app import app as client_app
     from study.simulation import run_simulation
 
-    run_simulation(config, client_app, on_event=watch.on_event, on_message=watch.on_message, live=False)
+    run_simulation(config, client_app, on_event=watch.on_event, on_message=watch.on_message, progress=False)
 
 
 def model_bytes(config) -> int:

@@ -116,7 +116,7 @@ def run_arm(strategy: str, data_root: Path, out: Path, settings: RunConfig, reus
         (run_dir / "cache").symlink_to(shared_cache, target_is_directory=True)
     print(f"\n== {strategy}: {settings.num_rounds} rounds x {settings.local_steps} local steps", flush=True)
     started = time.perf_counter()
-    result = run_simulation(config, client_app, live=None)
+    result = run_simulation(config, client_app)
     print(f"== {strategy} finished in {time.perf_counter() - started:.0f} s", flush=True)
     return result
 

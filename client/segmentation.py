@@ -21,6 +21,7 @@ from client.site_layout import nifti_stem
 from client.subjects import SubjectFiles
 from client.validation import validate_subject
 from common.atomic_files import atomic_write
+from common.progress import Progress
 from models.errors import NeurofedError
 
 DEFAULT_ROI = (96, 96, 96)
@@ -182,13 +183,15 @@ def segment_inputs(
     written: list[SegmentationOutputs] = []
     failed: list[tuple[Path, str]] = []
     targets = [output] if single else [output / f"{_base_name(f)}_dseg.nii.gz" for f in files]
-    with _maybe_progress(progress, len(files)) as advance:
+    with Progress("segmenting", len(files), show=progress and len(files) > 1) as bar:
         for source, target in zip(files, targets, strict=True):
+            bar.working_on(source.name)
             try:
                 written.append(segment_file(loaded, source, target))
+                bar.advance(source.name)
             except NeurofedError as exc:
                 failed.append((source, str(exc)))
-            advance()
+                bar.advance(f"{source.name} failed")
     return written, failed
 
 
@@ -198,23 +201,3 @@ def _base_name(path: Path) -> str:
         if stem.endswith(contrast):
             return stem[: -len(contrast)]
     return stem
-
-
-class _maybe_progress:
-    def __init__(self, enabled: bool, total: int) -> None:
-        self._enabled = enabled and total > 1
-        self._total = total
-
-    def __enter__(self):
-        if not self._enabled:
-            return lambda: None
-        from rich.progress import Progress
-
-        self._bar = Progress()
-        self._bar.__enter__()
-        task = self._bar.add_task("segmenting", total=self._total)
-        return lambda: self._bar.update(task, advance=1)
-
-    def __exit__(self, *exc) -> None:
-        if self._enabled:
-            self._bar.__exit__(*exc)

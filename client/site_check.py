@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from client.site_layout import discover_site
 from client.subjects import STRUCTURAL_CONTRASTS, Problem, SubjectCheck
 from client.validation import validate_subject
+from common.progress import Progress
 from models.errors import NeurofedError
 from models.label_protocols import PROTOCOLS, get_protocol
 
@@ -54,11 +54,10 @@ def run_site_check(
     console = console or _default_console()
 
     checks: list[SubjectCheck] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task("checking", total=len(layout.subjects))
+    # A bar on a terminal only: elsewhere the table below lists every subject anyway.
+    with Progress("checking", len(layout.subjects), show=console.is_terminal, stream=console.file) as bar:
         for subject in layout.subjects:
-            progress.update(task, description=f"checking {subject.subject_id}")
+            bar.working_on(subject.subject_id)
             tied = layout.subject_problems.get(subject.subject_id, [])
             # A subject whose label is ambiguous already says so; "no label" would only contradict it.
             check = validate_subject(
@@ -69,7 +68,7 @@ def run_site_check(
             )
             check.problems[:0] = tied
             checks.append(check)
-            progress.advance(task)
+            bar.advance(subject.subject_id)
 
     table = Table(title=f"Subjects in {root}", title_justify="left", show_lines=True)
     table.add_column("subject", no_wrap=True)

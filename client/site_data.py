@@ -12,15 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from client.preprocessed_cache import PreprocessedCache, default_cache_dir
 from client.preprocessing import PreprocessedSubject, PreprocessingPlan, preprocess_subject
 from client.site_layout import discover_site
 from client.site_split import split_subjects
 from client.subjects import Problem, SubjectCheck, SubjectFiles, person_of
 from client.validation import validate_subject
+from common.progress import Progress
 from contract.wire import ROLE_HOLDOUT
 from models.errors import NeurofedError
 from models.label_protocols import LabelProtocol, get_protocol
@@ -72,7 +70,7 @@ def prepare_site(
             reference image, the others must exist (their defects surface when preprocessing).
         cache: where preprocessed subjects are kept between runs; None preprocesses in memory only.
         require_label: skip subjects without a label map (training); False for inference-only sites.
-        progress: show a progress bar when on a terminal.
+        progress: show the progress, a step per subject (common/progress.py).
         derivatives, label_desc: choose among candidate label maps (see ``discover_site``).
 
     Raises:
@@ -91,14 +89,9 @@ def prepare_site(
 
     prepared: list[PreprocessedSubject] = []
     checks: list[SubjectCheck] = []
-    console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(
-        *columns, console=console, transient=True, disable=not (progress and console.is_terminal)
-    ) as bar:
-        task = bar.add_task("preparing", total=len(layout.subjects))
+    with Progress(f"preparing {root.name}", len(layout.subjects), show=progress) as bar:
         for subject in layout.subjects:
-            bar.update(task, description=f"preparing {subject.subject_id}")
+            bar.working_on(subject.subject_id)
             check = _check(
                 subject, layout.subject_problems.get(subject.subject_id, []), plan, protocol, require_label
             )
@@ -114,7 +107,7 @@ def prepare_site(
                     check.problems.append(Problem(None, f"preprocessing failed: {reason}"))
             if not check.usable:
                 log.warning("skipping %s: %s", subject.subject_id, "; ".join(str(p) for p in check.problems))
-            bar.advance(task)
+            bar.advance(subject.subject_id if check.usable else f"{subject.subject_id} skipped")
 
     if not prepared:
         raise NeurofedError(

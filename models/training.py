@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -331,7 +330,6 @@ def train_steps(
     step_hook: Callable[[int, float], None] | None = None,
     proximal_to: Mapping[str, torch.Tensor] | None = None,
     proximal_mu: float = 0.0,
-    progress: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place for exactly ``steps`` optimizer steps on patches of ``subjects``.
 
@@ -345,7 +343,6 @@ def train_steps(
             default ``config.seed`` (every call then samples the same patches).
         step_hook: called as ``step_hook(step_index, loss)`` after each step.
         proximal_to / proximal_mu: FedProx term ``mu/2 * ||w - w_global||^2`` (``mu = 0`` disables).
-        progress: show a progress bar.
     """
     if steps < 0:
         raise ValueError(f"steps={steps} must be >= 0")
@@ -360,7 +357,7 @@ def train_steps(
     model.train()
     # Dropout draws from torch's RNG: seed a private copy of it, leaving the caller's untouched.
     forked = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked), _progress_bar(progress, steps) as advance:
+    with torch.random.fork_rng(devices=forked):
         torch.manual_seed(seed)
         for step, batch in enumerate(loader):
             loss = training_step(
@@ -369,26 +366,12 @@ def train_steps(
             losses.append(loss)
             if step_hook is not None:
                 step_hook(step, loss)
-            advance(loss)
     return TrainResult(
         steps=len(losses),
         n_samples_seen=len(losses) * config.batch_size,
         losses=losses,
         seconds=time.perf_counter() - started,
     )
-
-
-@contextmanager
-def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[float], None]]:
-    """Yield ``advance(loss)``: moves a rich progress bar over the training steps, or does nothing."""
-    if not enabled:
-        yield lambda loss: None
-        return
-    from rich.progress import Progress
-
-    with Progress(*Progress.get_default_columns(), "loss {task.fields[loss]:.4f}") as bar:
-        task = bar.add_task("training", total=total, loss=math.nan)
-        yield lambda loss: bar.update(task, advance=1, loss=loss)
 
 
 def evaluate_subjects(

@@ -1,9 +1,11 @@
 """The coordinator's Flower ServerApp: runs the federated rounds and writes the run directory.
 
-``app`` is what ``flwr run .`` loads (``[tool.flwr.app.components] serverapp = "server.app:app"``); it
-reads every setting from Flower's run config. ``make_server_app`` builds the same app with settings
-given in code (``neurofed simulate`` passes its options this way, since Flower's in-process simulation
-hands the app an empty run config) and with hooks for a live view and for tests.
+``app`` is the coordinator's run alone; it reads every setting from Flower's run config. The Flower
+app that ``flwr run .`` loads (pyproject's ``serverapp = "study.flower_app:app"``) runs `run_federation`
+as it is when deployed, and in a simulation on one machine adds the study around it (its data, the full
+report), which needs the sites' data and so lives in study/. ``make_server_app`` builds the coordinator's
+app with settings given in code (``neurofed simulate`` passes its options this way, since Flower's
+in-process simulation hands the app an empty run config) and with hooks for tests and benchmarks.
 
 One run:
 
@@ -44,6 +46,7 @@ from contract.run_config import RunConfig
 from server.audit_log import AuditLog
 from server.coordinator_state import CoordinatorState
 from server.federated_run import EventHook, FederatedRun, MessageHook
+from server.run_progress import run_progress
 from server.site_registry import SiteRegistry
 
 RESUME_KEY = "resume"
@@ -54,11 +57,74 @@ Flower hands the app pyproject's ``num-server-rounds`` whether or not it was ask
 say whether a resumed run should grow."""
 
 
+def run_settings(flower_config: Mapping[str, Any]) -> tuple[RunConfig, bool]:
+    """The run's settings and whether to resume, from Flower's flat run config (``resume`` and
+    ``resume-rounds`` included)."""
+    settings = dict(flower_config)
+    resume = bool(settings.pop(RESUME_KEY, False))
+    has_resume_rounds = RESUME_ROUNDS_KEY in settings
+    resume_rounds = int(settings.pop(RESUME_ROUNDS_KEY, 0))
+    config = RunConfig.from_flower(settings)
+    if resume and has_resume_rounds:
+        # The stored rounds win (FederatedRun keeps the larger of the two) unless resume-rounds asks for more.
+        config = config.replace(num_rounds=max(resume_rounds, 1))
+    return config, resume
+
+
+def run_federation(
+    grid: Grid,
+    context: Context,
+    config: RunConfig,
+    resume: bool,
+    *,
+    on_event: EventHook | None = None,
+    on_message: MessageHook | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run (or resume) the federation over ``grid``; returns its run directory.
+
+    Deployed, the run directory lies in the coordinator's state directory, the audit log gets every step
+    and the run's report is written at the end; see `make_server_app` for the arguments.
+    """
+    deployment = CoordinatorState.from_environment()
+    if deployment is None:
+        run = FederatedRun(config, grid, resume=resume, on_event=on_event, on_message=on_message)
+        with run_progress(run, show=progress):
+            run.execute()
+        return Path(run.config.run_dir)
+    config = config.replace(run_dir=str(deployment.resolve_run_dir(config.run_dir)))
+    run = FederatedRun(
+        config,
+        grid,
+        resume=resume,
+        on_event=on_event,
+        on_message=on_message,
+        audit=AuditLog(deployment.audit_path),
+        enrolled_names=SiteRegistry(deployment).names_by_node_id(),
+        flower_run_id=context.run_id,
+    )
+    try:
+        with run_progress(run, show=progress):
+            run.execute()
+    except BaseException as exc:
+        run.audit_event("run-failed", run_dir=config.run_dir, reason=str(exc) or type(exc).__name__)
+        raise
+    try:
+        write_deployed_report(Path(config.run_dir))
+    except Exception as exc:  # the run itself completed: its files are all there
+        run.audit_event("report-failed", run_dir=config.run_dir, reason=f"{type(exc).__name__}: {exc}")
+        print(
+            f"neurofed: the run finished but its report failed ({exc}); run `neurofed report {config.run_dir}`"
+        )
+    return Path(config.run_dir)
+
+
 def make_server_app(
     run_config: Mapping[str, Any] | None = None,
     *,
     on_event: EventHook | None = None,
     on_message: MessageHook | None = None,
+    progress: bool = True,
 ) -> ServerApp:
     """A ServerApp whose settings are Flower's run config overridden by ``run_config`` (flat keys).
 
@@ -67,47 +133,18 @@ def make_server_app(
             override the run config Flower passes in.
         on_event: receives every metrics event (and progress events) as it happens.
         on_message: receives every message to and from the sites (for audits and tests).
+        progress: show the run's progress, a step per stage (server/run_progress.py): a bar on a
+            terminal, a line per stage in a log (``flwr run --stream`` relays the ServerApp's output).
     """
     server_app = ServerApp()
     overrides = dict(run_config or {})
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        settings = {**dict(context.run_config), **overrides}
-        resume = bool(settings.pop(RESUME_KEY, False))
-        has_resume_rounds = RESUME_ROUNDS_KEY in settings
-        resume_rounds = int(settings.pop(RESUME_ROUNDS_KEY, 0))
-        config = RunConfig.from_flower(settings)
-        if resume and has_resume_rounds:
-            # The stored rounds win (FederatedRun keeps the larger of the two) unless resume-rounds asks for more.
-            config = config.replace(num_rounds=max(resume_rounds, 1))
-        deployment = CoordinatorState.from_environment()
-        if deployment is None:
-            FederatedRun(config, grid, resume=resume, on_event=on_event, on_message=on_message).execute()
-            return
-        config = config.replace(run_dir=str(deployment.resolve_run_dir(config.run_dir)))
-        run = FederatedRun(
-            config,
-            grid,
-            resume=resume,
-            on_event=on_event,
-            on_message=on_message,
-            audit=AuditLog(deployment.audit_path),
-            enrolled_names=SiteRegistry(deployment).names_by_node_id(),
-            flower_run_id=context.run_id,
+        config, resume = run_settings({**dict(context.run_config), **overrides})
+        run_federation(
+            grid, context, config, resume, on_event=on_event, on_message=on_message, progress=progress
         )
-        try:
-            run.execute()
-        except BaseException as exc:
-            run.audit_event("run-failed", run_dir=config.run_dir, reason=str(exc) or type(exc).__name__)
-            raise
-        try:
-            write_deployed_report(Path(config.run_dir))
-        except Exception as exc:  # the run itself completed: its files are all there
-            run.audit_event("report-failed", run_dir=config.run_dir, reason=f"{type(exc).__name__}: {exc}")
-            print(
-                f"neurofed: the run finished but its report failed ({exc}); run `neurofed report {config.run_dir}`"
-            )
 
     return server_app
 

@@ -20,9 +20,9 @@ from client.preprocessed_cache import PreprocessedCache
 from client.preprocessing import PreprocessedSubject, PreprocessingPlan
 from client.site_data import prepare_split_site
 from client.site_split import seed_key
+from common.progress import SHORT_STEPS_LINES, Progress
 from models.errors import NeurofedError
 from models.label_protocols import LabelProtocol
-from study.progress_bar import ProgressBar
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,7 @@ def train_centralised(
     history = TrainingHistory()
     chunk = setup.validate_every or setup.steps
     done = 0
-    template = "loss {task.fields[loss]:.3f}  val Dice {task.fields[dice]:.3f}"
-    with ProgressBar(progress, setup.steps, "training", template, loss=math.nan, dice=math.nan) as bar:
+    with Progress("training", setup.steps, show=progress, lines=SHORT_STEPS_LINES) as bar:
         while done < setup.steps:
             n = min(chunk, setup.steps - done)
             result = train_steps(
@@ -146,7 +145,7 @@ def train_centralised(
                 n,
                 optimizer=optimizer,
                 rng=rng,
-                step_hook=lambda _i, loss: bar.advance(loss=loss),
+                step_hook=lambda _i, loss: bar.advance(f"loss {loss:.3f}"),
             )
             history.losses.extend(result.losses)
             done += n
@@ -161,8 +160,7 @@ def train_centralised(
                     )
                 dice = mean_foreground_dice(per_subject)
                 history.validation.append({"step": done, "mean_dice": dice})
-                bar.update(dice=dice)
-                bar.print(f"step {bar.completed}: validation mean Dice {dice:.3f}")
+                bar.note(f"step {done}: validation mean Dice {dice:.3f}")
                 if on_validation is not None:
                     on_validation(done, dice)
     return model, history

@@ -7,7 +7,6 @@ per site folder, in process (Ray actors for the sites), leaving nothing running 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -52,7 +51,7 @@ def run_simulation(
     resume: bool = False,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     on_message: Callable[[str, Any], None] | None = None,
-    live: bool | None = None,
+    progress: bool = True,
     verbose: bool = False,
     site_secrets_seed: int | None = None,
 ) -> RunDirectory:
@@ -65,8 +64,8 @@ def run_simulation(
             pass their own).
         resume: continue the run in ``config.run_dir`` from its last checkpoint.
         on_event / on_message: hooks, see `server.app.make_server_app`.
-        live: True: show the live progress view; False: print nothing; None (default): the live view on
-            a terminal, else one line per round.
+        progress: show the run's progress (server/run_progress.py: a bar on a terminal, a line per stage
+            and per site result otherwise); False: print nothing.
         verbose: keep Flower's INFO log.
         site_secrets_seed: derive every site's secret from this seed (`fix_site_secrets`), for a
             benchmark that must repeat exactly; None (default): each site makes its own random secret.
@@ -91,22 +90,13 @@ def run_simulation(
 
     from server.app import RESUME_KEY, make_server_app
 
-    on_terminal = _is_terminal()
-    view = LiveView(config) if (live if live is not None else on_terminal) else None
-    lines = PlainProgress() if live is None and not on_terminal else None
-
-    def event_hook(event: dict[str, Any]) -> None:
-        if view is not None:
-            view.update(event)
-        if lines is not None:
-            lines.update(event)
-        if on_event is not None:
-            on_event(event)
-
     server_app = make_server_app(
-        {**config.to_flower(), RESUME_KEY: resume}, on_event=event_hook, on_message=on_message
+        {**config.to_flower(), RESUME_KEY: resume},
+        on_event=on_event,
+        on_message=on_message,
+        progress=progress,
     )
-    with _quiet_flower(verbose), view if view is not None else _nothing():
+    with _quiet_flower(verbose):
         flower_run_simulation(
             server_app=server_app,
             client_app=client_app,
@@ -138,17 +128,6 @@ def fix_site_secrets(run_dir: Path, site_dirs: list[Path], seed: int) -> None:
         atomic_write_bytes(run_dir / SITE_STATE_DIR / site_dir.name / SECRET_FILE, secret, mode=0o600)
 
 
-def _is_terminal() -> bool:
-    from rich.console import Console
-
-    return Console().is_terminal
-
-
-@contextmanager
-def _nothing():
-    yield
-
-
 @contextmanager
 def _quiet_flower(verbose: bool):
     logger = logging.getLogger("flwr")
@@ -161,100 +140,3 @@ def _quiet_flower(verbose: bool):
     finally:
         logger.setLevel(level)
 
-
-class LiveView:
-    """A live table of the run: the stage, and per site its role, last training loss and test Dice."""
-
-    def __init__(self, config: RunConfig) -> None:
-        from rich.live import Live
-
-        self.config = config
-        self.stage = "starting the simulation engine"
-        self.round = 0
-        self.rows: dict[str, dict[str, Any]] = {}
-        self._live = Live(self._render(), refresh_per_second=4, transient=False)
-
-    def __enter__(self) -> LiveView:
-        self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._live.update(self._render())
-        self._live.__exit__(*exc)
-
-    def update(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "round-start":
-            self.round, self.stage = int(event["round"]), str(event["stage"])
-        elif kind == "sites":
-            for s in event["sites"]:
-                self.rows.setdefault(s["site"], {"role": s["role"]})
-        elif kind == "train":
-            row = self.rows.setdefault(event["site"], {"role": event["role"]})
-            row["loss"] = event["metrics"].get("train-loss")
-            if "epsilon" in event:
-                row["epsilon"] = event["epsilon"]
-        elif kind in ("refused", "rejected", "evaluate-refused"):
-            row = self.rows.setdefault(event["site"], {"role": event["role"]})
-            row["note"] = f"round {event['round']} {kind}"
-            if "epsilon" in event:
-                row["epsilon"] = event["epsilon"]
-        elif kind == "evaluate":
-            key = "dice" if event.get("model") == "global" else "dice_personal"
-            self.rows.setdefault(event["site"], {"role": event["role"]})[key] = event["metrics"].get(
-                "dice-mean"
-            )
-        elif kind == "checkpoint":
-            self.stage = "checkpoint written"
-        elif kind == "finished":
-            self.stage = "finished"
-        self._live.update(self._render())
-
-    def _render(self):
-        from rich.table import Table
-
-        def fmt(v: Any) -> str:
-            return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-        title = f"round {self.round}/{self.config.num_rounds} ({self.config.strategy}): {self.stage}"
-        table = Table(title=title, title_justify="left")
-        for col in ("site", "role", "train loss", "test Dice (global)"):
-            table.add_column(col)
-        personal = self.config.strategy == "fedbn"
-        if personal:
-            table.add_column("test Dice (personal)")
-        if self.config.dp:
-            table.add_column(f"ε (run, δ={self.config.dp_delta:g})")
-        table.add_column("note")
-        for site, row in sorted(self.rows.items()):
-            cells = [site, row.get("role", ""), fmt(row.get("loss")), fmt(row.get("dice"))]
-            if personal:
-                cells.append(fmt(row.get("dice_personal")))
-            if self.config.dp:
-                cells.append(fmt(row.get("epsilon")))
-            cells.append(row.get("note", ""))
-            table.add_row(*cells)
-        return table
-
-
-class PlainProgress:
-    """One printed line per finished training and evaluation round (for logs, where a live view cannot draw)."""
-
-    def update(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "aggregate-train":
-            loss = event["metrics"].get("train-loss")
-            print(
-                f"round {event['round']}: trained, mean site loss {loss:.4f}" if loss is not None else "",
-                flush=True,
-            )
-        elif kind in ("refused", "rejected", "evaluate-refused"):
-            print(f"round {event['round']}: {event['site']} {kind}: {event['reason']}", flush=True)
-        elif kind == "train" and "epsilon" in event:
-            print(
-                f"round {event['round']}: {event['site']} ε={event['epsilon']:.3f} (run so far)", flush=True
-            )
-        elif kind == "evaluate" and event.get("model") == "global":
-            dice = event["metrics"].get("dice-mean")
-            shown = "n/a" if dice is None or math.isnan(dice) else f"{dice:.3f}"
-            print(f"round {event['round']}: {event['site']} ({event['role']}) test Dice {shown}", flush=True)

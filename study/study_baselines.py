@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from common.progress import SHORT_STEPS_LINES, Progress
 from contract.evaluation import POOLED, local_model_name
 from contract.run_config import RunConfig
 from contract.run_layout import BASELINES_DIR, SITE_STATE_DIR
@@ -102,11 +103,12 @@ def train_comparison_models(
     settings: RunConfig,
     trainers: Sequence[StudySite],
     budget: dict[str, Any],
-    on_step: Callable[[str], None],
+    *,
+    progress: bool = True,
 ) -> list[ComparisonModel]:
     """Train and save each training site's local-only model, then the pooled one (``budget_rule``'s steps).
 
-    ``on_step(name)`` is called after every optimizer step of model ``name``.
+    ``progress``: one phase per model, its optimizer steps the steps (common/progress.py).
 
     Raises:
         NeurofedError: when a model's training split is empty (the models before it are saved).
@@ -118,9 +120,10 @@ def train_comparison_models(
         subjects = [subject for s in on_sites for subject in s.train]
         if not subjects:
             raise NeurofedError(f"{name}: the training split is empty; the site needs more subjects")
-        model, result = train_baseline(
-            settings, subjects, steps, name, step_hook=lambda _i, _loss, n=name: on_step(n)
-        )
+        with Progress(f"training {name}", steps, show=progress, lines=SHORT_STEPS_LINES) as bar:
+            model, result = train_baseline(
+                settings, subjects, steps, name, step_hook=lambda _i, loss: bar.advance(f"loss {loss:.3f}")
+            )
         file_name = (
             f"{BASELINES_DIR}/pooled.pt"
             if name == POOLED

@@ -49,12 +49,12 @@ from typing import Any
 import numpy as np
 
 from common.atomic_files import atomic_write_text
+from common.progress import Progress
 from contract.evaluation import FEDERATED, FORMAT, FORMAT_VERSION, PERSONALISED, REPORTED_METRICS
 from contract.run_config import RunConfig
 from contract.run_layout import EVALUATION_FILE, QC_DIR
 from contract.wire import ROLE_HOLDOUT, ROLE_TRAIN
 from models.errors import NeurofedError
-from study.progress_bar import ProgressBar
 from study.study_baselines import budget_rule, personalised_models, train_comparison_models
 from study.study_sites import StudySite, load_study_sites
 
@@ -108,7 +108,7 @@ def evaluate_study(
     data_root: Path | None = None,
     *,
     qc_subjects: int = 3,
-    progress: bool | None = None,
+    progress: bool = True,
 ) -> Path:
     """Train the comparison models of a finished run, score every model on every site, write the results.
 
@@ -116,7 +116,8 @@ def evaluate_study(
         run_dir: a finished run directory (config.json, final-model.pt).
         data_root: the folder of site folders the run used; default the run's ``data_root`` setting.
         qc_subjects: how many subjects of each unseen site get a QC image of the global model.
-        progress: show a progress bar; None: only on a terminal.
+        progress: show the progress of each phase (preparing the sites, training each comparison model,
+            scoring, the audit; common/progress.py).
 
     Returns:
         The path of ``evaluation.json``.
@@ -146,18 +147,9 @@ def evaluate_study(
     data_root = Path(data_root)
     protocol = get_protocol(settings.protocol)
     class_names = protocol.class_names
-    sites = load_study_sites(run_dir, data_root, settings, document["sites"])
+    sites = load_study_sites(run_dir, data_root, settings, document["sites"], progress=progress)
     trainers = [s for s in sites if s.role == ROLE_TRAIN]
     budget = budget_rule(int(run_config["num_rounds"]), settings.local_steps, len(trainers))
-
-    n_test = sum(len(s.test) for s in sites)
-    n_audited = sum(len(s.test) + len(s.train) for s in sites)
-    total = (
-        budget["local_only_steps"] * len(trainers)
-        + budget["pooled_steps"]
-        + n_test * (len(trainers) + 2)
-        + n_audited
-    )
     models: dict[str, Any] = {FEDERATED: load_model(final_model).model}
     descriptions = [
         {
@@ -169,46 +161,43 @@ def evaluate_study(
             "file": "final-model.pt",
         }
     ]
-    with ProgressBar(progress, total, "study evaluation", "{task.fields[what]}", what="") as bar:
-        trained = train_comparison_models(
-            run_dir, settings, trainers, budget, on_step=lambda name: bar.advance(what=f"train {name}")
+    trained = train_comparison_models(run_dir, settings, trainers, budget, progress=progress)
+    for baseline in trained:
+        models[baseline.name] = baseline.model
+        descriptions.append(
+            {
+                "name": baseline.name,
+                "kind": baseline.kind,
+                "trained_on": baseline.trained_on,
+                "steps": baseline.steps,
+                "final_train_loss": _finite_or_none(baseline.losses[-1]) if baseline.losses else None,
+                "file": baseline.file,
+            }
         )
-        for baseline in trained:
-            models[baseline.name] = baseline.model
-            descriptions.append(
-                {
-                    "name": baseline.name,
-                    "kind": baseline.kind,
-                    "trained_on": baseline.trained_on,
-                    "steps": baseline.steps,
-                    "final_train_loss": _finite_or_none(baseline.losses[-1]) if baseline.losses else None,
-                    "file": baseline.file,
-                }
-            )
 
-        personalised = (
-            personalised_models(run_dir, models[FEDERATED], sites, int(run_config["num_rounds"]))
-            if run_config.get("strategy") == "fedbn"
-            else {}
+    personalised = (
+        personalised_models(run_dir, models[FEDERATED], sites, int(run_config["num_rounds"]))
+        if run_config.get("strategy") == "fedbn"
+        else {}
+    )
+    if personalised:
+        descriptions.append(
+            {
+                "name": PERSONALISED,
+                "kind": "personalised",
+                "trained_on": sorted(personalised),
+                "steps": budget["federated_steps_total"],
+                "steps_per_site": budget["federated_steps_per_site"],
+                "file": "final-model.pt",
+                "site_layers": {site: file for site, (_, file) in personalised.items()},
+            }
         )
-        if personalised:
-            descriptions.append(
-                {
-                    "name": PERSONALISED,
-                    "kind": "personalised",
-                    "trained_on": sorted(personalised),
-                    "steps": budget["federated_steps_total"],
-                    "steps_per_site": budget["federated_steps_per_site"],
-                    "file": "final-model.pt",
-                    "site_layers": {site: file for site, (_, file) in personalised.items()},
-                }
-            )
-        results, qc = _score_sites(
-            run_dir, sites, models, personalised, settings, class_names, qc_subjects, bar
-        )
-        audit = audit_final_model(
-            models[FEDERATED], sites, settings, on_subject=lambda _s: bar.advance(what="audit")
-        )
+    results, qc = _score_sites(
+        run_dir, sites, models, personalised, settings, class_names, qc_subjects, progress
+    )
+    n_audited = sum(len(s.test) + len(s.train) for s in sites)
+    with Progress("membership audit", n_audited, show=progress) as bar:
+        audit = audit_final_model(models[FEDERATED], sites, settings, on_subject=bar.advance)
 
     evaluation = {
         "format": FORMAT,
@@ -249,51 +238,60 @@ def _score_sites(
     settings: RunConfig,
     class_names: Sequence[str],
     qc_subjects: int,
-    bar: ProgressBar,
+    progress: bool,
 ) -> tuple[list[dict], list[dict]]:
     """(results, qc) of evaluation.json: every model (and a site's own personalised one) on every test
     subject of every site; QC images of the global model on the first ``qc_subjects`` of each unseen site."""
     from client.segmentation import write_qc_png
 
     spacing = (settings.spacing_mm,) * 3
+    scored = [
+        (site, (subject_id, image, label), name, model)
+        for site in sites
+        for subject_id, image, label in site.test
+        for name, model in {**models, **_own_model(personalised, site.site_id)}.items()
+    ]
     results = []
     qc = []
-    for site in sites:
-        own = {PERSONALISED: personalised[site.site_id][0]} if site.site_id in personalised else {}
-        for subject_id, image, label in site.test:
-            for name, model in {**models, **own}.items():
-                prediction, scores = _score(model, image, label, settings, class_names, spacing)
-                dice = [v["dice"] for v in scores.values()]
-                results.append(
+    with Progress("cross-site evaluation", len(scored), show=progress) as bar:
+        for site, (subject_id, image, label), name, model in scored:
+            bar.working_on(f"{name} on {site.site_id} {subject_id}")
+            prediction, scores = _score(model, image, label, settings, class_names, spacing)
+            mean_dice = float(np.mean([v["dice"] for v in scores.values()]))
+            results.append(
+                {
+                    "model": name,
+                    "site": site.site_id,
+                    "role": site.role,
+                    "subject": subject_id,
+                    "mean_dice": mean_dice,
+                    "metrics": {
+                        c: {m: _finite_or_none(v) for m, v in values.items()} for c, values in scores.items()
+                    },
+                }
+            )
+            bar.advance(f"{name} on {site.site_id} {subject_id}: mean Dice {mean_dice:.3f}")
+            if (
+                name == FEDERATED
+                and site.role == ROLE_HOLDOUT
+                and len([q for q in qc if q["site"] == site.site_id]) < qc_subjects
+            ):
+                import nibabel as nib
+
+                png = run_dir / QC_DIR / f"{site.site_id}_{subject_id}_qc.png"
+                grid_image = nib.Nifti1Image(image[0].astype(np.float32), site.grid[subject_id])
+                write_qc_png(grid_image, prediction, class_names, png)
+                qc.append(
                     {
-                        "model": name,
                         "site": site.site_id,
-                        "role": site.role,
                         "subject": subject_id,
-                        "mean_dice": float(np.mean(dice)),
-                        "metrics": {
-                            c: {m: _finite_or_none(v) for m, v in values.items()}
-                            for c, values in scores.items()
-                        },
+                        "model": FEDERATED,
+                        "file": f"{QC_DIR}/{png.name}",
                     }
                 )
-                bar.advance(what=f"score {name} on {site.site_id}")
-                if (
-                    name == FEDERATED
-                    and site.role == ROLE_HOLDOUT
-                    and len([q for q in qc if q["site"] == site.site_id]) < qc_subjects
-                ):
-                    import nibabel as nib
-
-                    png = run_dir / QC_DIR / f"{site.site_id}_{subject_id}_qc.png"
-                    grid_image = nib.Nifti1Image(image[0].astype(np.float32), site.grid[subject_id])
-                    write_qc_png(grid_image, prediction, class_names, png)
-                    qc.append(
-                        {
-                            "site": site.site_id,
-                            "subject": subject_id,
-                            "model": FEDERATED,
-                            "file": f"{QC_DIR}/{png.name}",
-                        }
-                    )
     return results, qc
+
+
+def _own_model(personalised: Mapping[str, tuple[Any, str]], site_id: str) -> dict[str, Any]:
+    """A training site's own personalised model (FedBN), scored on that site only."""
+    return {PERSONALISED: personalised[site_id][0]} if site_id in personalised else {}

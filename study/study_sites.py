@@ -37,9 +37,15 @@ class StudySite:
 
 
 def load_study_sites(
-    run_dir: Path, data_root: Path, settings: RunConfig, sites: Sequence[Mapping[str, Any]]
+    run_dir: Path,
+    data_root: Path,
+    settings: RunConfig,
+    sites: Sequence[Mapping[str, Any]],
+    *,
+    progress: bool = True,
 ) -> list[StudySite]:
-    """Prepare every site of the run (through the run's preprocessed cache) and split it as the run did."""
+    """Prepare every site of the run (through the run's preprocessed cache) and split it as the run did;
+    ``progress``: a step per subject of each site (common/progress.py)."""
     from client.preprocessed_cache import PreprocessedCache
     from client.site_data import (
         prepare_split_site,
@@ -70,6 +76,7 @@ def load_study_sites(
             test_fraction=role_test_fraction(role, simulated_policy(settings)),
             split_key=site_split_key(setup),
             cache=cache,
+            progress=progress,
         )
         out.append(
             StudySite(

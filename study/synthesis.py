@@ -21,23 +21,19 @@ import functools
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
+from common.progress import Progress
 from models.errors import NeurofedError
 from study.head_phantom import make_head_phantom
 from study.image_synthesis import synthesize_subject
 from study.label_maps import check_label_map_header, find_label_maps, load_label_map
 from study.scanner_profiles import ScannerProfile, site_profiles
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
 
 SUBJECT_STREAM = 1
 """First spawn-key element of the per-subject synthesis streams: ``(1, site, subject)``."""
@@ -64,22 +60,6 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
-def _progress() -> Progress:
-    """A rich progress bar on stderr, shown only when stderr is a terminal."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    )
-
-
 def synthesize_sites(
     out_dir: Path,
     n_sites: int = 4,
@@ -90,6 +70,7 @@ def synthesize_sites(
     overwrite: bool = False,
     contrasts: str | Sequence[str] | None = None,
     phantom_spacing_mm: float | None = None,
+    progress: bool = True,
 ) -> list[Path]:
     """Write ``out_dir/site-01`` ... ``site-NN``, one BIDS dataset per simulated scanner.
 
@@ -107,6 +88,7 @@ def synthesize_sites(
 
     Args:
         contrasts: weightings cycled over sites, e.g. ``"T1w,T2w,PDw"``; default all T1w.
+        progress: show the progress, a step per subject (common/progress.py).
 
     Returns:
         The site folders, in site order.
@@ -144,15 +126,15 @@ def synthesize_sites(
     load = functools.lru_cache(maxsize=2)(load_label_map)
 
     site_dirs = []
-    with _progress() as progress:
-        task = progress.add_task("synthesizing", total=n_sites * subjects_per_site)
+    with Progress("synthesizing", n_sites * subjects_per_site, show=progress) as bar:
         for s, (name, profile) in enumerate(zip(site_names, profiles, strict=True)):
-            progress.update(task, description=f"{name} ({profile.name}, {profile.weighting})")
+            scanner = f"({profile.name}, {profile.weighting})"
             staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))
             try:
                 subjects = []
                 for k in range(subjects_per_site):
                     subject_id = f"sub-{k + 1:0{subject_width}d}"
+                    bar.working_on(f"{name} {subject_id} {scanner}")
                     if maps:
                         source = maps[(s * subjects_per_site + k) % len(maps)]
                         labels, affine = load(source)
@@ -165,7 +147,7 @@ def synthesize_sites(
                     rng = _subject_rng(seed, SUBJECT_STREAM, s, k)
                     images = synthesize_subject(labels, affine, profile, rng, spacing_mm)
                     subjects.append(_write_subject(staging, subject_id, profile.weighting, images, anatomy))
-                    progress.advance(task)
+                    bar.advance(f"{name} {subject_id} {scanner}")
                 _write_site_metadata(
                     staging, name, profile, subjects, seed, s, spacing_mm, label_maps_dir, phantom_spacing_mm
                 )
@@ -173,8 +155,7 @@ def synthesize_sites(
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-    if not progress.disable:
-        print(f"wrote {n_sites} site(s) to {out_dir}", file=sys.stderr)
+        bar.note(f"wrote {n_sites} site(s) to {out_dir}")
     return site_dirs
 
 

@@ -240,7 +240,7 @@ def simulated_run(tmp_path_factory):
     config = _tiny_run_config(root)
     messages: list[tuple[str, Message]] = []
     run_dir = run_simulation(
-        config, site_app.app, on_message=lambda direction, m: messages.append((direction, m)), live=False
+        config, site_app.app, on_message=lambda direction, m: messages.append((direction, m)), progress=False
     )
     return {"config": config, "run_dir": run_dir, "messages": messages, "root": root}
 
@@ -332,7 +332,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(simulated
     copy.strategy_state_path(2).unlink()
     copy.final_model_path.unlink()
     config = simulated_run["config"].replace(run_dir=str(copy.root))
-    run_simulation(config, site_app.app, resume=True, live=False)
+    run_simulation(config, site_app.app, resume=True, progress=False)
 
     resumed, uninterrupted = _model_state(copy.final_model_path), _model_state(original.final_model_path)
     assert set(resumed) == set(uninterrupted)
@@ -348,7 +348,7 @@ def test_a_second_run_into_the_same_folder_is_refused(simulated_run) -> None:
     from study.simulation import run_simulation
 
     with pytest.raises(NeurofedError, match="--resume"):
-        run_simulation(simulated_run["config"], site_app.app, live=False)
+        run_simulation(simulated_run["config"], site_app.app, progress=False)
 
 
 # --- `neurofed simulate` options, refused before anything runs ---------------------------------------

@@ -66,7 +66,7 @@ def dp_run(tmp_path_factory):
     small_ledger.path.parent.mkdir(parents=True)
     small_ledger.set_budget((one_round + two_rounds) / 2, 1e-4)
     config = _config(root, dp=True, dp_target_epsilon=TARGET_EPSILON, dp_delta=DELTA)
-    run_dir = run_simulation(config, site_app.app, live=False)
+    run_dir = run_simulation(config, site_app.app, progress=False)
     return {"root": root, "run_dir": run_dir, "events": run_dir.read_events(), "budget_one": one_round}
 
 
