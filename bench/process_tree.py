@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -42,6 +43,46 @@ def _tree(pid: int, table: dict[int, tuple[int, int]]) -> list[int]:
 def descendants(pid: int) -> list[int]:
     """The process ids of every descendant of ``pid`` (children, their children, ...), not ``pid`` itself."""
     return _tree(pid, _processes())
+
+
+def processes_naming(text: str) -> list[int]:
+    """The process ids of every process whose command line contains ``text`` (e.g. a private folder it was
+    started with), this process excluded."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # the process ended meanwhile
+        if int(cmdline.parent.name) != os.getpid() and any(text.encode() in w for w in words):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def stop_processes(pids: list[int], grace_s: float = 10.0) -> None:
+    """End each process of ``pids`` (and every descendant): SIGTERM, then SIGKILL after ``grace_s``."""
+    tree = [p for pid in pids for p in (pid, *descendants(pid))]
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and not _ended(p) for p in tree):
+        time.sleep(0.2)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _ended(pid: int) -> bool:
+    """A zombie (finished, not yet reaped by its parent) has ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def tree_rss_bytes(pid: int) -> int:

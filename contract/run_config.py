@@ -58,7 +58,9 @@ class RunConfig:
         unseen_sites: how many of the sites never train (role ``holdout``); in simulation the last ones.
         eval_every: sites evaluate the global model every this many rounds (and after the last one).
         data_root: folder with one sub-folder per site (simulation: site i is the i-th sub-folder in
-            name order). Empty in a deployment, where each site reads ``data-dir`` from its node config.
+            name order). Empty in a deployment, where each site reads ``data-dir`` from its node config;
+            empty in a simulation (``flwr run .``): sites are synthesized into ``<run-dir>/data``.
+        simulated_subjects_per_site: subjects synthesized per site when a simulation has no data yet.
         run_dir: where the run directory (config, checkpoints, metrics) is written.
         contrast: the structural image the network reads (BIDS suffix).
         spacing_mm: isotropic voxel size the sites resample to, in mm.
@@ -107,6 +109,7 @@ class RunConfig:
     unseen_sites: int = 1
     eval_every: int = 1
     data_root: str = ""
+    simulated_subjects_per_site: int = 6
     run_dir: str = "runs/flwr"
     contrast: str = "T1w"
     spacing_mm: float = 2.0
@@ -132,7 +135,15 @@ class RunConfig:
             raise bad(
                 "strategy", f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"
             )
-        for name in ("num_rounds", "local_steps", "patch_size", "batch_size", "num_sites", "eval_every"):
+        for name in (
+            "num_rounds",
+            "local_steps",
+            "patch_size",
+            "batch_size",
+            "num_sites",
+            "eval_every",
+            "simulated_subjects_per_site",
+        ):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.unseen_sites < self.num_sites:
@@ -268,6 +279,7 @@ SERVER_ONLY_SETTINGS = frozenset(
         "server-dp-noise-multiplier",
         "server-dp-clipping-norm",
         "update-norm-limit",
+        "simulated-subjects-per-site",
     }
 )
 """Run settings (flat Flower keys) sites do not get: strategies add what a site needs (FedProx adds

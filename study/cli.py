@@ -92,7 +92,6 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         help="existing folder of site folders to use",
     )
     p.add_argument("--label-maps", type=Path, default=None, help="FreeSurfer label maps as synthesis anatomy")
-    p.add_argument("--subjects-per-site", type=int, default=6, help="subjects synthesized per site")
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
     p.add_argument(
         "--fixed-site-secrets",
@@ -109,6 +108,7 @@ def _simulation_config(args: argparse.Namespace):
     from contract.run_config import RunConfig
     from server.run_directory import RunDirectory
     from study.run_options import given_settings
+    from study.simulated_run import default_data_root, synthesize_run_data
 
     given = given_settings(args)
     if args.resume is not None:
@@ -116,20 +116,10 @@ def _simulation_config(args: argparse.Namespace):
         return stored.replace(run_dir=str(args.resume), num_rounds=given.get("num_rounds", stored.num_rounds))
     out = args.out
     RunDirectory(out).check_new()
-    data_root = args.data_folder if args.data_folder is not None else out / "data"
+    data_root = args.data_folder if args.data_folder is not None else default_data_root(out)
     config = RunConfig(**given, data_root=str(data_root.resolve()), run_dir=str(out.resolve()))
     if args.data_folder is None and not data_root.is_dir():
-        from study.synthesis import synthesize_sites
-
-        print(f"synthesizing {config.num_sites} sites x {args.subjects_per_site} subjects into {data_root}")
-        synthesize_sites(
-            data_root,
-            n_sites=config.num_sites,
-            subjects_per_site=args.subjects_per_site,
-            label_maps_dir=args.label_maps,
-            spacing_mm=config.spacing_mm,
-            seed=config.seed,
-        )
+        synthesize_run_data(config, data_root, label_maps_dir=args.label_maps)
     return config
 
 
@@ -157,9 +147,11 @@ def _run_simulate(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         site_secrets_seed=args.fixed_site_secrets,
     )
+    from study.simulated_run import evaluate_and_report
+
     _print_summary(run_dir)
     # A resumed run may have added rounds: its evaluation is always rebuilt.
-    _evaluate_and_report(run_dir.root, data_root=None, evaluate=True)
+    evaluate_and_report(run_dir.root)
     return 0
 
 
@@ -175,21 +167,6 @@ def _print_summary(run_dir) -> None:
         print(f"  {site:<12} {event['role']:<8} {model:<8} mean Dice {shown} (round {event['round']})")
     print(f"metrics: {run_dir.metrics_path}")
     print(f"final model: {run_dir.final_model_path}")
-
-
-def _evaluate_and_report(run_dir: Path, data_root: Path | None, evaluate: bool) -> None:
-    """Build evaluation.json (when asked) with the sites' data, then render the report from the run files."""
-    from server.report import write_report
-
-    if evaluate:
-        # The study evaluation needs every site's data; in a simulation it is all on this machine.
-        from study.study_evaluation import evaluate_study
-
-        print(f"evaluating federated, local-only and pooled models on every site of {run_dir}")
-        print(f"evaluation: {evaluate_study(run_dir, data_root)}")
-    markdown, page = write_report(run_dir)
-    print(f"report: {page} (and {markdown.name})")
-    print(f"open in a browser: {page.resolve().as_uri()}")
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -214,10 +191,11 @@ def _run_report(args: argparse.Namespace) -> int:
     the sites' data and is built when missing or with --re-evaluate.
     """
     from server.run_directory import RunDirectory
+    from study.simulated_run import evaluate_and_report
 
     RunDirectory(args.run_dir).read_document()  # names the folder when it holds no run
     missing = not (args.run_dir / EVALUATION_FILE).is_file()
-    _evaluate_and_report(args.run_dir, args.data_root, evaluate=missing or args.re_evaluate)
+    evaluate_and_report(args.run_dir, args.data_root, evaluate=missing or args.re_evaluate)
     return 0
 
 
