@@ -13,7 +13,9 @@ does). Top-level keys::
     qc         [{site, subject, model, file}]
     membership_audit              study/membership_audit.py's result
 
-A model is `FEDERATED`, `POOLED`, ``local-only:<site>`` (`local_model_name`) or `PERSONALISED`.
+A model is `FEDERATED`, `POOLED`, ``local-only:<site>`` (`local_model_name`), `PERSONALISED`, or any other
+name (e.g. the starting model, or the same configuration without DP) that the report shows beside them;
+its ``models`` entry's ``kind`` says what it is (`STARTING_KIND` for the starting model).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ LOCAL_PREFIX = "local-only:"
 PERSONALISED = "personalised"
 """FedBN: each training site's own model (its normalization layers + the final global rest), scored on
 that site's test split only."""
+STARTING_KIND = "starting"
+"""The ``kind`` of the run's starting model (its initial weights) where evaluation.json scores it."""
 REPORTED_METRICS: tuple[str, ...] = ("dice", "hd95_mm", "assd_mm", "abs_volume_diff_ml")
 
 

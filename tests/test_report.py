@@ -322,6 +322,30 @@ def test_the_summary_names_who_was_left_out_and_what_each_site_spent(study, tmp_
     assert "DP vs the same configuration without DP: not measured" in summary
 
 
+@pytest.mark.slow
+def test_the_summary_shows_further_models_that_evaluation_json_scored(study, tmp_path) -> None:
+    """A starting model or a run without DP, where evaluation.json has them, get a row each beside the
+    federated model, with the paired difference (here fabricated from the federated scores, shifted)."""
+    from contract.evaluation import STARTING_KIND
+    from server.report import write_report
+
+    run = tmp_path / "more-models"
+    shutil.copytree(study["run"], run, ignore=shutil.ignore_patterns("cache", "checkpoints", "baselines"))
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    federated = [r for r in evaluation["results"] if r["model"] == "federated"]
+    for name, kind, shift in (("initial", STARTING_KIND, -0.05), ("no-dp", "federated without DP", 0.02)):
+        evaluation["models"].append({"name": name, "kind": kind})
+        evaluation["results"] += [
+            {**r, "model": name, "mean_dice": r["mean_dice"] + shift} for r in federated
+        ]
+    (run / "evaluation.json").write_text(json.dumps(evaluation))
+    markdown, _ = write_report(run)
+    summary = _markdown_sections(markdown.read_text())["Summary"]
+    assert _table(summary, "initial (starting model)")[2] == "+0.050"
+    assert _table(summary, "no-dp (federated without DP)")[2] == "-0.020"
+    assert "starting model (initial weights)" not in summary  # scored now, no placeholder row
+
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 PROBE = """<script>
 addEventListener("load", () => {

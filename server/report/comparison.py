@@ -37,9 +37,9 @@ def compared_models(results: EvaluationResults, site: str, unseen: bool) -> list
     (FedBN) that site's personalised model, its own local-only model and pooled; on an unseen site the
     federated model, every local-only model and pooled."""
     if unseen:
-        return [FEDERATED, *results.local_models, *results.pooled]
+        return [FEDERATED, *results.local_models, *results.pooled, *results.other_models]
     own = [m for m in results.local_models if m == local_model_name(site)]
-    return [FEDERATED, *results.personalised, *own, *results.pooled]
+    return [FEDERATED, *results.personalised, *own, *results.pooled, *results.other_models]
 
 
 def _class_table(results: EvaluationResults, site: str, models: Sequence[str]) -> Table:
@@ -74,7 +74,7 @@ def per_site_sections(results: EvaluationResults, trainers: Sequence[str]) -> li
 
 def generalization_rows(results: EvaluationResults) -> list[str]:
     """The models of the generalization matrix, in row order."""
-    return [*results.local_models, *results.pooled, FEDERATED, *results.personalised]
+    return [*results.local_models, *results.pooled, FEDERATED, *results.personalised, *results.other_models]
 
 
 def generalization_matrix(results: EvaluationResults, site_ids: Sequence[str]) -> np.ndarray:

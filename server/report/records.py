@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from contract.evaluation import LOCAL_PREFIX, PERSONALISED, POOLED
+from contract.evaluation import FEDERATED, LOCAL_PREFIX, PERSONALISED, POOLED
 from contract.run_layout import CONFIG_FILE, EVALUATION_FILE, METRICS_FILE
 from contract.wire import ROLE_HOLDOUT
 from models.errors import NeurofedError
@@ -96,6 +96,9 @@ class EvaluationResults:
         """``[POOLED]`` when the pooled model was scored, else ``[]``."""
         self.personalised = [m for m in self.models if m == PERSONALISED]
         """``[PERSONALISED]`` when FedBN's personalised models were scored, else ``[]``."""
+        known = {FEDERATED, POOLED, PERSONALISED, *self.local_models}
+        self.other_models = [m for m in self.models if m not in known]
+        """Any further model evaluation.json scored (e.g. the starting model, or the run without DP)."""
         self.by: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in evaluation["results"]:
             self.by.setdefault((r["model"], r["site"]), []).append(r)

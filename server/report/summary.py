@@ -1,7 +1,8 @@
 """The report's first section: the answer in ten seconds.
 
 - the unseen site(s): mean Dice of the federated model vs the best and worst local-only models, pooled,
-  the starting model (where evaluation.json scored it; it does not yet) and chance, with the median
+  any further model evaluation.json scored (the starting model, the same configuration without DP) and
+  chance, with the median
   paired difference and the Wilcoxon signed-rank p of federated vs each; on the training sites,
   federated vs each site's own local-only model;
 - differential privacy: the run's DP line, and whether it holds a comparison with the same configuration
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from contract.evaluation import FEDERATED, LOCAL_PREFIX, POOLED, local_model_name
+from contract.evaluation import FEDERATED, LOCAL_PREFIX, POOLED, STARTING_KIND, local_model_name
 from contract.run_layout import EVALUATION_FILE
 from contract.wire import ROLE_HOLDOUT
 from server.report.comparison import model_label, unseen_verdict
@@ -49,15 +50,25 @@ def _unseen_rows(results: EvaluationResults, site: str) -> list[list[str]]:
     else:
         named = [(model_label(m), m) for m in ranked]
     named += [(POOLED, m) for m in results.pooled]
+    named += [(_other_label(results, m), m) for m in results.other_models if results.mean_dice(m, site)]
     rows = [[FEDERATED, summary_cell(results.mean_dice(FEDERATED, site)), "", ""]]
     rows += [[label, summary_cell(results.mean_dice(m, site)), *_difference_cells(results, site, m)]
              for label, m in named]  # fmt: skip
-    rows.append(
-        ["starting model (initial weights)", f"not scored ({EVALUATION_FILE} has no such model)", "", ""]
-    )
+    if STARTING_KIND not in results.kinds.values():
+        rows.append(
+            ["starting model (initial weights)", f"not scored ({EVALUATION_FILE} has no such model)", "", ""]
+        )
     if results.chance(site):
         rows.append(["chance level (random labels)", f"{np.mean(results.chance(site)):.3f}", "", ""])
     return rows
+
+
+def _other_label(results: EvaluationResults, model: str) -> str:
+    """A further model's row: its name, and its kind where that says more (``starting model``)."""
+    kind = results.kinds[model]
+    if kind == STARTING_KIND:
+        return f"{model} (starting model)" if model != kind else "starting model"
+    return model if kind == model else f"{model} ({kind})"
 
 
 def _trained_on(local_model: str) -> str:
