@@ -2,7 +2,7 @@
 
 Flower starts helper processes in sessions of their own (SuperExec, Ray's raylet and workers), so ending a
 process group is not enough: `stop_process_tree` also kills every descendant found before and after.
-Used by the benchmarks and by tests/test_deployment.py.
+Used by the benchmarks and by tests/test_deployment.py and tests/test_flwr_run.py.
 """
 
 from __future__ import annotations

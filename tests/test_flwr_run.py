@@ -20,7 +20,8 @@ from server.flower_control import flower_environment
 ROOT = Path(__file__).resolve().parents[1]
 FLWR = Path(sys.executable).parent / "flwr"
 
-# Tiny and fast: 2 sites (one never trains) of 2 synthesized subjects at 8 mm, one round of one step.
+# Tiny and fast: 2 sites (one never trains) of 2 synthesized subjects on a 16^3 grid (8 mm, 128 mm field of
+# view: one sliding window), one round of one step.
 TINY = {
     "num-sites": 2,
     "unseen-sites": 1,
@@ -30,6 +31,7 @@ TINY = {
     "patch-size": 16,
     "batch-size": 1,
     "spacing-mm": 8.0,
+    "field-of-view-mm": "128,128,128",
     "dp": False,
     "simulated-min-test-subjects": 1,
 }
