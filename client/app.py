@@ -118,7 +118,9 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model locally for ``local-steps`` steps; reply with its arrays and the loss."""
+    from models.trainable import freeze_except
     from models.training import train_steps
+    from models.weight_average import WeightAverage
 
     task, setup = _context(msg, context)
     run = task.run
@@ -132,6 +134,7 @@ def train(msg: Message, context: Context) -> Message:
     if not data.train:
         raise NeurofedError(f"site {setup.site_id}: no training subjects after holding out the test split")
     model = _global_model(msg, task)
+    freeze_except(model, run.trainable_layers)
     personal_keys = normalization_keys(model) if task.personal_layers == "norm" else set()
     own = latest_personal_layers(setup, task.server_round - 1) if personal_keys else None
     if own is not None:
@@ -146,16 +149,19 @@ def train(msg: Message, context: Context) -> Message:
             return _refusal_reply(msg, outcome)
         result, privacy = outcome
     else:
-        rng = site_rng(task, setup.site_id)
+        average = WeightAverage(model, run.ema_decay) if run.ema_decay > 0 else None
         result = train_steps(
             model,
             data.train,
             config,
             run.local_steps,
-            rng=rng,
+            rng=site_rng(task, setup.site_id),
             proximal_to=proximal_to,
             proximal_mu=task.proximal_mu,
+            step_hook=(lambda _step, _loss: average.update()) if average is not None else None,
         )
+        if average is not None:
+            average.copy_to_model()
     state = model.state_dict()
     if personal_keys:
         save_personal_layers(setup, task.server_round, {k: state[k] for k in personal_keys})

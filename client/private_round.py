@@ -52,6 +52,11 @@ def dp_config(task: SiteTask) -> DPConfig:
     from privacy.dp_sgd import DPConfig
 
     run = task.run
+    if run.dp_max_grad_norm <= 0:
+        raise NeurofedError(
+            "the coordinator sent dp-max-grad-norm 0 (its 'set from the starting model' value) instead of the "
+            "norm it chose; update the coordinator's neurofed"
+        )
     return DPConfig(
         enabled=True,
         noise_multiplier=run.dp_noise_multiplier or None,
@@ -119,27 +124,36 @@ def no_dp_refusal(task: SiteTask, setup: SiteSetup) -> Refusal:
 
 class PersonPatches(torch.utils.data.Dataset):
     """Patches arranged as ``privacy.dp_sgd.PrivacyUnitDataset`` requires: item ``u + n * k`` is the
-    ``k``-th patch of person ``u`` (of ``n``), each ``(image (C, *patch) float32, label (1, *patch) int64)``.
+    ``k``-th draw of person ``u`` (of ``n``): ``multiplicity`` patches of that person stacked,
+    ``(image (K, C, *patch) float32, label (K, 1, *patch) int64)``, or one patch ``(C, *patch)``, ``(1, *patch)``
+    when ``multiplicity`` is 1.
 
     One `models.training.PatchDataset` per person over all of that person's sessions, so a unit never
     draws another person's patch and a person with many sessions is still one unit.
     """
 
-    def __init__(self, persons: list[list], config: Any, patches_per_person: int, seed: int) -> None:
+    def __init__(
+        self, persons: list[list], config: Any, patches_per_person: int, seed: int, multiplicity: int = 1
+    ) -> None:
         from models.training import PatchDataset
 
         seeds = np.random.default_rng(seed).integers(0, 2**63 - 1, size=len(persons))
+        self.multiplicity = int(multiplicity)
         self.per_subject = [
-            PatchDataset.from_config(sessions, config, length=patches_per_person, seed=int(s))
+            PatchDataset.from_config(sessions, config, length=patches_per_person * self.multiplicity, seed=int(s))
             for sessions, s in zip(persons, seeds, strict=True)
         ]
 
     def __len__(self) -> int:
-        return len(self.per_subject) * len(self.per_subject[0])
+        return len(self.per_subject) * (len(self.per_subject[0]) // self.multiplicity)
 
     def __getitem__(self, index: int) -> Any:
         draw, unit = divmod(index, len(self.per_subject))
-        return self.per_subject[unit][draw]
+        patches = self.per_subject[unit]
+        if self.multiplicity == 1:
+            return patches[draw]
+        items = [patches[draw * self.multiplicity + k] for k in range(self.multiplicity)]
+        return torch.stack([image for image, _ in items]), torch.stack([label for _, label in items])
 
 
 def train_private_round(
@@ -160,6 +174,7 @@ def train_private_round(
         this round, or a `Refusal` when the ledger does not allow the round (nothing is trained or recorded).
     """
     from models.training import TrainResult, make_loss, make_optimizer, training_step
+    from models.weight_average import WeightAverage
     from privacy.dp_sgd import PrivacyUnitDataset, make_private_training
     from privacy.errors import PrivacyBudgetExceeded, PrivacyError
 
@@ -183,7 +198,9 @@ def train_private_round(
     # Every draw of the release comes from the site's secret, never from a value the coordinator knows.
     secret = SiteSecret.load_or_create(setup.state_dir)
     patch_seed = secret.seed(task.run_id, task.server_round, "patches")
-    patches = PersonPatches(persons, config, max(run.local_steps, 1), patch_seed)
+    patches = PersonPatches(
+        persons, config, max(run.local_steps, 1), patch_seed, multiplicity=run.dp_augmentation_multiplicity
+    )
     units = PrivacyUnitDataset(patches, n_persons)
     optimizer = make_optimizer(model, config)
     started = time.perf_counter()
@@ -212,10 +229,14 @@ def train_private_round(
                 noise_multiplier=private.noise_multiplier,
                 delta=dp.delta,
             ):
+                average = WeightAverage(model, run.ema_decay) if run.ema_decay > 0 else None
                 losses = private.run_steps(
                     run.local_steps,
                     step_fn=partial(training_step, proximal_to=proximal_to, proximal_mu=task.proximal_mu),
+                    step_hook=(lambda _step, _loss: average.update()) if average is not None else None,
                 )
+                if average is not None:
+                    average.copy_to_model()
     except PrivacyBudgetExceeded as exc:
         # Another run spent the budget between the check and the reservation.
         return Refusal(exc.reason, ledger.run_epsilon(task.run_id), dp.delta)

@@ -13,9 +13,10 @@ does). Top-level keys::
     qc         [{site, subject, model, file}]
     membership_audit              study/membership_audit.py's result
 
-A model is `FEDERATED`, `POOLED`, ``local-only:<site>`` (`local_model_name`), `PERSONALISED`, or any other
-name (e.g. the starting model, or the same configuration without DP) that the report shows beside them;
-its ``models`` entry's ``kind`` says what it is (`STARTING_KIND` for the starting model).
+A model is `FEDERATED`, `POOLED`, ``local-only:<site>`` (`local_model_name`), `STARTING` (the starting
+model alone), `FEDERATED_WITHOUT_DP` (the same configuration without DP), `PERSONALISED`, or any other
+name the report shows beside them; its ``models`` entry's ``kind`` says what it is (`STARTING_KIND` for the
+starting model).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ FORMAT_VERSION = 1
 FEDERATED = "federated"
 POOLED = "pooled"
 LOCAL_PREFIX = "local-only:"
+STARTING = "starting-model"
+"""The run's starting model alone (``initial-model``), without any site's data: what federating adds to it."""
+FEDERATED_WITHOUT_DP = "federated-no-dp"
+"""The same run's configuration trained without DP (a study's comparison arm): what DP costs."""
 PERSONALISED = "personalised"
 """FedBN: each training site's own model (its normalization layers + the final global rest), scored on
 that site's test split only."""

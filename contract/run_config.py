@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from models.errors import NeurofedError
+from models.trainable import TRAINABLE_LAYERS
 
 if TYPE_CHECKING:
     from models.networks import NetworkConfig
@@ -31,6 +32,10 @@ to ``server-dp-clipping-norm``; or adaptive clipping (the norm follows the media
 
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("vmap", "functorch", "ghost", "hooks")
 """The per-sample gradient modes of privacy/dp_sgd.py (kept here so the run config imports no torch)."""
+
+AUTO_CLIPPING_NORM = 0.0
+"""``dp-max-grad-norm`` 0: the coordinator sets the clipping norm from the starting model's gradient norms
+measured on public data (models/starting_model.py) before round 1, and records the value it chose."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,10 @@ class RunConfig:
         data_root: folder with one sub-folder per site (simulation: site i is the i-th sub-folder in
             name order). Empty in a deployment, where each site reads ``data-dir`` from its node config;
             empty in a simulation (``flwr run .``): sites are synthesized into ``<run-dir>/data``.
-        simulated_subjects_per_site: subjects synthesized per site when a simulation has no data yet.
+        simulated_subjects_per_site: subjects synthesized per training site when a simulation has no data
+            yet; the default gives 16 persons to train on at the default test fraction (hospitals hold
+            hundreds; DP noise per step falls with the persons a site samples from).
+        simulated_unseen_subjects: subjects synthesized per unseen site (all of them are test subjects).
         run_dir: where the run directory (config, checkpoints, metrics) is written.
         contrast: the structural image the network reads (BIDS suffix).
         spacing_mm: isotropic voxel size the sites resample to, in mm.
@@ -73,7 +81,16 @@ class RunConfig:
         dp_target_epsilon: ε the whole run may spend per site at ``dp_delta``; each site derives its noise
             multiplier for the planned rounds x local steps. Used when ``dp_noise_multiplier`` is 0.
         dp_noise_multiplier: Gaussian noise std / clipping norm; > 0 replaces ``dp_target_epsilon``.
-        dp_max_grad_norm: L2 clipping norm of each subject's gradient.
+        dp_max_grad_norm: L2 clipping norm of each person's gradient; `AUTO_CLIPPING_NORM` (0, the default):
+            the median per-patch gradient norm of the starting model's trainable layers on public data,
+            measured when it was pretrained (1.0 without a starting model); the value used is in config.json.
+        dp_augmentation_multiplicity: augmented patches of the same person in one DP step, averaged into
+            that person's one gradient before clipping (the privacy unit and ε are unchanged; the gradient's
+            variance falls, the step costs this many times more). Needs ``dp_grad_sample_mode`` vmap when > 1.
+        trainable_layers: the parameters sites train (models/trainable.py ``TRAINABLE_LAYERS``); the others
+            keep the starting model's values. Fewer trained parameters means less DP noise in total.
+        ema_decay: a site releases the exponential moving average of its weights over the round's steps with
+            this decay (0: the last weights); under DP the average has less noise than any single iterate.
         dp_delta: δ of each site's (ε, δ) guarantee for the run.
         dp_grad_sample_mode: how per-sample gradients are computed (one of `GRAD_SAMPLE_MODES`).
         server_dp: site-level DP at the coordinator, one of `SERVER_DP_MODES`.
@@ -85,6 +102,10 @@ class RunConfig:
             times the median norm of the other sites' updates is rejected; 0 disables the norm rule (an
             update with NaN or Inf is always rejected).
         round_timeout_s: seconds the server waits for replies in one round.
+        initial_model: the weights round 1 starts from: ``builtin`` (the project's starting model, pretrained on
+            public anatomy only, models/starting_model.py), ``none`` (random weights from ``seed``) or the path
+            of a model file on the coordinator; it must be the run's network, protocol and preprocessing
+            geometry. The local-only and pooled baselines of a study start from the same weights.
         min_sites: training sites whose updates a round needs; a site that fails or does not answer
             within ``round_timeout_s`` is dropped from that round (logged with the reason) as long as at
             least this many replied. 0: every training site (any dropout stops the run). With server_dp,
@@ -97,7 +118,7 @@ class RunConfig:
     server_learning_rate: float = 0.01
     local_steps: int = 30
     protocol: str = "tissue"
-    network_preset: str = "tiny"
+    network_preset: str = "default"
     architecture: str = "unet"
     patch_size: int = 48
     batch_size: int = 2
@@ -109,7 +130,8 @@ class RunConfig:
     unseen_sites: int = 1
     eval_every: int = 1
     data_root: str = ""
-    simulated_subjects_per_site: int = 6
+    simulated_subjects_per_site: int = 22
+    simulated_unseen_subjects: int = 8
     run_dir: str = "runs/flwr"
     contrast: str = "T1w"
     spacing_mm: float = 2.0
@@ -117,7 +139,7 @@ class RunConfig:
     dp: bool = True
     dp_target_epsilon: float = 8.0
     dp_noise_multiplier: float = 0.0
-    dp_max_grad_norm: float = 1.0
+    dp_max_grad_norm: float = AUTO_CLIPPING_NORM
     dp_delta: float = 1e-5
     dp_grad_sample_mode: str = "vmap"
     server_dp: str = "off"
@@ -126,6 +148,10 @@ class RunConfig:
     update_norm_limit: float = 10.0
     round_timeout_s: float = 3600.0
     min_sites: int = 0
+    initial_model: str = "builtin"
+    dp_augmentation_multiplicity: int = 1
+    trainable_layers: str = "all"
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(name: str, what: str) -> NeurofedError:
@@ -143,6 +169,7 @@ class RunConfig:
             "num_sites",
             "eval_every",
             "simulated_subjects_per_site",
+            "simulated_unseen_subjects",
         ):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be at least 1, got {getattr(self, name)}")
@@ -173,8 +200,18 @@ class RunConfig:
                 "dp_target_epsilon",
                 f"must be positive when dp-noise-multiplier is 0, got {self.dp_target_epsilon}",
             )
-        if not self.dp_max_grad_norm > 0:
-            raise bad("dp_max_grad_norm", f"must be positive, got {self.dp_max_grad_norm}")
+        if not self.dp_max_grad_norm >= 0:
+            raise bad("dp_max_grad_norm", f"must be >= 0 (0: set from the starting model), got {self.dp_max_grad_norm}")
+        if self.dp_augmentation_multiplicity < 1:
+            raise bad("dp_augmentation_multiplicity", f"must be >= 1, got {self.dp_augmentation_multiplicity}")
+        if self.dp_augmentation_multiplicity > 1 and self.dp_grad_sample_mode != "vmap":
+            raise bad("dp_augmentation_multiplicity", "above 1 needs dp-grad-sample-mode 'vmap'")
+        if self.trainable_layers not in TRAINABLE_LAYERS:
+            raise bad(
+                "trainable_layers", f"choose one of {', '.join(TRAINABLE_LAYERS)}, got {self.trainable_layers!r}"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise bad("ema_decay", f"must be in [0, 1) (0: off), got {self.ema_decay}")
         if not 0.0 < self.dp_delta < 1.0:
             raise bad("dp_delta", f"must be in (0, 1), e.g. 1e-5, got {self.dp_delta}")
         if self.dp_grad_sample_mode not in GRAD_SAMPLE_MODES:
@@ -192,6 +229,8 @@ class RunConfig:
             raise bad("server_dp_clipping_norm", f"must be positive, got {self.server_dp_clipping_norm}")
         if self.min_sites < 0:
             raise bad("min_sites", f"must be >= 0 (0: every training site), got {self.min_sites}")
+        if not self.initial_model.strip():
+            raise bad("initial_model", "give 'builtin', 'none' or the path of a model file")
         if not self.update_norm_limit >= 0:
             raise bad("update_norm_limit", f"must be >= 0 (0: off), got {self.update_norm_limit}")
 
@@ -280,6 +319,8 @@ SERVER_ONLY_SETTINGS = frozenset(
         "server-dp-clipping-norm",
         "update-norm-limit",
         "simulated-subjects-per-site",
+        "simulated-unseen-subjects",
+        "initial-model",
     }
 )
 """Run settings (flat Flower keys) sites do not get: strategies add what a site needs (FedProx adds
@@ -288,7 +329,12 @@ SERVER_ONLY_SETTINGS = frozenset(
 
 def setting_choices() -> dict[str, tuple[str, ...]]:
     """The settings (by field name) that take one of a few named values, and those values."""
-    return {"strategy": STRATEGIES, "server_dp": SERVER_DP_MODES, "dp_grad_sample_mode": GRAD_SAMPLE_MODES}
+    return {
+        "strategy": STRATEGIES,
+        "server_dp": SERVER_DP_MODES,
+        "dp_grad_sample_mode": GRAD_SAMPLE_MODES,
+        "trainable_layers": TRAINABLE_LAYERS,
+    }
 
 
 def site_settings() -> frozenset[str]:

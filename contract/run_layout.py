@@ -12,6 +12,7 @@
     RUN_DIR/report.md, report.html          the report, figures under RUN_DIR/figures/
     RUN_DIR/cache/                          simulated sites' preprocessed cache
     RUN_DIR/sites/<site>/                   a simulated site's state (ledger, personalised layers)
+    RUN_DIR/without-dp/                     a study's same run without DP (a run directory of its own)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ REPORT_HTML = "report.html"
 FIGURES_DIR = "figures"
 SITE_CACHE_DIR = "cache"
 SITE_STATE_DIR = "sites"
+WITHOUT_DP_DIR = "without-dp"
 
 
 def site_folders(data_root: Path) -> list[Path]:

@@ -267,7 +267,13 @@ def training_step(
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
         loss_value = math.nan
     else:
-        logits = model(images)
+        if images.ndim == 6:
+            # (B, K, C, ...): K patches of each privacy unit (augmentation multiplicity). A DP wrapper keeps the
+            # units apart (privacy/vmap_grad_sample.py); the loss is the mean over all B x K patches.
+            logits = model(images) if _is_dp_optimizer(optimizer) else model(images.flatten(0, 1))
+            logits, labels = logits.reshape(-1, *logits.shape[-4:]), labels.flatten(0, 1)
+        else:
+            logits = model(images)
         if int(labels.max()) >= logits.shape[1]:
             raise NeurofedError(
                 f"labels contain class {int(labels.max())} but the network predicts {logits.shape[1]} classes: "

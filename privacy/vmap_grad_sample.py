@@ -22,6 +22,9 @@ from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 from torch.func import functional_call, vmap
 
+GROUPED_NDIM = 6
+"""Dimensions of a grouped batch of 3-D images: (units, inputs per unit, channels, X, Y, Z)."""
+
 
 class VmapGradSampleModule(AbstractGradSampleModule):
     """Wraps a network so that a backward pass sets ``p.grad_sample`` of shape ``(B, *p.shape)`` per parameter.
@@ -48,7 +51,12 @@ class VmapGradSampleModule(AbstractGradSampleModule):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` is ``(B, C, X, Y, Z)``, or ``(B, K, C, X, Y, Z)`` for ``K`` inputs of each of ``B`` privacy
+        units (augmentation multiplicity): then a unit's per-sample gradient is that of its loss over its
+        ``K`` outputs, and the output is ``(B, K, ...)``."""
         if not (self.training and torch.is_grad_enabled()) or x.shape[0] == 0:
+            if x.ndim == GROUPED_NDIM:
+                return self._module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
             return self._module(x)
         batch = x.shape[0]
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
@@ -64,6 +72,8 @@ class VmapGradSampleModule(AbstractGradSampleModule):
         # tie_weights=False: with ties, torch 2.13 leaves the swapped-in tensors in networks that reach one
         # submodule by two paths (MONAI's DynUNet). A submodule reached twice is still one object, so the
         # swap applies on both paths; parameters shared by distinct modules are refused in __init__.
+        if sample.ndim == GROUPED_NDIM - 1:  # the K inputs of one unit: one batch of K
+            return functional_call(self._module, weights, (sample,), tie_weights=False)
         return functional_call(self._module, weights, (sample.unsqueeze(0),), tie_weights=False).squeeze(0)
 
     def remove_hooks(self) -> None:

@@ -29,7 +29,7 @@ from contract.wire import (
 )
 from models.errors import NeurofedError
 from server.audit_log import AuditLog
-from server.global_model import initial_state_dict, read_model_state, write_model_file
+from server.global_model import read_model_state, starting_point, starting_weights, write_model_file
 from server.run_directory import RunDirectory
 from server.site_discovery import Site, site_summaries, sites_from_replies
 from server.site_replies import NodeView, lost_nodes
@@ -232,6 +232,8 @@ class FederatedRun:
                 role=s.role,
             )
         if not self.resume:
+            state_dict, config, starting = starting_point(config, self.plan)
+            self.config = config
             self.run_dir.start(
                 config,
                 {
@@ -239,6 +241,7 @@ class FederatedRun:
                     "network": config.network_config().to_dict(),
                     "plan": self.plan,
                     "sites": site_summaries(sites),
+                    **starting,
                 },
             )
             self._emit(
@@ -249,7 +252,8 @@ class FederatedRun:
                 }
             )
         if state_dict is None:
-            state_dict = initial_state_dict(config)
+            # A resumed run that never wrote a checkpoint starts again from its starting weights.
+            state_dict, _ = starting_weights(config, self.plan)
         if config.server_dp != "off":
             try:
                 check_float_arrays(state_dict_to_arrays(state_dict))

@@ -100,6 +100,12 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         help="derive every site's secret from SEED so the run repeats exactly (splits, DP noise); for "
         "benchmarks only: whoever knows SEED can replay the noise (default: each site's own random secret)",
     )
+    p.add_argument(
+        "--compare-without-dp",
+        action="store_true",
+        help="after a DP run, train the same configuration without DP (RUN_DIR/without-dp, same sites and "
+        "splits) and show it beside the DP model in the report: what DP costs",
+    )
     add_run_config_options(p, exclude=("data_root", "run_dir"))
 
 
@@ -150,6 +156,12 @@ def _run_simulate(args: argparse.Namespace) -> int:
     from study.simulated_run import evaluate_and_report
 
     _print_summary(run_dir)
+    stored = run_dir.read_config()
+    if args.compare_without_dp and stored.dp:
+        from study.comparison_arm import run_without_dp_arm
+
+        print("training the same configuration without DP, for comparison", flush=True)
+        run_without_dp_arm(stored, client_app)
     # A resumed run may have added rounds: its evaluation is always rebuilt.
     evaluate_and_report(run_dir.root)
     return 0
@@ -200,17 +212,27 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from contract.run_config import RunConfig
     p = add_command(sub, "train", _run_train, defaults_in_help=True)
     p.add_argument("data_dirs", type=Path, nargs="+", metavar="DATA_DIR", help="site data folder(s)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL.pt", help="model file to write")
     p.add_argument("--protocol", default="tissue", help="label protocol: tissue (4 classes) or aseg (33)")
+    run = RunConfig()  # the defaults of a federated run, so a baseline trains what a federation trains
     p.add_argument("--steps", type=int, default=300, help="optimizer steps in total")
     p.add_argument("--seed", type=int, default=0, help="seed of split, initial weights, sampling")
-    p.add_argument("--preset", default="default", choices=["tiny", "default"], help="network size")
-    p.add_argument("--patch-size", type=int, default=96, help="cubic training patch edge in voxels")
-    p.add_argument("--batch-size", type=int, default=2, help="patches per optimizer step")
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam step size")
-    p.add_argument("--spacing", type=float, default=2.0, help="preprocessing voxel size in mm (isotropic)")
+    p.add_argument("--preset", default=run.network_preset, choices=["tiny", "default"], help="network size")
+    p.add_argument("--patch-size", type=int, default=run.patch_size, help="cubic training patch edge in voxels")
+    p.add_argument("--batch-size", type=int, default=run.batch_size, help="patches per optimizer step")
+    p.add_argument("--learning-rate", type=float, default=run.learning_rate, help="Adam step size")
+    p.add_argument(
+        "--spacing", type=float, default=run.spacing_mm, help="preprocessing voxel size in mm (isotropic)"
+    )
+    p.add_argument(
+        "--initial-model",
+        default=run.initial_model,
+        metavar="builtin|none|PATH",
+        help="weights to start from: the built-in public starting model, random weights, or a model file",
+    )
     p.add_argument("--validation-fraction", type=float, default=0.25, help="share of subjects held out")
     p.add_argument("--validate-every", type=int, default=100, help="steps between validation passes")
     p.add_argument(
@@ -238,6 +260,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from models.label_protocols import get_protocol
     from models.model_file import save_model
     from models.networks import NetworkConfig
+    from models.starting_model import load_starting_model
     from models.training import TrainingConfig
     from study.local_training import LocalTrainingSetup, load_sites, train_centralised, training_provenance
 
@@ -272,9 +295,22 @@ def _run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         cache=cache,
     )
+    starting = load_starting_model(args.initial_model)
+    if starting is not None:
+        starting.check_fits(network.to_dict(), protocol.name, plan.to_dict())
     torch.manual_seed(args.seed)
-    model, history = train_centralised(sites, protocol, plan, network, training, setup, progress=True)
+    model, history = train_centralised(
+        sites,
+        protocol,
+        plan,
+        network,
+        training,
+        setup,
+        initial_state=dict(starting.state_dict) if starting is not None else None,
+        progress=True,
+    )
     provenance = training_provenance(sites, setup, history)
+    provenance["starting_model"] = starting.describe() if starting is not None else None
     provenance["training_config"] = training.to_dict()
     save_model(
         args.output,
@@ -289,13 +325,82 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "pretrain", _run_pretrain, defaults_in_help=True)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL.pt", help="model file to write")
+    p.add_argument(
+        "--label-maps",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="public FreeSurfer label maps (*.nii.gz files, or folders of them) to add to the built-in phantoms",
+    )
+    p.add_argument("--steps", type=int, default=6000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="patches per step")
+    p.add_argument("--learning-rate", type=float, default=2e-3, help="Adam's peak step size (cosine decay)")
+    p.add_argument("--workers", type=int, default=1, help="processes generating subjects (0: in process)")
+    p.add_argument("--phantoms", type=int, default=24, help="distinct built-in phantom anatomies")
+    p.add_argument("--validate-every", type=int, default=500, help="steps between scores on held-out subjects")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, phantoms and every random draw")
+    p.add_argument("--network-preset", default=None, help="network preset (default: the run default's)")
+    p.add_argument("--spacing-mm", type=float, default=None, help="working voxel size (default: the run's)")
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    """Train a public starting model on domain-randomized images of public anatomy only.
+
+    Train the run's network (the defaults of `neurofed simulate`, or --network-preset / --spacing-mm)
+    on images generated on the fly from public anatomy: the built-in head phantom always, plus
+    every label map in each --label-maps folder. Every generated subject has a random contrast
+    (T1-, T2-, PD-, FLAIR-like or arbitrary), bias field, gamma, noise, resolution, slice
+    thickness, field of view and deformation, and some are skull-stripped or cropped, so the model
+    learns anatomy rather than one scanner. No site's data is used: the model file records ε = 0
+    for every site, the generator's settings and the content hash of every label map it saw, and
+    can start any federation of the same configuration (--initial-model MODEL.pt).
+    """
+    from contract.run_config import RunConfig
+    from study.pretraining import PretrainingSetup, pretrain
+
+    changes = {}
+    if args.network_preset is not None:
+        changes["network_preset"] = args.network_preset
+    if args.spacing_mm is not None:
+        changes["spacing_mm"] = args.spacing_mm
+    run = RunConfig(**changes)
+    setup = PretrainingSetup(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        workers=args.workers,
+        phantoms=args.phantoms,
+        validate_every=args.validate_every,
+        seed=args.seed,
+    )
+    provenance = pretrain(args.output, args.label_maps, setup, run)
+    last = provenance["validation"][-1]
+    print(
+        f"wrote {args.output}: {setup.steps} steps in {provenance['seconds'] / 60:.1f} min, held-out "
+        f"randomized subjects mean Dice {last['dice']:.3f} (before training {provenance['validation'][0]['dice']:.3f})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     return command_parser(
         "neurofed",
         "neurofed coordinator and researcher tools: synthesize multi-site data, train and evaluate "
         "3D brain segmentation models, and run federated studies. Run `neurofed COMMAND --help` "
         "for the options of a command.",
-        [_add_synth, _add_train, add_segment_command, _add_simulate, _add_report, add_coordinator_commands],
+        [
+            _add_synth,
+            _add_pretrain,
+            _add_train,
+            add_segment_command,
+            _add_simulate,
+            _add_report,
+            add_coordinator_commands,
+        ],
     )
 
 

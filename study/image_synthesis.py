@@ -19,6 +19,8 @@ from study.label_maps import as_label_array
 from study.scanner_profiles import LABEL_TO_GROUP, ScannerProfile, tissue_group
 from study.subject_geometry import (
     ELASTIC_ORDER,
+    SCANNER_DEFORMATION,
+    DeformationRange,
     OutputGrid,
     cosine_basis,
     draw_deformation,
@@ -169,6 +171,7 @@ def synthesize_subject(
     profile: ScannerProfile,
     rng: np.random.Generator,
     spacing_mm: float = 2.0,
+    deformation_spread: DeformationRange = SCANNER_DEFORMATION,
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image, nib.Nifti1Image]:
     """The image one simulated scanner acquires of one (randomly deformed) label map.
 
@@ -178,6 +181,7 @@ def synthesize_subject(
         profile: the scanner (contrast, bias, noise, slice thickness, field of view, orientation).
         rng: the subject's generator: deformation, field of view, intensities, texture, bias, noise.
         spacing_mm: isotropic output voxel size.
+        deformation_spread: the spread of the subject's random affine and elastic deformation.
 
     Returns:
         ``(image, dseg, mask)`` on one grid and affine, stored in ``profile.orientation``:
@@ -195,7 +199,7 @@ def synthesize_subject(
     head_box = world_box(projections(labels > 0), label_affine)
     center = (brain_box[0] + brain_box[1]) / 2
 
-    deformation = draw_deformation(rng, center)
+    deformation = draw_deformation(rng, center, deformation_spread)
     # The brain must fit whatever the displacement; the head only limits how much air is kept.
     bound = deformation.displacement_bound(head_box[0] - 30.0, head_box[1] + 30.0)
     brain_out = preimage_box(*brain_box, deformation.matrix, bound)

@@ -110,6 +110,7 @@ def train_centralised(
     training_config,
     setup: LocalTrainingSetup,
     *,
+    initial_state: dict | None = None,
     on_validation: Callable[[int, float], None] | None = None,
     progress: bool = True,
 ):
@@ -117,7 +118,8 @@ def train_centralised(
 
     With one site this is the local-only baseline, with all sites the pooled baseline. Validation
     scores every site's validation subjects with sliding-window inference every
-    ``setup.validate_every`` steps and at the end.
+    ``setup.validate_every`` steps and at the end. ``initial_state``: the starting model's weights (default:
+    random weights from ``setup.seed``).
     """
     import torch
 
@@ -130,6 +132,8 @@ def train_centralised(
         raise NeurofedError("no training subject: every usable subject went to validation; add subjects")
     network_config.check_patch_size(training_config.patch_size)
     model = build_network(network_config, seed=setup.seed)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
     optimizer = make_optimizer(model, training_config)
     rng = np.random.default_rng(setup.seed)
     history = TrainingHistory()

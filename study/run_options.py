@@ -23,6 +23,7 @@ SHORT_NAMES: Mapping[str, str] = {
     "server_learning_rate": "--server-lr",
     "spacing_mm": "--spacing",
     "simulated_subjects_per_site": "--subjects-per-site",
+    "simulated_unseen_subjects": "--unseen-subjects",
     "field_of_view_mm": "--fov",
     "dp_target_epsilon": "--target-epsilon",
     "dp_noise_multiplier": "--noise-multiplier",

@@ -25,16 +25,23 @@ def default_data_root(run_dir: Path | str) -> Path:
 def synthesize_run_data(
     config: RunConfig, data_root: Path, label_maps_dir: Path | None = None, progress: bool = True
 ) -> None:
-    """Write ``config.num_sites`` simulated sites of ``config.simulated_subjects_per_site`` subjects into
-    ``data_root``, at the run's spacing and seed (the built-in head phantom, or ``label_maps_dir``)."""
+    """Write ``config.num_sites`` simulated sites into ``data_root``: ``simulated_subjects_per_site`` subjects
+    at each training site, ``simulated_unseen_subjects`` at each unseen one (the last sites), at the run's
+    spacing and seed (the built-in head phantom, or ``label_maps_dir``)."""
     from study.synthesis import synthesize_sites
 
-    n, k = config.num_sites, config.simulated_subjects_per_site
-    print(f"synthesizing {n} sites x {k} subjects into {data_root}", flush=True)
+    trained, unseen = config.num_training_sites, config.unseen_sites
+    counts = [config.simulated_subjects_per_site] * trained + [config.simulated_unseen_subjects] * unseen
+    print(
+        f"synthesizing {trained} training sites x {counts[0]} subjects"
+        + (f" and {unseen} unseen site(s) x {counts[-1]}" if unseen else "")
+        + f" into {data_root}",
+        flush=True,
+    )
     synthesize_sites(
         data_root,
-        n_sites=n,
-        subjects_per_site=k,
+        n_sites=config.num_sites,
+        subjects_per_site=counts,
         label_maps_dir=label_maps_dir,
         spacing_mm=config.spacing_mm,
         seed=config.seed,

@@ -65,11 +65,14 @@ def train_baseline(
     name: str,
     step_hook: Callable[[int, float], None] | None = None,
 ):
-    """A network trained centrally for ``steps`` steps on ``subjects``, initialised as the run's model."""
-    from client.site_model import build_model, run_training_config
+    """A network trained centrally for ``steps`` steps on ``subjects``, from the run's starting weights and
+    training the run's trainable layers, as every site does."""
+    from client.site_model import run_training_config
+    from models.trainable import freeze_except
     from models.training import train_steps
 
-    model = build_model(settings)
+    model = starting_network(settings)
+    freeze_except(model, settings.trainable_layers)
     config = run_training_config(settings)
     result = train_steps(
         model,
@@ -80,6 +83,22 @@ def train_baseline(
         step_hook=step_hook,
     )
     return model, result
+
+
+def starting_network(settings: RunConfig):
+    """The run's network with the weights its federation started from (``initial-model``): the starting
+    model, checked to fit the run, or random weights from the run seed."""
+    from client.site_data import run_preprocessing_plan
+    from client.site_model import build_model
+    from models.starting_model import load_starting_model
+
+    model = build_model(settings)
+    starting = load_starting_model(settings.initial_model)
+    if starting is not None:
+        plan = run_preprocessing_plan(settings).to_dict()
+        starting.check_fits(settings.network_config().to_dict(), settings.protocol, plan)
+        model.load_state_dict(dict(starting.state_dict))
+    return model
 
 
 def _save_baseline(path: Path, model, settings: RunConfig, provenance: dict[str, Any]) -> None:
@@ -138,6 +157,8 @@ def train_comparison_models(
             "budget_rule": budget["rule"],
             "run_dir": str(run_dir),
             "dp": False,
+            "initial_model": settings.initial_model,
+            "trainable_layers": settings.trainable_layers,
         }
         _save_baseline(run_dir / file_name, model, settings, provenance)
         out.append(

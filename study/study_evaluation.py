@@ -50,12 +50,22 @@ import numpy as np
 
 from common.atomic_files import atomic_write_text
 from common.progress import Progress
-from contract.evaluation import FEDERATED, FORMAT, FORMAT_VERSION, PERSONALISED, REPORTED_METRICS
+from contract.evaluation import (
+    FEDERATED,
+    FEDERATED_WITHOUT_DP,
+    FORMAT,
+    FORMAT_VERSION,
+    PERSONALISED,
+    REPORTED_METRICS,
+    STARTING,
+    STARTING_KIND,
+)
 from contract.run_config import RunConfig
-from contract.run_layout import EVALUATION_FILE, QC_DIR
+from contract.run_layout import EVALUATION_FILE, FINAL_MODEL_FILE, QC_DIR, WITHOUT_DP_DIR
 from contract.wire import ROLE_HOLDOUT, ROLE_TRAIN
 from models.errors import NeurofedError
-from study.study_baselines import budget_rule, personalised_models, train_comparison_models
+from study.public_anatomy import anatomy_seen
+from study.study_baselines import budget_rule, personalised_models, starting_network, train_comparison_models
 from study.study_sites import StudySite, load_study_sites
 
 
@@ -101,6 +111,36 @@ def audit_final_model(model, sites: Sequence[StudySite], settings: Any, on_subje
         AuditSettings(patch_size=(settings.patch_size,) * 3, seed=settings.seed),
         on_subject=on_subject,
     )
+
+
+def _reference_models(
+    run_dir: Path, settings: RunConfig, document: Mapping[str, Any], budget: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[dict]]:
+    """The starting model alone (unless the run started from random weights) and the run's without-DP arm
+    (study/comparison_arm.py) where it was trained, with their evaluation.json descriptions."""
+    from models.model_file import load_model
+
+    models: dict[str, Any] = {}
+    descriptions: list[dict] = []
+    if document.get("starting_model"):
+        models[STARTING] = starting_network(settings)
+        descriptions.append(
+            {"name": STARTING, "kind": STARTING_KIND, "trained_on": [], "steps": 0, **document["starting_model"]}
+        )
+    arm = run_dir / WITHOUT_DP_DIR / FINAL_MODEL_FILE
+    if settings.dp and arm.is_file():
+        models[FEDERATED_WITHOUT_DP] = load_model(arm).model
+        descriptions.append(
+            {
+                "name": FEDERATED_WITHOUT_DP,
+                "kind": "federated",
+                "dp": False,
+                "steps": budget["federated_steps_total"],
+                "steps_per_site": budget["federated_steps_per_site"],
+                "file": f"{WITHOUT_DP_DIR}/{FINAL_MODEL_FILE}",
+            }
+        )
+    return models, descriptions
 
 
 def evaluate_study(
@@ -159,8 +199,12 @@ def evaluate_study(
             "steps": budget["federated_steps_total"],
             "steps_per_site": budget["federated_steps_per_site"],
             "file": "final-model.pt",
+            "dp": settings.dp,
         }
     ]
+    extra_models, extra_descriptions = _reference_models(run_dir, settings, document, budget)
+    models.update(extra_models)
+    descriptions += extra_descriptions
     trained = train_comparison_models(run_dir, settings, trainers, budget, progress=progress)
     for baseline in trained:
         models[baseline.name] = baseline.model
@@ -224,6 +268,11 @@ def evaluate_study(
         "results": results,
         "qc": qc,
         "membership_audit": audit.to_dict(),
+        "starting_model_anatomy": (
+            anatomy_seen(document["starting_model"], [data_root / s.site_id for s in sites])
+            if document.get("starting_model")
+            else None
+        ),
     }
     path = run_dir / EVALUATION_FILE
     atomic_write_text(path, json.dumps(evaluation, indent=1))

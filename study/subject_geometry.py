@@ -9,7 +9,7 @@ site's field of view around the deformed brain (:func:`field_of_view`). Used by 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -47,9 +47,43 @@ class Deformation:
         return np.array([np.abs(separable(self.elastic[c], bases)).max() for c in range(3)]) + 1.0
 
 
-def draw_deformation(rng: np.random.Generator, center: np.ndarray) -> Deformation:
-    """A small random affine (rotation, scaling, shear, shift about ``center``) plus a smooth elastic field."""
-    angles = np.deg2rad(np.clip(rng.normal(0.0, 4.0, 3), -8.0, 8.0))
+@dataclass(frozen=True)
+class DeformationRange:
+    """How far a subject's anatomy may move: the spread of the random affine and elastic deformation.
+
+    Each affine parameter is drawn from a normal distribution with the ``*_std`` and clipped to the
+    ``*_max``; the overall scale is uniform in ``1 +- scaling``; the elastic field's RMS displacement is
+    uniform in ``elastic_rms_mm``. `SCANNER_DEFORMATION` is what `synthesize_sites` uses (the spread of
+    subjects a site scans); the domain-randomized generator of study/domain_randomization.py widens it.
+    """
+
+    rotation_std_deg: float = 4.0
+    rotation_max_deg: float = 8.0
+    scaling: float = 0.04
+    axis_scaling_std: float = 0.02
+    axis_scaling_max: float = 0.04
+    shear_std: float = 0.02
+    shear_max: float = 0.04
+    shift_std_mm: float = 3.0
+    shift_max_mm: float = 6.0
+    elastic_rms_mm: tuple[float, float] = (1.0, 2.5)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["elastic_rms_mm"] = list(self.elastic_rms_mm)
+        return d
+
+
+SCANNER_DEFORMATION = DeformationRange()
+
+
+def draw_deformation(
+    rng: np.random.Generator, center: np.ndarray, spread: DeformationRange = SCANNER_DEFORMATION
+) -> Deformation:
+    """A random affine (rotation, scaling, shear, shift about ``center``) plus a smooth elastic field."""
+    angles = np.deg2rad(
+        np.clip(rng.normal(0.0, spread.rotation_std_deg, 3), -spread.rotation_max_deg, spread.rotation_max_deg)
+    )
     rotation = np.eye(3)
     for axis, angle in enumerate(angles):
         c, s = np.cos(angle), np.sin(angle)
@@ -57,10 +91,16 @@ def draw_deformation(rng: np.random.Generator, center: np.ndarray) -> Deformatio
         r = np.eye(3)
         r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
         rotation = rotation @ r
-    scaling = np.diag(rng.uniform(0.96, 1.04) * np.exp(np.clip(rng.normal(0.0, 0.02, 3), -0.04, 0.04)))
-    shear = np.eye(3) + np.triu(np.clip(rng.normal(0.0, 0.02, (3, 3)), -0.04, 0.04), 1)
+    overall = rng.uniform(1.0 - spread.scaling, 1.0 + spread.scaling)
+    axis_scaling = np.clip(
+        rng.normal(0.0, spread.axis_scaling_std, 3), -spread.axis_scaling_max, spread.axis_scaling_max
+    )
+    scaling = np.diag(overall * np.exp(axis_scaling))
+    shear = np.eye(3) + np.triu(
+        np.clip(rng.normal(0.0, spread.shear_std, (3, 3)), -spread.shear_max, spread.shear_max), 1
+    )
     linear = rotation @ scaling @ shear
-    shift = np.clip(rng.normal(0.0, 3.0, 3), -6.0, 6.0)
+    shift = np.clip(rng.normal(0.0, spread.shift_std_mm, 3), -spread.shift_max_mm, spread.shift_max_mm)
     matrix = np.eye(4)
     matrix[:3, :3] = linear
     matrix[:3, 3] = center + shift - linear @ center
@@ -71,7 +111,7 @@ def draw_deformation(rng: np.random.Generator, center: np.ndarray) -> Deformatio
     weight = np.where(order2 > 0, 1.0 / np.maximum(order2, 1.0), 0.0)
     # Mean square of a product of cosines is 1/2 per non-constant factor.
     mean_square = (weight**2 * 0.5 ** ((a > 0) + (b > 0) + (c > 0))).sum()
-    rms_mm = rng.uniform(1.0, 2.5)
+    rms_mm = rng.uniform(*spread.elastic_rms_mm)
     elastic = rng.standard_normal((3, k, k, k)) * weight * (rms_mm / np.sqrt(mean_square))
     return Deformation(matrix=matrix, elastic=elastic, center=np.asarray(center, float))
 

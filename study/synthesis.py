@@ -33,6 +33,7 @@ from models.errors import NeurofedError
 from study.head_phantom import make_head_phantom
 from study.image_synthesis import synthesize_subject
 from study.label_maps import check_label_map_header, find_label_maps, load_label_map
+from study.public_anatomy import file_sha256
 from study.scanner_profiles import ScannerProfile, site_profiles
 
 SUBJECT_STREAM = 1
@@ -63,7 +64,7 @@ def _write_json(path: Path, content: dict) -> None:
 def synthesize_sites(
     out_dir: Path,
     n_sites: int = 4,
-    subjects_per_site: int = 6,
+    subjects_per_site: int | Sequence[int] = 6,
     label_maps_dir: Path | None = None,
     spacing_mm: float = 2.0,
     seed: int = 0,
@@ -80,13 +81,14 @@ def synthesize_sites(
     1 inside the skull: brain, ventricles and CSF), all three on one grid and affine, and
     ``site.json`` (the scanner profile, seed and random streams).
 
-    Anatomy: with ``label_maps_dir``, site s (0-based) subject k uses map ``(s*K + k) mod M`` of the
-    M maps sorted by name, so sites get disjoint maps when there are enough; without it, a procedural
+    Anatomy: with ``label_maps_dir``, site s (0-based) subject k uses map ``(K_0 + ... + K_{s-1} + k) mod M``
+    of the M maps sorted by name (``K_i`` subjects at site i), so sites get disjoint maps when there are enough; without it, a procedural
     head phantom per subject, generated at ``phantom_spacing_mm`` (default: 0.75 x spacing_mm, within
     1-2 mm). Each site is built in a hidden temporary folder beside it and renamed into place when
     complete, so an interrupted run leaves no half-written site.
 
     Args:
+        subjects_per_site: subjects of every site, or one count per site.
         contrasts: weightings cycled over sites, e.g. ``"T1w,T2w,PDw"``; default all T1w.
         progress: show the progress, a step per subject (common/progress.py).
 
@@ -100,21 +102,25 @@ def synthesize_sites(
             stay complete, the unfinished one is removed.
     """
     out_dir = Path(out_dir)
-    if subjects_per_site < 1:
-        raise NeurofedError(f"--subjects-per-site {subjects_per_site}: need at least 1 subject per site")
+    counts = (
+        [int(subjects_per_site)] * n_sites if isinstance(subjects_per_site, int) else list(subjects_per_site)
+    )
+    if len(counts) != n_sites or min(counts, default=0) < 1:
+        raise NeurofedError(f"--subjects-per-site {subjects_per_site}: need at least 1 subject for each of {n_sites} sites")
+    first_subject = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     if not 0.5 <= spacing_mm <= 8.0:
         raise NeurofedError(f"--spacing {spacing_mm}: output voxel size must be 0.5-8 mm")
     if seed < 0:
         raise NeurofedError(f"--seed {seed}: the seed must be a non-negative integer")
     profiles = site_profiles(n_sites, seed, contrasts)
     maps = find_label_maps(label_maps_dir) if label_maps_dir is not None else []
-    used = maps[: n_sites * subjects_per_site]
+    used = maps[: sum(counts)]
     for path in used:
         check_label_map_header(path)
     if phantom_spacing_mm is None:
         phantom_spacing_mm = float(np.clip(0.75 * spacing_mm, 1.0, 2.0))
     site_width = max(2, len(str(n_sites)))
-    subject_width = max(3, len(str(subjects_per_site)))
+    subject_width = max(3, len(str(max(counts))))
     site_names = [f"site-{s + 1:0{site_width}d}" for s in range(n_sites)]
     existing = [name for name in site_names if (out_dir / name).exists()]
     if existing and not overwrite:
@@ -124,29 +130,32 @@ def synthesize_sites(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     load = functools.lru_cache(maxsize=2)(load_label_map)
+    digest = functools.lru_cache(maxsize=None)(file_sha256)
 
     site_dirs = []
-    with Progress("synthesizing", n_sites * subjects_per_site, show=progress) as bar:
+    with Progress("synthesizing", sum(counts), show=progress) as bar:
         for s, (name, profile) in enumerate(zip(site_names, profiles, strict=True)):
             scanner = f"({profile.name}, {profile.weighting})"
             staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))
             try:
                 subjects = []
-                for k in range(subjects_per_site):
+                for k in range(counts[s]):
                     subject_id = f"sub-{k + 1:0{subject_width}d}"
                     bar.working_on(f"{name} {subject_id} {scanner}")
                     if maps:
-                        source = maps[(s * subjects_per_site + k) % len(maps)]
+                        source = maps[(first_subject[s] + k) % len(maps)]
                         labels, affine = load(source)
-                        anatomy = source.name
+                        anatomy, anatomy_sha256 = source.name, digest(source)
                     else:
                         labels, affine = make_head_phantom(
                             _subject_rng(seed, PHANTOM_STREAM, s, k), spacing_mm=phantom_spacing_mm
                         )
-                        anatomy = "phantom"
+                        anatomy, anatomy_sha256 = "phantom", None
                     rng = _subject_rng(seed, SUBJECT_STREAM, s, k)
                     images = synthesize_subject(labels, affine, profile, rng, spacing_mm)
-                    subjects.append(_write_subject(staging, subject_id, profile.weighting, images, anatomy))
+                    subjects.append(
+                        _write_subject(staging, subject_id, profile.weighting, images, anatomy, anatomy_sha256)
+                    )
                     bar.advance(f"{name} {subject_id} {scanner}")
                 _write_site_metadata(
                     staging, name, profile, subjects, seed, s, spacing_mm, label_maps_dir, phantom_spacing_mm
@@ -165,6 +174,7 @@ def _write_subject(
     weighting: str,
     images: tuple[nib.Nifti1Image, nib.Nifti1Image, nib.Nifti1Image],
     anatomy: str,
+    anatomy_sha256: str | None,
 ) -> dict:
     image, dseg, mask = images
     paths = {
@@ -179,6 +189,7 @@ def _write_subject(
     return {
         "participant_id": subject_id,
         "anatomy": anatomy,
+        "anatomy_sha256": anatomy_sha256,
         "shape": [int(n) for n in image.shape],
         "orientation": "".join(nib.aff2axcodes(image.affine)),
         **{key: str(p) for key, p in paths.items()},

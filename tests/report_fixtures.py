@@ -35,6 +35,7 @@ def simulate_study(root: Path, run: Path, *options: str) -> dict[str, Any]:
         "--test-fraction", "0.34",
         "--spacing", "4",
         "--fov", "64,64,64",
+        "--initial-model", "none",
         "--no-dp",
         *options,
     ]  # fmt: skip

@@ -68,7 +68,7 @@ def per_sample_gradients(model: nn.Module, loss_fn, inputs, targets) -> list[lis
     for i in range(len(inputs)):
         model.zero_grad()
         loss_fn(model(inputs[i : i + 1]), targets[i : i + 1]).backward()
-        gradients.append([p.grad.clone() for p in model.parameters()])
+        gradients.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()])
     return gradients
 
 
@@ -127,6 +127,36 @@ def test_vmap_per_sample_gradients_equal_one_backward_per_sample(architecture: s
         torch.testing.assert_close(param.grad_sample, expected, atol=1e-5 * scale, rtol=1e-4)
     with pytest.raises(ValueError, match="gradient accumulation is not supported"):
         loss_fn(wrapped(images), labels).backward()
+
+
+def test_augmentation_multiplicity_gives_each_unit_the_mean_gradient_of_its_patches() -> None:
+    """(B, K, C, ...) inputs: unit b's per-sample gradient is the mean of its K patches' gradients (one unit,
+    clipped once), and only the trainable parameters get one."""
+    from models.networks import NetworkConfig, build_network
+    from models.trainable import freeze_except
+    from models.training import make_loss
+    from privacy.vmap_grad_sample import VmapGradSampleModule
+
+    network = build_network(NetworkConfig.tiny(1, 3), seed=0)
+    freeze_except(network, "norm+head")
+    loss_fn = make_loss()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 1, 8, 8, 8, generator=generator)
+    labels = torch.randint(0, 3, (2, 3, 1, 8, 8, 8), generator=generator)
+    trained = [p for p in network.parameters() if p.requires_grad]
+    per_patch = per_sample_gradients(network, loss_fn, images.flatten(0, 1), labels.flatten(0, 1))
+    index = {id(p): k for k, p in enumerate(network.parameters())}
+
+    wrapped = VmapGradSampleModule(network)
+    output = wrapped(images)
+    assert output.shape[:2] == (2, 3)
+    loss_fn(output.flatten(0, 1), labels.flatten(0, 1)).backward()
+    scale = max(float(g.abs().max()) for sample in per_patch for g in sample)
+    for param in trained:
+        k = index[id(param)]
+        expected = torch.stack([torch.stack([per_patch[b * 3 + j][k] for j in range(3)]).mean(0) for b in range(2)])
+        torch.testing.assert_close(param.grad_sample, expected, atol=1e-5 * scale, rtol=1e-4)
+    assert all(getattr(p, "grad_sample", None) is None for p in network.parameters() if not p.requires_grad)
 
 
 @pytest.mark.parametrize("mode", ["functorch", "vmap"])

@@ -225,6 +225,7 @@ def _tiny_run_config(root: Path, **changes) -> RunConfig:
         field_of_view_mm="64,64,64",
         round_timeout_s=300.0,
         dp=False,
+        initial_model="none",
     )
     return RunConfig(**{**settings, **changes})
 

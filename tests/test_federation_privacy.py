@@ -21,6 +21,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict  # noqa: E402
 from test_federation import _tiny_run_config, _write_tiny_sites  # noqa: E402
 
@@ -52,22 +53,99 @@ def _planned_noise() -> tuple[float, float]:
     return sample_rate, dp.resolve_noise_multiplier(sample_rate, ROUNDS * LOCAL_STEPS)
 
 
+PUBLIC_CLIPPING_NORM = 0.37
+"""The median public gradient norm the stand-in starting model records for the run's trainable layers."""
+
+
+def write_public_starting_model(path: Path, config: RunConfig) -> Path:
+    """A stand-in for `neurofed pretrain`'s output: the run's network (random weights) with public-data
+    provenance and measured public gradient norms."""
+    from client.site_data import run_preprocessing_plan
+    from models.label_protocols import get_protocol
+    from models.model_file import save_model
+    from models.networks import build_network
+    from models.starting_model import PRETRAINED_KIND
+
+    norms = {layers: {"p50": PUBLIC_CLIPPING_NORM * (1 + i)} for i, layers in enumerate(("norm", "norm+head", "all"))}
+    save_model(
+        path,
+        build_network(config.network_config(), seed=99).state_dict(),
+        network=config.network_config(),
+        protocol=get_protocol(config.protocol),
+        plan=run_preprocessing_plan(config).to_dict(),
+        training={"kind": PRETRAINED_KIND, "public_data_only": True, "site_epsilon": 0.0, "anatomy": [],
+                  "public_gradient_norms": norms},
+    )
+    return path
+
+
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
-    """A DP simulation in which site-02's ledger budget allows round 1 but not round 2."""
+    """A DP simulation from a public starting model, training its normalization layers only, in which
+    site-02's ledger budget allows round 1 but not round 2."""
     from study.simulation import run_simulation
 
     root = tmp_path_factory.mktemp("federation-dp")
     _write_tiny_sites(root / "data", SITES, 3)
+    starting = write_public_starting_model(root / "start.pt", _config(root))
     sample_rate, noise = _planned_noise()
     one_round = epsilon_for(LOCAL_STEPS, sample_rate, noise, DELTA)
     two_rounds = epsilon_for(2 * LOCAL_STEPS, sample_rate, noise, DELTA)
     small_ledger = PrivacyLedger(root / "run" / "sites" / "site-02" / LEDGER_FILE)
     small_ledger.path.parent.mkdir(parents=True)
     small_ledger.set_budget((one_round + two_rounds) / 2, 1e-4)
-    config = _config(root, dp=True, dp_target_epsilon=TARGET_EPSILON, dp_delta=DELTA)
+    config = _config(
+        root,
+        dp=True,
+        dp_target_epsilon=TARGET_EPSILON,
+        dp_delta=DELTA,
+        initial_model=str(starting),
+        trainable_layers="norm",
+        dp_max_grad_norm=0.0,
+    )
     run_dir = run_simulation(config, site_app.app, progress=False)
-    return {"root": root, "run_dir": run_dir, "events": run_dir.read_events(), "budget_one": one_round}
+    return {
+        "root": root,
+        "run_dir": run_dir,
+        "events": run_dir.read_events(),
+        "budget_one": one_round,
+        "starting": starting,
+    }
+
+
+@pytest.mark.slow
+def test_a_run_from_a_starting_model_records_it_and_trains_only_the_chosen_layers(dp_run) -> None:
+    from models.model_file import load_model
+    from models.starting_model import file_digest
+    from models.trainable import trainable_names
+
+    document = dp_run["run_dir"].read_document()
+    assert document["starting_model"]["sha256"] == file_digest(dp_run["starting"])
+    assert document["starting_model"]["public_data_only"] is True
+    # dp-max-grad-norm 0: the coordinator set it from the starting model's public gradient norms.
+    assert document["run_config"]["dp_max_grad_norm"] == PUBLIC_CLIPPING_NORM
+    assert document["dp_clipping"]["norm"] == PUBLIC_CLIPPING_NORM
+    start = load_model(dp_run["starting"]).model
+    final = load_model(dp_run["run_dir"].final_model_path).model.state_dict()
+    trained = trainable_names(start, "norm")
+    for name, value in start.state_dict().items():
+        if name in trained:
+            continue
+        assert torch.equal(final[name], value), name  # frozen layers keep the starting model's weights
+    assert any(not torch.equal(final[n], start.state_dict()[n]) for n in trained)
+
+
+def test_baselines_start_from_the_starting_model_and_train_the_same_layers(dp_run) -> None:
+    from models.model_file import load_model
+    from study.study_baselines import train_baseline
+
+    config = dp_run["run_dir"].read_config()
+    start = load_model(dp_run["starting"]).model.state_dict()
+    rng = np.random.default_rng(0)
+    subjects = [("s", rng.normal(size=(1, 16, 16, 16)).astype(np.float32), rng.integers(0, 4, (16,) * 3).astype(np.uint8))]
+    model, _ = train_baseline(config, subjects, 2, "local-only:site-01")
+    changed = {n for n, v in model.state_dict().items() if not torch.equal(v, start[n])}
+    assert changed and changed <= {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.slow

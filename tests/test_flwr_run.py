@@ -32,6 +32,8 @@ TINY = {
     "batch-size": 1,
     "spacing-mm": 8.0,
     "field-of-view-mm": "128,128,128",
+    "network-preset": "tiny",
+    "initial-model": "none",
     "dp": False,
     "simulated-min-test-subjects": 1,
 }

@@ -120,8 +120,9 @@ def dp_reply(monkeypatch, tmp_path, node_grid):
 
     def reply(persons: tuple[str, ...]) -> dict:
         monkeypatch.setattr(site_app, "load_site_data", lambda setup, run: _fake_site_data(run, persons))
-        run = RunConfig(
-            num_sites=2, unseen_sites=1, local_steps=1, patch_size=16, batch_size=1, run_dir=str(tmp_path)
+        run = RunConfig(  # a coordinator sends the clipping norm it chose (server/global_model.py)
+            num_sites=2, unseen_sites=1, local_steps=1, patch_size=16, batch_size=1, run_dir=str(tmp_path),
+            dp_max_grad_norm=1.0,
         )
         state = "state-" + "-".join(persons)
         init_site(tmp_path / state / LEDGER_FILE, 100.0, 1e-3)  # what the operator runs once: budget --init

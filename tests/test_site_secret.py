@@ -44,6 +44,7 @@ def dp_release(monkeypatch, tmp_path, node_grid):
             patch_size=16,
             batch_size=1,
             run_dir=str(tmp_path),
+            dp_max_grad_norm=1.0,  # as a coordinator sends it, resolved (server/global_model.py)
             **changes,
         )
         if not (tmp_path / ledger).exists():

@@ -39,7 +39,7 @@ from client.preprocessing.inverse import (
     probabilities_to_native,
 )
 from client.preprocessing.plan import NORMALIZATIONS, PreprocessingPlan
-from client.preprocessing.subject import PreprocessedSubject, preprocess_subject
+from client.preprocessing.subject import PreprocessedSubject, preprocess_images, preprocess_subject
 from client.preprocessing.volume import preprocess_volume
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "head_threshold",
     "labels_to_native",
     "native_image",
+    "preprocess_images",
     "preprocess_subject",
     "preprocess_volume",
     "probabilities_to_native",

@@ -68,18 +68,37 @@ def preprocess_subject(
         )
     images = [_load(subject.images[c], subject.subject_id, f"{c} image") for c in plan.input_contrasts]
     mask = _load(subject.mask, subject.subject_id, "mask") if subject.mask is not None else None
+    label_image = _load(subject.label, subject.subject_id, "label map") if subject.label is not None else None
+    return preprocess_images(subject.subject_id, images, plan, protocol, label=label_image, mask=mask)
+
+
+def preprocess_images(
+    subject_id: str,
+    images: list[nib.Nifti1Image],
+    plan: PreprocessingPlan,
+    protocol: LabelProtocol,
+    *,
+    label: nib.Nifti1Image | None = None,
+    mask: nib.Nifti1Image | None = None,
+) -> PreprocessedSubject:
+    """`preprocess_subject` for images already loaded (or made in memory, as study/ synthesis does).
+
+    Args:
+        images: one image per plan contrast, in the plan's order (the first is the reference grid).
+        label: FreeSurfer label map on any grid overlapping the images, or None.
+        mask: brain mask to normalise inside, or None for the reference image's head mask.
+    """
     image, transform = _grid_image(images, plan, mask)
-    label = None
-    if subject.label is not None:
-        label_image = _load(subject.label, subject.subject_id, "label map")
-        classes = _label_classes(label_image, protocol, str(subject.label))
-        canonical, canonical_affine = _to_canonical(classes, label_image.affine)
+    classes_on_grid = None
+    if label is not None:
+        classes = _label_classes(label, protocol, label.get_filename() or f"<{subject_id} label map>")
+        canonical, canonical_affine = _to_canonical(classes, label.affine)
         voxel_map = np.linalg.inv(canonical_affine) @ transform.grid_affine
-        label = _labels_onto(canonical, voxel_map, plan.grid_shape)
+        classes_on_grid = _labels_onto(canonical, voxel_map, plan.grid_shape)
     return PreprocessedSubject(
-        subject_id=subject.subject_id,
+        subject_id=subject_id,
         image=image,
-        label=label,
+        label=classes_on_grid,
         transform=transform,
         plan_fingerprint=plan.fingerprint(),
     )

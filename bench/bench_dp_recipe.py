@@ -1,0 +1,193 @@
+"""Benchmark: Dice under DP on an unseen site, from scratch vs from the public starting model, per recipe part.
+
+Real anatomy the starting model never saw (label maps ``training_seg_11`` ... ``15`` of
+``../shared/data/label_maps``; maps 01-10 are the shipped starting model's), 3 training sites + 1 unseen
+site, one simulated scanner each (study/synthesis.py), synthesized once and reused by every arm; every
+site's secret is fixed from ``--seed`` so every arm sees the same splits (`neurofed simulate
+--fixed-site-secrets`). Each arm is a federated run (FedAvg; `study.simulation.run_simulation`) whose sites
+evaluate the final global model; printed per arm: ε spent per site, mean tissue Dice on the training sites'
+test splits and on the unseen site. Beside them, scored on the same subjects: the starting model alone, and
+each training site's local-only model (the run's steps on its own training split, without DP, from the same
+starting weights and trainable layers, as study/study_baselines.py trains it).
+
+Arms (``--arms``, comma-separated groups):
+
+- ``epsilon``: without DP and at each ``--epsilons``, from the starting model and from random weights;
+- ``recipe``: at ε = 8 from the starting model, the default recipe with one part changed at a time
+  (all layers trained; no augmentation multiplicity; no weight averaging; clipping norm 1 instead of the
+  starting model's measured norm).
+
+Usage::
+
+    .venv/bin/python bench/bench_dp_recipe.py [--arms epsilon,recipe] [--epsilons 1,3,8] [--seed 0]
+        [--out DIR] [--rounds R --local-steps S ...any run setting as --key value]
+
+Figures are printed and kept in ``OUT/bench_dp_recipe.json``, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_LABEL_MAPS = ROOT.parent / "shared" / "data" / "label_maps"
+UNSEEN_ANATOMY = [f"training_seg_{i:02d}.nii.gz" for i in range(11, 16)]
+"""Reserved: never part of the shipped starting model's training (BENCHMARKS.md, "Starting model")."""
+
+
+def reserved_maps(label_maps: Path, folder: Path) -> Path:
+    """A folder of links to the reserved label maps only, so synthesis draws no other anatomy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in UNSEEN_ANATOMY:
+        link = folder / name
+        if not link.exists():
+            link.symlink_to((label_maps / name).resolve())
+    return folder
+
+
+def arms(group: str, epsilons: list[float]) -> list[tuple[str, dict]]:
+    """``(name, run-setting changes)`` of each arm of ``group``."""
+    if group == "epsilon":
+        out = []
+        for start, initial in (("start", {}), ("scratch", {"initial_model": "none"})):
+            out.append((f"no DP, {start}", {"dp": False, **initial}))
+            out += [(f"DP ε={e:g}, {start}", {"dp": True, "dp_target_epsilon": e, **initial}) for e in epsilons]
+        return out
+    if group == "recipe":
+        return [
+            ("DP ε=8 recipe", {"dp": True}),
+            ("DP ε=8, all layers", {"dp": True, "trainable_layers": "all"}),
+            ("DP ε=8, multiplicity 1", {"dp": True, "dp_augmentation_multiplicity": 1}),
+            ("DP ε=8, no EMA", {"dp": True, "ema_decay": 0.0}),
+            ("DP ε=8, clip 1.0", {"dp": True, "dp_max_grad_norm": 1.0}),
+        ]
+    raise SystemExit(f"unknown arm group {group!r}: choose epsilon, recipe")
+
+
+def run_arm(name: str, config, secrets_seed: int) -> dict:
+    """One federated run; Dice of its final model as the sites scored it, ε per site."""
+    from client.app import app as client_app
+    from study.simulation import run_simulation
+
+    started = time.perf_counter()
+    run_dir = run_simulation(config, client_app, progress=False, site_secrets_seed=secrets_seed)
+    events = run_dir.read_events()
+    epsilon = {e["site"]: float(e["epsilon"]) for e in events if e.get("event") == "train" and "epsilon" in e}
+    final = [
+        e for e in events if e.get("event") == "evaluate" and e["round"] == config.num_rounds
+        and e.get("model", "global") == "global"
+    ]
+    train = [e["metrics"]["dice-mean"] for e in final if e["role"] == "train"]
+    unseen = [e["metrics"]["dice-mean"] for e in final if e["role"] == "holdout"]
+    return {
+        "arm": name,
+        "seconds": round(time.perf_counter() - started, 1),
+        "epsilon": epsilon,
+        "dice_train_sites": sum(train) / len(train),
+        "dice_unseen": sum(unseen) / len(unseen),
+        "clipping": run_dir.read_document().get("dp_clipping"),
+        "run_dir": str(run_dir.root),
+    }
+
+
+def reference_scores(run_dir: Path, data_root: Path, config) -> list[dict]:
+    """The starting model alone and each local-only model, scored on the run's test subjects."""
+    import numpy as np
+
+    from contract.wire import ROLE_HOLDOUT, ROLE_TRAIN
+    from models.label_protocols import get_protocol
+    from server.run_directory import RunDirectory
+    from study.study_baselines import starting_network, train_baseline
+    from study.study_evaluation import _score
+    from study.study_sites import load_study_sites
+
+    document = RunDirectory(run_dir).read_document()
+    sites = load_study_sites(run_dir, data_root, config, document["sites"], progress=False)
+    names = get_protocol(config.protocol).class_names
+
+    def scores(model) -> dict:
+        per_role: dict[str, list[float]] = {ROLE_TRAIN: [], ROLE_HOLDOUT: []}
+        for site in sites:
+            for _, image, label in site.test:
+                _, s = _score(model, image, label, config, names, (config.spacing_mm,) * 3)
+                per_role[site.role].append(float(np.mean([v["dice"] for v in s.values()])))
+        return {"dice_train_sites": float(np.mean(per_role[ROLE_TRAIN])), "dice_unseen": float(np.mean(per_role[ROLE_HOLDOUT]))}
+
+    out = [{"arm": "starting model alone", **scores(starting_network(config))}]
+    for site in (s for s in sites if s.role == ROLE_TRAIN):
+        model, _ = train_baseline(config, site.train, config.num_rounds * config.local_steps, f"local-{site.site_id}")
+        out.append({"arm": f"local-only {site.site_id} (no DP)", **scores(model)})
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label-maps", type=Path, default=DEFAULT_LABEL_MAPS)
+    parser.add_argument("--arms", default="epsilon,recipe")
+    parser.add_argument("--epsilons", default="1,3,8")
+    parser.add_argument("--seed", type=int, default=0, help="synthesis, splits (site secrets), DP noise")
+    parser.add_argument("--out", type=Path, default=None, help="keep data and runs here (default: a temp dir)")
+    parser.add_argument("--no-references", action="store_true", help="skip the starting-model and local-only rows")
+    args, extra = parser.parse_known_args()
+    if not all((args.label_maps / n).is_file() for n in UNSEEN_ANATOMY):
+        print(f"skipped: the reserved label maps {UNSEEN_ANATOMY[0]}..{UNSEEN_ANATOMY[-1]} are not in {args.label_maps}")
+        return 0
+
+    from contract.run_config import RunConfig
+    from study.run_options import add_run_config_options, given_settings
+    from study.simulated_run import synthesize_run_data
+
+    settings_parser = argparse.ArgumentParser()
+    add_run_config_options(settings_parser, exclude=("data_root", "run_dir"))
+    given = given_settings(settings_parser.parse_args(extra))
+    out = args.out or Path(tempfile.mkdtemp(prefix="neurofed-bench-dp-recipe-"))
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = out / "data"
+    base = RunConfig(**{"seed": args.seed, **given}, data_root=str(data_root.resolve()))
+    base = base.replace(eval_every=base.num_rounds)
+    print("command: " + shlex.join([sys.executable, *sys.argv]), flush=True)
+    print(f"settings: {json.dumps(base.to_flower())}", flush=True)
+    if not data_root.is_dir():
+        synthesize_run_data(base, data_root, label_maps_dir=reserved_maps(args.label_maps, out / "maps"), progress=False)
+
+    epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
+    results_path = out / "bench_dp_recipe.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else []
+    done = {r["arm"] for r in results}
+    for group in args.arms.split(","):
+        for name, changes in arms(group.strip(), epsilons):
+            if name in done:
+                continue
+            slug = "".join(c if c.isalnum() else "-" for c in name)
+            config = base.replace(**changes, run_dir=str((out / "runs" / slug).resolve()))
+            result = run_arm(name, config, args.seed)
+            print(f"{name}: unseen {result['dice_unseen']:.3f}, training sites {result['dice_train_sites']:.3f}, "
+                  f"ε {max(result['epsilon'].values(), default=0):.2f}, {result['seconds']:.0f} s", flush=True)
+            results.append(result)
+            done.add(name)
+            results_path.write_text(json.dumps(results, indent=1))
+    if not args.no_references and not any(r["arm"] == "starting model alone" for r in results):
+        first = Path(results[0]["run_dir"])
+        for reference in reference_scores(first, data_root, RunConfig.from_dict(json.loads((first / "config.json").read_text())["run_config"])):
+            print(f"{reference['arm']}: unseen {reference['dice_unseen']:.3f}, training sites {reference['dice_train_sites']:.3f}", flush=True)
+            results.append(reference)
+        results_path.write_text(json.dumps(results, indent=1))
+
+    print("\n| arm | ε per site | Dice, training sites' test splits | Dice, unseen site |\n|---|---|---|---|")
+    for r in results:
+        eps = r.get("epsilon") or {}
+        shown = f"{max(eps.values()):.2f}" if eps else "—"
+        print(f"| {r['arm']} | {shown} | {r['dice_train_sites']:.3f} | {r['dice_unseen']:.3f} |")
+    print(f"\nresults: {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
