@@ -20,14 +20,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The main job: a federation of 4 simulated hospitals (3 train, 1 unseen) on built-in data, compared with
-# local-only and pooled models of the same budget; ends with RUN_DIR/report.html. DP is on by default in
-# `neurofed simulate`; the demo turns it off explicitly: with 4 training subjects per site, subject-level
-# DP at ε = 8 leaves the model near chance (README.md, main job).
-# The sites evaluate the global model after rounds 2, 4 and 5 (each evaluation is ~45 s of whole-head
-# sliding-window inference on 2 cores); training is the same as with evaluation after every round.
+# The main job: a federation of 4 simulated hospitals (3 train, 1 unseen) on built-in data, with subject-level
+# DP (ε = 8 per site, the default) from the built-in public starting model, compared with the same
+# configuration without DP (--compare-without-dp), the starting model alone, and local-only and pooled models
+# of the same budget; ends with RUN_DIR/report.html. The sites evaluate the global model once, after the
+# last round (the run's defaults: 5 rounds x 10 local steps).
 demo: $(STAMP)
-	$(VENV)/bin/neurofed simulate --no-dp --eval-every 2 --out $(DEMO_OUT)
+	$(VENV)/bin/neurofed simulate --compare-without-dp --eval-every 5 --out $(DEMO_OUT)
 	@echo "demo report: file://$(abspath $(DEMO_OUT))/report.html"
 
 test: $(STAMP)

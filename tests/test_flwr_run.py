@@ -26,6 +26,7 @@ TINY = {
     "num-sites": 2,
     "unseen-sites": 1,
     "simulated-subjects-per-site": 2,
+    "simulated-unseen-subjects": 2,
     "num-server-rounds": 1,
     "local-steps": 1,
     "patch-size": 16,
