@@ -20,6 +20,7 @@ from pathlib import Path
 from client.approved_apps import APPROVE_COMMAND, AUDIT_LOG_FILE, approved_apps_path, read_approved
 from client.site_keys import check_private_key
 from client.site_policy import parse_policy_options
+from contract.version import CONTRACT_VERSION, CONTRACT_VERSION_KEY
 from models.errors import NeurofedError
 
 DEFAULT_STATE_DIR = Path("~/.neurofed/site")
@@ -86,7 +87,7 @@ class SiteDaemonConfig:
 
 def node_config(config: SiteDaemonConfig) -> str:
     """The SuperNode's ``--node-config`` string (read by client/site_setup.py's ``site_setup``)."""
-    values: dict[str, str | float] = {
+    values: dict[str, str | float | int] = {
         "data-dir": str(config.data_dir.expanduser().resolve()),
         "site-id": config.site_id or config.data_dir.expanduser().resolve().name,
         "role": config.role,
@@ -96,6 +97,8 @@ def node_config(config: SiteDaemonConfig) -> str:
         "budget-epsilon": float(config.budget_epsilon),
         "budget-delta": float(config.budget_delta),
         "require-dp": "false" if config.allow_no_dp else "true",
+        # What this installed neurofed speaks: the coordinator's app checks it (contract/version.py).
+        CONTRACT_VERSION_KEY: CONTRACT_VERSION,
         **parse_policy_options(config.policy),
     }
     parts = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -139,6 +139,41 @@ def noise_multiplier_for_target(target_epsilon: float, delta: float, sample_rate
             f"target ε={target_epsilon} at δ={delta} cannot be met with {steps} steps at sample rate "
             f"{sample_rate:.4g} ({exc}); raise the target, or plan fewer steps or a smaller batch"
         ) from exc
+
+
+def noise_multiplier_for_remaining(
+    target_epsilon: float, delta: float, history: Sequence[Sequence], sample_rate: float, steps: int
+) -> float | None:
+    """The smallest noise multiplier (to 0.1 % of ε) with which ``steps`` more steps, on top of the run's
+    ``history``, keep the run's ε at ``delta`` at most ``target_epsilon``; None when the history alone
+    already spends the target, or all but 1 % of it (no useful noise keeps the run within it).
+
+    A run whose plan changed after some rounds (resumed with another number of rounds) re-plans its noise
+    with it; for an empty history it is `noise_multiplier_for_target`.
+    """
+    check_privacy_parameters(epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps)
+    if not history:
+        return noise_multiplier_for_target(target_epsilon, delta, sample_rate, steps)
+    if history_epsilon(history, delta) >= 0.99 * target_epsilon:
+        return None
+
+    return smallest_noise_multiplier(
+        lambda noise: history_epsilon([*history, (noise, sample_rate, steps)], delta) <= target_epsilon
+    )
+
+
+def smallest_noise_multiplier(fits: Callable[[float], bool]) -> float | None:
+    """The smallest noise multiplier (to 0.01 %) for which ``fits`` holds (``fits`` grows with the noise);
+    None when not even a noise multiplier of a million fits."""
+    low, high = 0.0, 1.0
+    while not fits(high):
+        low, high = high, high * 2
+        if high > 1e6:
+            return None
+    while high - low > 1e-4 * high:
+        middle = (low + high) / 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
 
 
 @lru_cache(maxsize=1024)

@@ -548,9 +548,11 @@ def test_run_settings_merge_file_and_overrides_and_reject_unknown_keys(tmp_path)
     assert settings["contrast"] == "T2w"
     assert settings["run-dir"].startswith("runs/") and "resume" not in settings
     resumed = run_settings(None, [], resume="study")
-    assert resumed["resume"] is True and resumed["run-dir"] == "runs/study"
-    assert resumed["resume-rounds"] == 0  # the stored number of rounds, not pyproject's default
-    assert run_settings(None, ["num-server-rounds=9"], resume="study")["resume-rounds"] == 9
+    assert resumed == {"resume": True, "run-dir": "runs/study", "resume-settings": ""}  # all as stored
+    changed = run_settings(None, ["num-server-rounds=9", "num-sites=2", "min-sites=1"], resume="study")
+    assert json.loads(changed["resume-settings"]) == {"num-server-rounds": 9, "num-sites": 2, "min-sites": 1}
+    with pytest.raises(NeurofedError, match=r"\['strategy'\] cannot be changed"):
+        run_settings(None, ["strategy=fedprox"], resume="study")
     with pytest.raises(NeurofedError, match="num-rounds"):
         run_settings(None, ["num-rounds=3"])
     with pytest.raises(NeurofedError, match="min-sites"):
@@ -575,18 +577,37 @@ def test_a_failed_or_stopped_run_exits_non_zero_and_says_how_to_continue(capsys)
 
     assert report_outcome(RunOutcome(7, "finished:completed", "", "runs/a")) == 0
     for status in ("finished:failed", "finished:stopped"):
-        assert (
-            report_outcome(RunOutcome(7, status, "round 2 training: 1 of 3 site(s) replied", "runs/a")) == 1
-        )
+        outcome = RunOutcome(7, status, "round 2 training: 1 of 3 site(s) replied", "runs/a")
+        assert report_outcome(outcome, checkpoints=[1]) == 1
         err = capsys.readouterr().err
-        assert status in err and "1 of 3 site(s) replied" in err and "--resume a" in err
+        assert status in err and "1 of 3 site(s) replied" in err and "round 1 with `neurofed run --resume a`" in err
+    # A run that never reached a checkpoint is not offered a resume; unknown from here: said as such.
+    report_outcome(RunOutcome(7, "finished:failed", "site discovery failed", "runs/a"), checkpoints=[])
+    err = capsys.readouterr().err
+    assert "--resume" not in err and "nothing to resume" in err
+    report_outcome(RunOutcome(7, "finished:failed", "", "runs/a"), checkpoints=None)
+    assert "if it wrote a checkpoint" in capsys.readouterr().err
+
+
+def test_a_new_run_without_num_sites_waits_for_the_connected_sites() -> None:
+    from server.job_submission import wait_for_connected_sites
+
+    settings = run_settings(None, [])
+    line = wait_for_connected_sites(settings, ["hospital-a", "hospital-c"])
+    assert settings["num-sites"] == 2 and settings["unseen-sites"] == 0
+    assert "hospital-a, hospital-c" in line and "num-sites" in line
+    given = run_settings(None, ["num-sites=5"])
+    assert wait_for_connected_sites(given, []) is None and given["num-sites"] == 5
+    with pytest.raises(NeurofedError, match="no enrolled site is connected"):
+        wait_for_connected_sites(run_settings(None, []), [])
 
 
 class _FlakyGrid:
-    """Answers each message with a reply, an error reply (``failing`` nodes) or nothing (``silent`` nodes)."""
+    """Answers each message with a reply, an error reply (``failing`` nodes), nothing (``silent`` nodes),
+    or, for a node revoked before the message (``revoked``), the SuperLink's error reply to no message."""
 
-    def __init__(self, failing: set[int], silent: set[int]) -> None:
-        self.failing, self.silent = failing, silent
+    def __init__(self, failing: set[int], silent: set[int], revoked: frozenset[int] = frozenset()) -> None:
+        self.failing, self.silent, self.revoked = failing, silent, revoked
 
     def send_and_receive(self, messages, timeout):
         from flwr.app import Message, MetricRecord, RecordDict
@@ -595,6 +616,13 @@ class _FlakyGrid:
         replies = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = m.object_id  # what the real Grid does when it sends
+            if m.metadata.dst_node_id in self.revoked:
+                # The SuperLink never stored it: its "not found" answers an empty message id, from itself.
+                lost = Message(Error(code=3, reason="Message Unavailable - SuperNode was removed"), reply_to=m)
+                lost.metadata.__dict__["_reply_to_message_id"] = ""
+                lost.metadata.__dict__["_src_node_id"] = 1
+                replies.append(lost)
+                continue
             if m.metadata.dst_node_id in self.silent:
                 continue
             if m.metadata.dst_node_id in self.failing:
@@ -620,9 +648,9 @@ def test_dropped_sites_are_logged_while_min_sites_replied_and_stop_the_run_below
         Site(node_id=10 + n, site_id=f"site-{n}", role="train", num_train=2, num_test=1) for n in (1, 2, 3, 4)
     ]
 
-    def send(required: int) -> tuple[list, list]:
+    def send(required: int, revoked: frozenset[int] = frozenset()) -> tuple[list, list]:
         config = RunConfig(num_sites=4, unseen_sites=0, min_sites=required, run_dir=str(tmp_path / "run"))
-        run = FederatedRun(config, _FlakyGrid(failing={12}, silent={14}))
+        run = FederatedRun(config, _FlakyGrid(failing={12}, silent={14} - revoked, revoked=revoked))
         run.sites = sites
         messages = [
             Message(
@@ -645,6 +673,33 @@ def test_dropped_sites_are_logged_while_min_sites_replied_and_stop_the_run_below
     assert "disk full" in events[0]["reason"] and "round-timeout-s" in events[1]["reason"]
 
     with pytest.raises(
-        NeurofedError, match=r"2 of 4 site\(s\) replied, 3 needed.*site-2: .*disk full.*site-4"
+        NeurofedError, match=r"2 of 4 site\(s\) replied, 3 needed.*site-2: .*disk full.*site-4.*start the run again"
     ):
         send(required=3)
+    # A site revoked meanwhile: the SuperLink's answer names why, for that site (not for "node 1").
+    _, dropped = send(required=2, revoked=frozenset({14}))
+    assert [d["site"] for d in dropped] == ["site-2", "site-4"]
+    assert "could not deliver" in dropped[1]["reason"] and "removed" in dropped[1]["reason"]
+
+
+def test_a_round_in_which_no_site_contributed_stops_the_run_naming_each_site(tmp_path, task_identity) -> None:
+    from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+    from contract.run_config import RunConfig
+    from server.federated_run import FederatedRun
+    from server.site_discovery import Site
+
+    run = FederatedRun(RunConfig(num_sites=2, unseen_sites=0, run_dir=str(tmp_path / "run")), grid=None)
+    run.sites = [Site(node_id=11, site_id="site-1", role="train", num_train=2, num_test=1)]
+    asked = Message(RecordDict(), dst_node_id=11, message_type=MessageType.TRAIN)
+    asked.metadata.__dict__["_message_id"] = asked.object_id
+    refusal = RecordDict(
+        {
+            "metrics": MetricRecord({"refused": 1, "num-examples": 0, "epsilon": 2.0, "delta": 1e-5}),
+            "refusal": ConfigRecord({"reason": "privacy budget: spent"}),
+        }
+    )
+    reply = Message(refusal, reply_to=asked)
+    reply.metadata.__dict__["_src_node_id"] = 11
+    with pytest.raises(NeurofedError, match=r"round 3: no site's update could be used \(site-1 refused: privacy budget: spent; site-2 dropped: gone\).*start the run again"):
+        run._screen_updates(3, [reply], None, [{"site": "site-2", "reason": "gone"}])

@@ -15,7 +15,13 @@ from client.private_round import prepare_ledger
 from client.site_secret import SECRET_FILE
 from client.site_setup import SIMULATED_BUDGET, SiteSetup
 from models.errors import NeurofedError
-from privacy.accounting import epsilon_for, history_epsilon, make_accountant
+from privacy.accounting import (
+    epsilon_for,
+    history_epsilon,
+    make_accountant,
+    noise_multiplier_for_remaining,
+    noise_multiplier_for_target,
+)
 from privacy.errors import PrivacyBudgetExceeded, PrivacyError
 from privacy.privacy_ledger import PrivacyLedger
 
@@ -48,7 +54,7 @@ def test_round_beyond_the_budget_is_refused_with_its_reason(ledger: PrivacyLedge
     assert not decision.allowed
     assert decision.epsilon_after == pytest.approx(epsilon_after(3))
     assert "run-a" in decision.reason and "lifetime budget" in decision.reason
-    assert f"{epsilon_after(2):.3f}" in decision.reason and "--set-budget" in decision.reason
+    assert f"{epsilon_after(2):.3f}" in decision.reason and "dp-target-epsilon" in decision.reason
     with pytest.raises(PrivacyBudgetExceeded) as refused:
         ledger.reserve("run-a", 3, **ROUND)
     assert refused.value.reason == decision.reason
@@ -99,6 +105,31 @@ def test_many_runs_share_one_lifetime_delta(ledger: PrivacyLedger) -> None:
     assert summary.spent_epsilon == pytest.approx(epsilon_after(10))
     assert summary.spent_epsilon < sum(run.epsilon for run in summary.runs) / 2
     assert summary.left_epsilon == pytest.approx(20.0 - epsilon_after(10))
+
+
+def test_a_refusal_can_say_which_new_run_still_fits(ledger: PrivacyLedger) -> None:
+    ledger.set_budget(epsilon=(epsilon_after(4) + epsilon_after(5)) / 2, delta=DELTA)
+    train_rounds(ledger, "run-a", range(1, 4))
+    fits = ledger.largest_new_run_epsilon(RATE, 2 * STEPS, DELTA)
+    assert 0 < fits < ledger.budget().epsilon
+    # A new run planned at that ε (its noise for 2 rounds) fits; one planned a little higher does not.
+    for target, allowed in ((fits, True), (fits * 1.05, False)):
+        noise = noise_multiplier_for_target(target, DELTA, RATE, 2 * STEPS)
+        assert ledger.check_round("run-b", 2 * STEPS, RATE, noise, DELTA).allowed is allowed
+    ledger.set_budget(epsilon=epsilon_after(3), delta=DELTA)
+    assert ledger.largest_new_run_epsilon(RATE, STEPS, DELTA) == 0.0
+
+
+def test_a_run_resumed_with_more_rounds_replans_its_noise_within_its_target() -> None:
+    planned = noise_multiplier_for_target(8.0, DELTA, RATE, 5 * STEPS)
+    history = [(planned, RATE, STEPS)] * 2  # two of five planned rounds, then resumed for eight
+    replanned = noise_multiplier_for_remaining(8.0, DELTA, history, RATE, 6 * STEPS)
+    assert replanned > planned
+    assert history_epsilon([*history, (replanned, RATE, 6 * STEPS)], DELTA) == pytest.approx(8.0, rel=2e-3)
+    assert history_epsilon([*history, (replanned, RATE, 6 * STEPS)], DELTA) <= 8.0
+    # A run whose rounds spent its target leaves nothing to re-plan.
+    spent = [(noise_multiplier_for_target(8.0, DELTA, RATE, 2 * STEPS), RATE, 2 * STEPS)]
+    assert noise_multiplier_for_remaining(8.0, DELTA, spent, RATE, STEPS) is None
 
 
 def test_lifetime_check_refuses_once_the_composed_epsilon_passes_the_budget(ledger: PrivacyLedger) -> None:
