@@ -219,11 +219,27 @@ def _executable(name: str) -> str:
     return found
 
 
+def check_runtime_port(port: int) -> None:
+    """NeurofedError when the SuperNode's local runtime port is taken (another site on this machine)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise NeurofedError(
+                f"--runtime-port {port}: the port is in use on this machine ({exc.strerror}), e.g. by another "
+                f"site's SuperNode: give each site on one machine its own, e.g. --runtime-port {port + 1}"
+            ) from None
+
+
 def start_site(config: SiteDaemonConfig, telemetry: bool = False) -> None:
     """Check the options and the data, then become the SuperNode (``exec``; never returns)."""
     check_site_config(config)
     check_site_data(config)
     check_approved_apps(config)
+    check_runtime_port(config.runtime_port)
     state_dir = config.state_dir.expanduser()
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -252,6 +252,51 @@ def test_the_launcher_installs_the_check_then_runs_flowers_supernode(tmp_path, m
     assert "b" * 64 in capsys.readouterr().out
 
 
+def test_the_launcher_explains_a_refused_key_with_its_fingerprint(tmp_path, monkeypatch, capsys) -> None:
+    import logging
+    import subprocess
+
+    from flwr.supernode import start_client_internal as loop
+
+    from client.approved_supernode import HOOK_FUNCTION, main
+    from client.site_keys import generate_site_keys
+
+    monkeypatch.setattr(loop, HOOK_FUNCTION, getattr(loop, HOOK_FUNCTION))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    approved = tmp_path / "approved-apps.txt"
+    approve(approved, "b" * 64, "test")
+    pair = generate_site_keys(tmp_path / "keys")
+
+    def refused_supernode() -> None:  # what Flower 1.41 logs and does when the coordinator refuses the key
+        logging.getLogger("flwr").error(
+            "Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n"
+            "[code: 2004] Failed to activate SuperNode.\nThe SuperNode could not establish a connection."
+        )
+        raise SystemExit(1)
+
+    args = ["--approved-apps", str(approved), "--audit-log", str(tmp_path / "audit.jsonl"), "--"]
+    flower = ["--superlink", "coordinator.example.org:9092", "--auth-supernode-private-key", str(pair.private_key)]
+    with pytest.raises(SystemExit):
+        main([*args, *flower], run_supernode=refused_supernode)
+    err = capsys.readouterr().err
+    shown = subprocess.run(["ssh-keygen", "-lf", str(pair.public_key)], capture_output=True, text=True)
+    if shown.returncode == 0:  # the fingerprint the coordinator's operator sees
+        assert shown.stdout.split()[1] in err
+    assert "refused this site's key (SHA256:" in err and "not enrolled" in err and "revoked" in err
+    assert "not a network problem" in err
+
+
+def test_a_certificate_the_site_cannot_verify_is_explained() -> None:
+    from client.connection_failure import explain
+
+    flower = ["--superlink", "coord:9092", "--root-certificates", "/etc/neurofed-site/ca.crt"]
+    wrong_ca = explain("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get issuer", flower)
+    assert "/etc/neurofed-site/ca.crt is not the CA" in wrong_ca and "fingerprint" in wrong_ca
+    wrong_name = explain("certificate verify failed: Hostname mismatch, certificate is not valid for 'coord'", flower)
+    assert "not a name in the coordinator's certificate" in wrong_name
+    assert explain("something else entirely", flower) is None
+
+
 # --- the approvals file and bundle hashes ------------------------------------------------------------
 
 
