@@ -6,7 +6,7 @@ Both go to the site's log (the SuperNode's output: ``journalctl -u neurofed-site
 - ``round-refused`` / ``evaluation-refused`` / ``run-refused``: ``run_id``, ``round``, ``reason``;
 - ``model-received``: the run's final global model, which came with the last round's evaluation message,
   saved as ``<state-dir>/models/<run id>.pt`` (a model file `neurofed-site segment --model` reads), with
-  ``weights_sha256``, the hash the coordinator's audit log records for the run (``run-finished``).
+  ``model_file`` and ``weights_sha256``, the hash the coordinator's audit log records for the run (``run-finished``).
 
 A simulated site writes neither: its refusals are in the run's metrics.jsonl.
 """
@@ -94,6 +94,6 @@ def keep_final_model(
         run_id=task.run_id,
         round=task.server_round,
         weights_sha256=digest,
-        path=str(path),
+        model_file=str(path),
     )
     return path

@@ -14,19 +14,34 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 from privacy.errors import PrivacyError
+
+if TYPE_CHECKING:
+    from opacus.accountants import RDPAccountant
+
+# Opacus (and with it torch) is imported where it is used: `neurofed-site budget` and the ledger's
+# bookkeeping answer in a fraction of a second.
 
 Segment = tuple[float, float, int]
 """``(noise_multiplier, sample_rate, steps)``: ``steps`` DP-SGD steps with the same noise and sampling."""
 
-RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
-"""Rényi orders over which the conversion to (ε, δ) is optimised (Opacus' defaults)."""
+
+@lru_cache(maxsize=1)
+def _rdp_orders() -> tuple[float, ...]:
+    from opacus.accountants import RDPAccountant
+
+    return tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RDP_ORDERS":
+        # Rényi orders over which the conversion to (ε, δ) is optimised (Opacus' defaults).
+        return _rdp_orders()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_privacy_parameters(
@@ -55,6 +70,8 @@ def check_privacy_parameters(
 
 def make_accountant(state: Mapping | None = None) -> RDPAccountant:
     """An RDP accountant, continuing from ``state`` (from ``accountant_state``) when given."""
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     if state is not None:
         try:
@@ -83,9 +100,11 @@ def history_epsilon(history: Iterable[Sequence], delta: float) -> float:
         return 0.0
     if any(noise == 0.0 for noise, _, _ in segments):
         return math.inf
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     # Rényi DP of a segment is its steps times that of one step.
     rdp = sum(steps * _rdp_of_one_step(noise, rate) for noise, rate, steps in segments)
-    epsilon, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+    epsilon, _ = rdp_analysis.get_privacy_spent(orders=list(_rdp_orders()), rdp=rdp, delta=delta)
     return float(epsilon)
 
 
@@ -121,6 +140,8 @@ def noise_multiplier_for_target(target_epsilon: float, delta: float, sample_rate
     check_privacy_parameters(epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps)
     if steps < 1:
         raise PrivacyError(f"steps={steps}: a target ε needs the planned number of steps (>= 1)")
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         with warnings.catch_warnings():
             # The search visits noise levels far from the answer, whose best Rényi order is an extreme one.
@@ -179,8 +200,10 @@ def smallest_noise_multiplier(fits: Callable[[float], bool]) -> float | None:
 @lru_cache(maxsize=1024)
 def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """Rényi DP at each of ``RDP_ORDERS`` of one Poisson-subsampled Gaussian step (fractional orders are slow)."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     rdp = rdp_analysis.compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(_rdp_orders())
     )
     rdp.setflags(write=False)
     return rdp

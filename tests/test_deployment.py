@@ -1,11 +1,12 @@
 """The deployment on Flower's deployment engine, with real processes on loopback.
 
 A real coordinator (`neurofed coordinator start`: SuperLink, TLS, SuperNode authentication) and three real
-sites (`neurofed-site start`: SuperNodes) run a 2-round job submitted with `neurofed run`. During round 1
-one site is killed (the round completes with the other two, above ``min-sites``); after round 1's
+sites (`neurofed-site start`: SuperNodes) run a 2-round job submitted with `neurofed run`. After round 1's
 checkpoint the coordinator is stopped and started again, and `neurofed run --resume` finishes the run from
-that checkpoint. Sites whose key was never enrolled, or was revoked, are refused. Certificates come from
-deploy/make-certs.sh; every process a test starts is stopped by its fixture (the whole process tree).
+that checkpoint. Sites whose key was never enrolled, or was revoked, are refused and say why. Certificates
+come from deploy/make-certs.sh; every process a test starts is stopped by its fixture (the whole process
+tree). A site dropped in the middle of a run (revoked), two runs in a row and an upgrade are rehearsed by
+deploy/rehearse.sh (tests/test_rehearsal.py).
 
 The sites run only the app bundle approved with `neurofed-site approve`: the fixture freezes the app as
 `neurofed run` submits it (this checkout's bundle, unpacked, so that edits made meanwhile change nothing),
@@ -38,8 +39,10 @@ from client.approved_apps import ACCEPTED_EVENT, AUDIT_LOG_FILE, REFUSED_EVENT, 
 from client.site_keys import check_private_key, generate_site_keys
 from client.site_setup import LEDGER_FILE
 from models.errors import NeurofedError
+from models.model_file import weights_sha256
 from server.audit_log import AuditLog
 from server.coordinator_state import CoordinatorState
+from server.global_model import read_model_state
 from server.job_submission import run_settings
 from server.run_directory import RunDirectory
 from server.site_registry import SiteRegistry
@@ -48,7 +51,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MAKE_CERTS = ROOT / "deploy" / "make-certs.sh"
 RUN_NAME = "study"
 SITES = ("site-1", "site-2", "site-3")
-KILLED = "site-3"
 JOB = [
     "num-server-rounds=2",
     "local-steps=2",
@@ -290,7 +292,7 @@ def federation(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def interrupted_study(federation):
-    """The 2-round job: site-3 killed in round 1, the coordinator restarted after round 1, then resumed."""
+    """The 2-round job: the coordinator restarted after round 1, then the run resumed."""
     fed = federation
     for name in SITES:
         fed.start_site(name, fed.keys[name].private_key, fed.root / "data" / name)
@@ -299,21 +301,16 @@ def interrupted_study(federation):
     first = Daemon(fed.run(*settings), fed.logs / "run-1.log", fed.env)
     fed.daemons.append(first)
     logs = [first.log, fed.coordinator.log, *(d.log for d in fed.sites.values())]
-
-    # Round 1 starts right after site discovery: kill one site while it trains.
-    _wait_for(lambda: any(e["event"] == "sites" for e in run_dir.read_events()), "site discovery", logs=logs)
-    fed.sites[KILLED].stop(signal.SIGKILL, grace_s=5)
     _wait_for(lambda: 1 in run_dir.completed_rounds(), "round 1's checkpoint", logs=logs)
 
     # The coordinator goes down between rounds (as `systemctl restart` would do it) ...
     fed.coordinator.stop(signal.SIGTERM)
     first_exit = first.process.wait(timeout=300)
     first.stop()
-    # ... and comes back with its state; the killed site's daemon is restarted by its hospital.
+    # ... and comes back with its state; the sites reconnect by themselves.
     fed.start_coordinator()
-    fed.start_site(KILLED, fed.keys[KILLED].private_key, fed.root / "data" / KILLED)
     resumed = subprocess.run(
-        fed.run("--resume", RUN_NAME),
+        fed.run("--resume", RUN_NAME, "--set", "min-sites=2"),
         env=fed.env,
         cwd=ROOT,
         capture_output=True,
@@ -348,9 +345,11 @@ def test_sites_never_enrolled_or_revoked_are_refused(federation) -> None:
     for name, daemon in attempts.items():
         code = daemon.process.wait(timeout=WAIT_S)
         assert code != 0, f"{name} was let in:\n{daemon.text()[-2000:]}"
-        assert "Failed to activate SuperNode" in daemon.text(), daemon.text()[-2000:]
+        # The site says in its own words what was refused and what to check, naming its key.
+        text = daemon.text()
+        assert "refused this site's key (SHA256:" in text and "not enrolled" in text, text[-2000:]
     listed = {s.name: s.status for s in registry.sites()}
-    assert "stranger" not in listed and "revoked-site" not in listed
+    assert "stranger" not in listed and listed["revoked-site"] == "revoked"
     events = [(e["event"], e.get("site")) for e in AuditLog(fed.state.audit_path).read()]
     assert ("site-enrolled", "revoked-site") in events and ("site-revoked", "revoked-site") in events
 
@@ -369,15 +368,8 @@ def test_run_survives_a_killed_site_and_a_coordinator_restart(interrupted_study)
     assert (run_dir.root / "report.md").is_file() and (run_dir.root / "report.html").is_file()
 
     trained = {r: {e["site"] for e in events if e["event"] == "train" and e["round"] == r} for r in (1, 2)}
-    assert trained[1] == set(SITES) - {KILLED}
-    assert trained[2] == set(SITES)  # the restarted site is back
-    dropped = [e for e in events if e["event"] == "dropped"]
-    assert [(e["round"], e["site"], e["stage"]) for e in dropped] == [(1, KILLED, "training")]
-    assert dropped[0]["reason"]
-    participation = (
-        (run_dir.root / "report.md").read_text().split("## Participation", 1)[1].split("\n## ", 1)[0]
-    )
-    assert f"| 1 | {KILLED} | dropped (training) |" in participation
+    assert trained[1] == trained[2] == set(SITES)  # the sites reconnected to the restarted coordinator
+    assert not [e for e in events if e["event"] == "dropped"]
 
 
 @pytest.mark.slow
@@ -389,12 +381,13 @@ def test_audit_log_names_sites_rounds_contributions_dropouts_and_epsilon(interru
     assert starts[0]["run_id"] == starts[1]["run_id"]  # the sites' ledgers see one run
     joined = [e for e in audit if e["event"] == "site-joined"]
     assert {e["site"] for e in joined} == set(SITES)
-    assert all(e["enrolled_as"] == e["site"] and isinstance(e["node_id"], int) for e in joined)
+    # Flower's 64-bit ids are strings: jq and other JSON readers round large numbers.
+    assert all(e["enrolled_as"] == e["site"] and e["node_id"].isdigit() for e in joined)
+    assert all(e["flower_run_id"].isdigit() for e in starts)
     rounds = {e["round"]: e for e in audit if e["event"] == "round-trained"}
     assert sorted(rounds) == [1, 2]
-    assert sorted(rounds[1]["contributed"]) == sorted(set(SITES) - {KILLED})
-    assert [d["site"] for d in rounds[1]["dropped"]] == [KILLED]
-    assert sorted(rounds[2]["contributed"]) == sorted(SITES)
+    assert sorted(rounds[1]["contributed"]) == sorted(rounds[2]["contributed"]) == sorted(SITES)
+    assert rounds[1]["dropped"] == rounds[2]["dropped"] == []
     for server_round, entry in rounds.items():
         assert set(entry["epsilon"]) == set(entry["contributed"]), server_round
         assert all(0 < v["epsilon"] < 50 for v in entry["epsilon"].values())
@@ -402,6 +395,7 @@ def test_audit_log_names_sites_rounds_contributions_dropouts_and_epsilon(interru
     for site in set(rounds[1]["contributed"]):
         assert rounds[2]["epsilon"][site]["epsilon"] > rounds[1]["epsilon"][site]["epsilon"]
     assert audit[-1]["event"] == "run-finished"
+    assert audit[-1]["weights_sha256"] == weights_sha256(read_model_state(interrupted_study["run_dir"].final_model_path))
 
 
 @pytest.mark.slow

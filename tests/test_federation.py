@@ -170,6 +170,23 @@ def test_a_site_whose_installed_neurofed_speaks_another_contract_refuses_and_log
     assert "neurofed: REFUSED the run" in capsys.readouterr().out  # the site's own log says why
 
 
+def test_a_deployed_site_keeps_the_final_model_and_logs_its_hash(site, capsys) -> None:
+    from client.approved_apps import AUDIT_LOG_FILE, read_audit_events
+    from models.model_file import load_model, weights_sha256
+
+    state = _initial_state()
+    # The last round's evaluation brings the final model: kept even where the site declines to evaluate.
+    reply = site("fedavg", 2, state, kind="evaluate", num_rounds=2)
+    assert "did not train in round 2" in str(reply.content["refusal"]["reason"])
+    events = {e["event"]: e for e in read_audit_events(site.tmp_path / "state" / AUDIT_LOG_FILE)}
+    received = events["model-received"]
+    assert received["weights_sha256"] == weights_sha256(state)
+    assert load_model(received["model_file"]).weights_sha256 == weights_sha256(state)  # segment reads it
+    assert "did not train in round 2" in events["evaluation-refused"]["reason"]
+    out = capsys.readouterr().out
+    assert f"weights sha256 {weights_sha256(state)}" in out and "REFUSED evaluation" in out
+
+
 def test_fedprox_mu_and_global_weights_reach_the_sites_training_loop(site) -> None:
     state = _initial_state()
     reply = site("fedprox", 1, state, proximal_mu=0.37)
