@@ -131,6 +131,7 @@ def epsilon_for(
     return history_epsilon([*history, (noise_multiplier, sample_rate, steps)], delta)
 
 
+@lru_cache(maxsize=256)
 def noise_multiplier_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier (to 0.1 % of ε) whose ε after ``steps`` steps is at most ``target_epsilon``.
 
@@ -183,15 +184,16 @@ def noise_multiplier_for_remaining(
     )
 
 
-def smallest_noise_multiplier(fits: Callable[[float], bool]) -> float | None:
-    """The smallest noise multiplier (to 0.01 %) for which ``fits`` holds (``fits`` grows with the noise);
-    None when not even a noise multiplier of a million fits."""
+def smallest_noise_multiplier(fits: Callable[[float], bool], tolerance: float = 1e-3) -> float | None:
+    """The smallest noise multiplier (to ``tolerance``, relative) for which ``fits`` holds (``fits`` grows
+    with the noise); None when not even a noise multiplier of a million fits. Each try is an RDP
+    computation at fractional orders (tenths of a second): bisection keeps them few."""
     low, high = 0.0, 1.0
     while not fits(high):
         low, high = high, high * 2
         if high > 1e6:
             return None
-    while high - low > 1e-4 * high:
+    while high - low > tolerance * high:
         middle = (low + high) / 2
         low, high = (low, middle) if fits(middle) else (middle, high)
     return high

@@ -73,6 +73,7 @@ class FederatedRun:
         audit: AuditLog | None = None,
         enrolled_names: Mapping[int, str] | None = None,
         flower_run_id: int | None = None,
+        known_cause: Callable[[int], str | None] | None = None,
     ) -> None:
         self.run_dir = RunDirectory(config.run_dir)
         if resume:
@@ -89,6 +90,7 @@ class FederatedRun:
         self.audit = audit
         self.enrolled_names = dict(enrolled_names or {})
         self.flower_run_id = flower_run_id
+        self.known_cause = known_cause  # what the coordinator knows of a lost node (revoked)
 
     # -- messaging ----------------------------------------------------------------------------------
 
@@ -130,7 +132,7 @@ class FederatedRun:
         if self.on_message is not None:
             for r in replies:
                 self.on_message("from-site", r)
-        dropped = lost_nodes(messages, replies, self.config.round_timeout_s)
+        dropped = lost_nodes(messages, replies, self.config.round_timeout_s, self.known_cause)
         for d in dropped:
             d["site"] = self._site_name(d["node_id"])
         good = [r for r in replies if not r.has_error()]

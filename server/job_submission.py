@@ -25,6 +25,9 @@ from models.errors import NeurofedError
 from server.coordinator_state import Connection, CoordinatorState
 from server.flower_control import CONNECTION_NAME, FlowerControl
 
+STATUS_ATTEMPTS = 5
+"""Reads of a run's status in a row that may fail (a coordinator too busy to answer) before `neurofed run`
+gives up following the run (the run itself goes on)."""
 RUNS_FOLDER = "runs"
 """Run directories of a deployment go to ``<coordinator state-dir>/runs/<name>``."""
 
@@ -174,13 +177,23 @@ def submit_run(
             stdout=quiet,
             stderr=quiet,
         )
+        failures = 0
         try:
             while True:
                 try:
                     log.wait(timeout=poll_s)
                 except subprocess.TimeoutExpired:
                     pass
-                status, details = _run_status(control, run_id)
+                try:
+                    status, details = _run_status(control, run_id)
+                    failures = 0
+                except NeurofedError as exc:
+                    # The run goes on at the coordinator whatever happens here: a busy coordinator is asked again.
+                    failures += 1
+                    if failures >= STATUS_ATTEMPTS:
+                        raise
+                    print(f"neurofed run: {exc}; asking again", file=sys.stderr, flush=True)
+                    continue
                 if status.startswith("finished"):
                     break
                 if log.poll() is not None:

@@ -69,6 +69,13 @@ class SiteRegistry:
         """Node id -> enrolled name, from the local registry only (no call to the SuperLink)."""
         return {int(v["node_id"]): name for name, v in self._read().items()}
 
+    def revocation(self, node_id: int) -> str | None:
+        """``"revoked by the coordinator's operator at TIME"`` for a revoked site's node, else None."""
+        for name, entry in self._read().items():
+            if int(entry["node_id"]) == node_id and entry.get("revoked_at"):
+                return f"{name} was revoked by the coordinator's operator at {entry['revoked_at']}"
+        return None
+
     def enroll(self, public_key_file: Path, name: str) -> EnrolledSite:
         """Register the site's SuperNode public key with the SuperLink under ``name``."""
         if not _NAME_RE.fullmatch(name):
@@ -105,6 +112,8 @@ class SiteRegistry:
         site = EnrolledSite(
             name, int(answer["node-id"]), public_key, datetime.now(UTC).isoformat(timespec="seconds")
         )
+        if name in sites:  # a revoked site comes back with a new key: its old entry stays, renamed
+            sites[f"{name} (revoked {sites[name]['revoked_at']})"] = sites.pop(name)
         sites[name] = {
             "node_id": site.node_id,
             "public_key": site.public_key,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import Message
@@ -29,11 +29,18 @@ def node_of_reply(messages: Sequence[Message]):
     return node_of
 
 
-def lost_nodes(messages: Sequence[Message], replies: Sequence[Message], timeout_s: float) -> list[dict[str, Any]]:
+def lost_nodes(
+    messages: Sequence[Message],
+    replies: Sequence[Message],
+    timeout_s: float,
+    known_cause: Callable[[int], str | None] | None = None,
+) -> list[dict[str, Any]]:
     """``{"node_id", "reason"}`` of every node whose reply is an error or missing after ``timeout_s``.
 
     A message the SuperLink could not take (its node was revoked or left) comes back as an error reply
-    answering no message of ours: its reason is given to the nodes that got no answer.
+    answering no message of ours: its reason is given to the nodes that got no answer. ``known_cause``
+    says what the coordinator knows of a node (e.g. that its operator revoked it), put before Flower's
+    reason.
     """
     node_of = node_of_reply(messages)
     sent_to = {m.metadata.dst_node_id for m in messages}
@@ -50,7 +57,11 @@ def lost_nodes(messages: Sequence[Message], replies: Sequence[Message], timeout_
         for m in messages
         if m.metadata.dst_node_id not in answered
     ]
-    return [e for e in errors if e["node_id"] in sent_to] + silent
+    lost = [e for e in errors if e["node_id"] in sent_to] + silent
+    for entry in lost:
+        if known_cause is not None and (cause := known_cause(entry["node_id"])):
+            entry["reason"] = f"{cause} ({entry['reason']})"
+    return lost
 
 
 def no_contributor_reason(server_round: int, left_out: Sequence[Mapping[str, Any]]) -> str:

@@ -334,7 +334,7 @@ def test_sites_never_enrolled_or_revoked_are_refused(federation) -> None:
     stranger = generate_site_keys(fed.root / "keys" / "stranger")
     revoked = generate_site_keys(fed.root / "keys" / "revoked")
     registry = SiteRegistry(fed.state)
-    registry.enroll(revoked.public_key, "revoked-site")
+    revoked_id = registry.enroll(revoked.public_key, "revoked-site").node_id
     assert "revoked-site" in {s.name for s in registry.sites()}
     registry.revoke("revoked-site")
     data = fed.root / "data" / SITES[0]
@@ -352,6 +352,12 @@ def test_sites_never_enrolled_or_revoked_are_refused(federation) -> None:
     assert "stranger" not in listed and listed["revoked-site"] == "revoked"
     events = [(e["event"], e.get("site")) for e in AuditLog(fed.state.audit_path).read()]
     assert ("site-enrolled", "revoked-site") in events and ("site-revoked", "revoked-site") in events
+    # A revoked key is never admitted again; the hospital comes back with a new key, under its name.
+    with pytest.raises(NeurofedError, match="was revoked .* new key pair"):
+        registry.enroll(revoked.public_key, "revoked-again")
+    readmitted = registry.enroll(generate_site_keys(fed.root / "keys" / "readmitted").public_key, "revoked-site")
+    assert {s.name: s.status for s in registry.sites()}["revoked-site"] == "registered"
+    assert "revoked-site" in registry.revocation(revoked_id) and registry.revocation(readmitted.node_id) is None
 
 
 @pytest.mark.slow
@@ -644,7 +650,8 @@ def test_dropped_sites_are_logged_while_min_sites_replied_and_stop_the_run_below
 
     def send(required: int, revoked: frozenset[int] = frozenset()) -> tuple[list, list]:
         config = RunConfig(num_sites=4, unseen_sites=0, min_sites=required, run_dir=str(tmp_path / "run"))
-        run = FederatedRun(config, _FlakyGrid(failing={12}, silent={14} - revoked, revoked=revoked))
+        grid = _FlakyGrid(failing={12}, silent={14} - revoked, revoked=revoked)
+        run = FederatedRun(config, grid, known_cause=lambda node: "revoked at T" if node in revoked else None)
         run.sites = sites
         messages = [
             Message(
@@ -673,7 +680,8 @@ def test_dropped_sites_are_logged_while_min_sites_replied_and_stop_the_run_below
     # A site revoked meanwhile: the SuperLink's answer names why, for that site (not for "node 1").
     _, dropped = send(required=2, revoked=frozenset({14}))
     assert [d["site"] for d in dropped] == ["site-2", "site-4"]
-    assert "could not deliver" in dropped[1]["reason"] and "removed" in dropped[1]["reason"]
+    assert dropped[1]["reason"].startswith("revoked at T (the coordinator could not deliver")
+    assert "removed" in dropped[1]["reason"]
 
 
 def test_a_round_in_which_no_site_contributed_stops_the_run_naming_each_site(tmp_path, task_identity) -> None:

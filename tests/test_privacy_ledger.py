@@ -19,7 +19,6 @@ from privacy.accounting import (
     epsilon_for,
     history_epsilon,
     make_accountant,
-    noise_multiplier_for_remaining,
     noise_multiplier_for_target,
 )
 from privacy.errors import PrivacyBudgetExceeded, PrivacyError
@@ -112,24 +111,39 @@ def test_a_refusal_can_say_which_new_run_still_fits(ledger: PrivacyLedger) -> No
     train_rounds(ledger, "run-a", range(1, 4))
     fits = ledger.largest_new_run_epsilon(RATE, 2 * STEPS, DELTA)
     assert 0 < fits < ledger.budget().epsilon
-    # A new run planned at that ε (its noise for 2 rounds) fits; one planned a little higher does not.
-    for target, allowed in ((fits, True), (fits * 1.05, False)):
-        noise = noise_multiplier_for_target(target, DELTA, RATE, 2 * STEPS)
-        assert ledger.check_round("run-b", 2 * STEPS, RATE, noise, DELTA).allowed is allowed
+    # A new run planned at that ε (its noise for 2 rounds) fits; with a little less noise it would not.
+    noise = noise_multiplier_for_target(fits, DELTA, RATE, 2 * STEPS)
+    assert ledger.check_round("run-b", 2 * STEPS, RATE, noise, DELTA).allowed
+    assert not ledger.check_round("run-b", 2 * STEPS, RATE, noise * 0.97, DELTA).allowed
     ledger.set_budget(epsilon=epsilon_after(3), delta=DELTA)
     assert ledger.largest_new_run_epsilon(RATE, STEPS, DELTA) == 0.0
 
 
-def test_a_run_resumed_with_more_rounds_replans_its_noise_within_its_target() -> None:
+def test_a_site_replans_the_noise_of_a_run_resumed_with_more_rounds(ledger: PrivacyLedger) -> None:
+    from client.private_round import dp_config, planned_noise
+    from contract.run_config import RunConfig
+    from contract.site_task import SiteTask
+
+    def task(rounds: int) -> SiteTask:
+        run = RunConfig(num_rounds=rounds, local_steps=STEPS, dp_target_epsilon=8.0, dp_delta=DELTA)
+        return SiteTask(run=run, server_round=3, run_id="run-a")
+
     planned = noise_multiplier_for_target(8.0, DELTA, RATE, 5 * STEPS)
-    history = [(planned, RATE, STEPS)] * 2  # two of five planned rounds, then resumed for eight
-    replanned = noise_multiplier_for_remaining(8.0, DELTA, history, RATE, 6 * STEPS)
+    for server_round in (1, 2):
+        with ledger.reserved_round("run-a", server_round, **{**ROUND, "noise_multiplier": planned}):
+            pass
+    assert planned_noise(task(5), dp_config(task(5)), ledger, RATE, 5 * STEPS) == planned  # as planned
+    replanned = planned_noise(task(8), dp_config(task(8)), ledger, RATE, 8 * STEPS)  # resumed for 8 rounds
     assert replanned > planned
-    assert history_epsilon([*history, (replanned, RATE, 6 * STEPS)], DELTA) == pytest.approx(8.0, rel=2e-3)
-    assert history_epsilon([*history, (replanned, RATE, 6 * STEPS)], DELTA) <= 8.0
-    # A run whose rounds spent its target leaves nothing to re-plan.
-    spent = [(noise_multiplier_for_target(8.0, DELTA, RATE, 2 * STEPS), RATE, 2 * STEPS)]
-    assert noise_multiplier_for_remaining(8.0, DELTA, spent, RATE, STEPS) is None
+    assert history_epsilon([(planned, RATE, 2 * STEPS), (replanned, RATE, 6 * STEPS)], DELTA) <= 8.0
+    # Two rounds planned as the whole run spent its target: a resume for more is refused, saying why.
+    spent = noise_multiplier_for_target(8.0, DELTA, RATE, 2 * STEPS)
+    for server_round in (1, 2):
+        with ledger.reserved_round("run-b", server_round, **{**ROUND, "noise_multiplier": spent}):
+            pass
+    longer = SiteTask(run=task(4).run, server_round=3, run_id="run-b")
+    reason = planned_noise(longer, dp_config(longer), ledger, RATE, 4 * STEPS)
+    assert isinstance(reason, str) and "dp-target-epsilon=8" in reason and "fewer rounds" in reason
 
 
 def test_lifetime_check_refuses_once_the_composed_epsilon_passes_the_budget(ledger: PrivacyLedger) -> None:
