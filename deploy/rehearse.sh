@@ -61,6 +61,7 @@ _stop_all() {
     if [ -f "$R/nginx/nginx.pid" ]; then nginx -e stderr -p "$R/nginx/" -c nginx.conf -s stop 2>/dev/null || true; fi
 }
 trap _stop_all EXIT
+trap 'exit 143' TERM INT # so that a stopped rehearsal stops its daemons too (nginx detaches itself)
 _wait_for() { # _wait_for WHAT SECONDS COMMAND...: until COMMAND succeeds
     local what=$1 deadline=$((SECONDS + $2))
     shift 2
