@@ -72,6 +72,20 @@ def test_every_command_of_the_rehearsal_is_in_the_guide_verbatim() -> None:
     assert ran.count("neurofed run deploy/job.toml") == 2  # two jobs in a row
 
 
+def _stop_detached_nginx(prefix: Path) -> None:
+    """nginx detaches from the script: stop the one the rehearsal started in ``prefix``, if still there."""
+    pid_file = prefix / "nginx.pid"
+    if not pid_file.is_file():
+        return
+    pid = int(pid_file.read_text().split()[0])
+    try:
+        started_here = str(prefix) in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+        if started_here:
+            os.kill(pid, signal.SIGQUIT)
+    except (OSError, ValueError):
+        pass  # already gone
+
+
 @pytest.mark.slow
 def test_the_rehearsal_runs_the_whole_guide(tmp_path) -> None:
     folder = tmp_path / "rehearsal"
@@ -89,9 +103,7 @@ def test_the_rehearsal_runs_the_whole_guide(tmp_path) -> None:
         output, _ = process.communicate(timeout=900)  # ~90 s on two idle cores; far more on a loaded machine
     finally:
         stop_process_tree(process, signal.SIGTERM, grace_s=10)  # the script's trap stops its daemons
-        nginx = folder / "nginx" / "nginx.pid"  # nginx detaches from the script: stop it by its pid
-        if nginx.is_file():
-            os.kill(int(nginx.read_text().split()[0]), signal.SIGQUIT)
+        _stop_detached_nginx(folder / "nginx")
     assert process.returncode == 0, output[-6000:]
     assert "rehearsal complete" in output
     if shutil.which("nginx"):
