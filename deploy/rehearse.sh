@@ -103,7 +103,7 @@ deploy/make-certs.sh "$R/certs"
 neurofed coordinator start --state-dir "$R/coordinator" --address "127.0.0.1:$LINK_PORT" --ca-cert "$R/certs/ca.crt" --cert "$R/certs/server.crt" --key "$R/certs/server.key" >"$R/logs/coordinator.log" 2>&1 &
 _started $!
 neurofed synth "$R/data" --sites 3 --subjects-per-site 5 --spacing 4
-_wait_for "the coordinator's port" 120 _port_open "$LINK_PORT"
+_wait_for "the coordinator's port" 600 _port_open "$LINK_PORT"
 
 _say "The sites' port: nginx with the Fleet-only proxy"
 if command -v nginx >/dev/null; then
@@ -135,7 +135,7 @@ HOSPITAL_B=$!
 _started $HOSPITAL_B
 neurofed-site start --coordinator "$COORDINATOR" --ca "$R/certs/ca.crt" --key "$R/hospital-c/keys/site.key" --data "$R/data/site-03" --site-id hospital-c --role holdout --budget 10 --delta 1e-5 --state-dir "$R/hospital-c/state" --approved-apps "$R/approved-apps.txt" --runtime-port "$PORT_C" >"$R/logs/hospital-c.log" 2>&1 &
 _started $!
-_wait_for "the three sites to connect" 180 _activated 3
+_wait_for "the three sites to connect" 600 _activated 3
 neurofed coordinator sites --state-dir "$R/coordinator"
 
 _say "Run a job (deploy/job.toml, made small for the rehearsal): it waits for the connected sites"
@@ -149,7 +149,7 @@ neurofed-site approve "$R"/neurofed.neurofed.*post1*.fab --replace --approved-ap
 _say "A second job with the new release; hospital-b is revoked while it runs, and the run goes on"
 neurofed run deploy/job.toml --app "$R/release-2" --state-dir "$R/coordinator" --set run-dir=runs/second --set num-server-rounds=1 --set local-steps=2 --set patch-size=16 --set spacing-mm=4.0 --set field-of-view-mm=128,128,128 --no-stream >"$R/logs/job-2.log" 2>&1 &
 JOB_2=$!
-_wait_for "the second job's site discovery" 240 _discovered second
+_wait_for "the second job's site discovery" 900 _discovered second
 neurofed coordinator revoke hospital-b --state-dir "$R/coordinator"
 _wait_job "$JOB_2"
 _show "$R/logs/job-2.log"
@@ -169,7 +169,7 @@ neurofed-site budget --ledger "$R/hospital-a/state/privacy-ledger.jsonl"
 
 _say "Checks"
 _expect "both jobs finished" test "$(jq -s '[.[] | select(.event == "run-finished")] | length' "$R/coordinator/audit.jsonl")" = 2
-_expect "hospital-b was dropped from the second job, not the run" jq -se 'any(.[]; .event == "round-trained" and any(.dropped[]?; .site == "hospital-b"))' "$R/coordinator/audit.jsonl"
+_expect "hospital-b was dropped from the second job, not the run" jq -se 'any(.[]; (.event | test("^round-")) and any(.dropped[]?; .site == "hospital-b"))' "$R/coordinator/audit.jsonl"
 _expect "hospital-a trained in both jobs under one lifetime budget" test "$(jq -r '.releases | map(.run_id) | unique | length' "$R/hospital-a/state/privacy-ledger.jsonl")" = 2
 _expect "hospital-c holds the final model the coordinator recorded" test "$(jq -r 'select(.event == "run-finished") | .weights_sha256' "$R/coordinator/audit.jsonl" | tail -n 1)" = "$(jq -r 'select(.event == "model-received") | .weights_sha256' "$R/hospital-c/state/audit.jsonl" | tail -n 1)"
 _expect "the sites ran the new release in the second job" test "$(jq -r 'select(.event == "app-accepted") | .fab_hash' "$R/hospital-a/state/audit.jsonl" | sort -u | wc -l)" = 2
