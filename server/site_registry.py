@@ -113,7 +113,8 @@ class SiteRegistry:
             name, int(answer["node-id"]), public_key, datetime.now(UTC).isoformat(timespec="seconds")
         )
         if name in sites:  # a revoked site comes back with a new key: its old entry stays, renamed
-            sites[f"{name} (revoked {sites[name]['revoked_at']})"] = sites.pop(name)
+            old = sites.pop(name)
+            sites[f"{name} (revoked {old['revoked_at']})"] = old
         sites[name] = {
             "node_id": site.node_id,
             "public_key": site.public_key,
