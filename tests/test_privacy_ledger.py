@@ -125,7 +125,9 @@ def test_a_site_replans_the_noise_of_a_run_resumed_with_more_rounds(ledger: Priv
     from contract.site_task import SiteTask
 
     def task(rounds: int) -> SiteTask:
-        run = RunConfig(num_rounds=rounds, local_steps=STEPS, dp_target_epsilon=8.0, dp_delta=DELTA)
+        run = RunConfig(
+            num_rounds=rounds, local_steps=STEPS, dp_target_epsilon=8.0, dp_delta=DELTA, dp_max_grad_norm=1.0
+        )
         return SiteTask(run=run, server_round=3, run_id="run-a")
 
     planned = noise_multiplier_for_target(8.0, DELTA, RATE, 5 * STEPS)
