@@ -33,12 +33,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.private_round import Refusal, no_dp_refusal, site_refusal, site_rng, train_private_round
-from client.site_activity import EvaluationRequest, SiteActivity, model_digest
+from client.site_activity import EvaluationRequest, SiteActivity
 from client.site_data import load_site_data
+from client.site_log import EVALUATION_REFUSED, ROUND_REFUSED, RUN_REFUSED, keep_final_model, log_refusal
 from client.site_model import build_model, evaluation_metrics, run_training_config
 from client.site_setup import SiteSetup, site_setup
 from client.site_state import latest_personal_layers, normalization_keys, save_personal_layers
 from contract.site_task import SiteTask
+from contract.version import CONTRACT_VERSION, CONTRACT_VERSION_KEY, contract_mismatch
 from contract.wire import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
@@ -57,11 +59,16 @@ from contract.wire import (
     WEIGHT_KEY,
 )
 from models.errors import NeurofedError
+from models.model_file import weights_sha256
 
 
 def _context(msg: Message, context: Context) -> tuple[SiteTask, SiteSetup]:
     task = SiteTask.from_record(msg.content[CONFIG_RECORD])
     setup = site_setup(context.node_config, task.run)
+    mismatch = contract_mismatch(CONTRACT_VERSION, setup.contract_version, f"site {setup.site_id}")
+    if mismatch is not None:
+        log_refusal(setup, task, RUN_REFUSED, mismatch)
+        raise NeurofedError(mismatch)
     if setup.simulated:
         # Several simulated sites share the machine's cores: one thread each.
         torch.set_num_threads(1)
@@ -86,7 +93,8 @@ def _evaluation_refusal(
     )
 
 
-def _refusal_reply(msg: Message, refusal: Refusal) -> Message:
+def _refusal_reply(msg: Message, refusal: Refusal, setup: SiteSetup, task: SiteTask) -> Message:
+    log_refusal(setup, task, ROUND_REFUSED, refusal.reason)
     metrics = MetricRecord(
         {REFUSED_KEY: 1, WEIGHT_KEY: 0, "epsilon": refusal.epsilon, "delta": refusal.delta}
     )
@@ -102,12 +110,15 @@ def query(msg: Message, context: Context) -> Message:
     """Describe the site; preparing its data here makes the first round's timing honest."""
     task, setup = _context(msg, context)
     if (beyond := setup.policy.refusal(task.run)) is not None:
-        raise NeurofedError(f"site {setup.site_id} takes no part in this run: {beyond}")
+        reason = f"site {setup.site_id} takes no part in this run: {beyond}"
+        log_refusal(setup, task, RUN_REFUSED, reason)
+        raise NeurofedError(reason)
     data = load_site_data(setup, task.run)
     site = ConfigRecord(
         {
             SITE_ID_KEY: setup.site_id,
             ROLE_KEY: setup.role,
+            CONTRACT_VERSION_KEY: setup.contract_version or 0,
             PLAN_KEY: json.dumps(data.plan.to_dict(), sort_keys=True),
         }
     )
@@ -127,9 +138,9 @@ def train(msg: Message, context: Context) -> Message:
     if setup.role != ROLE_TRAIN:
         raise NeurofedError(f"site {setup.site_id} has role {setup.role!r} and never trains")
     if setup.require_dp and not run.dp:
-        return _refusal_reply(msg, no_dp_refusal(task, setup))
+        return _refusal_reply(msg, no_dp_refusal(task, setup), setup, task)
     if (beyond := setup.policy.refusal(run)) is not None:
-        return _refusal_reply(msg, site_refusal(task, setup, beyond))
+        return _refusal_reply(msg, site_refusal(task, setup, beyond), setup, task)
     data = load_site_data(setup, run)
     if not data.train:
         raise NeurofedError(f"site {setup.site_id}: no training subjects after holding out the test split")
@@ -146,7 +157,7 @@ def train(msg: Message, context: Context) -> Message:
     if run.dp:
         outcome = train_private_round(model, data.train_by_person(), config, task, setup, proximal_to)
         if isinstance(outcome, Refusal):
-            return _refusal_reply(msg, outcome)
+            return _refusal_reply(msg, outcome, setup, task)
         result, privacy = outcome
     else:
         average = WeightAverage(model, run.ema_decay) if run.ema_decay > 0 else None
@@ -186,8 +197,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     task, setup = _context(msg, context)
     data = load_site_data(setup, task.run)
     model = _global_model(msg, task)
-    request = EvaluationRequest(task.run_id, task.server_round, model_digest(model.state_dict()))
+    # The last round's model is the run's final model: the site keeps it, whether or not it evaluates it.
+    keep_final_model(setup, task, model, data.plan.to_dict())
+    request = EvaluationRequest(task.run_id, task.server_round, weights_sha256(model.state_dict()))
     if (reason := _evaluation_refusal(request, task, setup, data.test_persons)) is not None:
+        log_refusal(setup, task, EVALUATION_REFUSED, reason)
         refusal = ConfigRecord({REFUSAL_REASON: f"site {setup.site_id}: {reason}"})
         metrics = MetricRecord({REFUSED_KEY: 1, WEIGHT_KEY: 0})
         return Message(content=RecordDict({METRICS_RECORD: metrics, REFUSAL_RECORD: refusal}), reply_to=msg)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic_files import atomic_write
+from contract.version import CONTRACT_VERSION, VERSION_FILE, bundled_contract_version, contract_mismatch
 from models.errors import NeurofedError
 
 APPROVED_APPS_FILE = "approved-apps.txt"
@@ -221,8 +222,23 @@ def read_audit_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
-def refusal_reason(content_hash: str, claimed_hashes: set[str], approved: list[str]) -> str | None:
-    """Why a bundle must not run (None: it may). ``claimed_hashes``: what the SuperLink says it is."""
+def bundle_contract_version(content: bytes) -> int | None:
+    """The contract version a bundle's code speaks (its ``contract/version.py``); None if it declares none."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as bundle:
+            text = bundle.read(VERSION_FILE).decode("utf-8", errors="replace")
+    except (KeyError, zipfile.BadZipFile):
+        return None
+    return bundled_contract_version(text)
+
+
+def refusal_reason(
+    content_hash: str, claimed_hashes: set[str], approved: list[str], content: bytes = b""
+) -> str | None:
+    """Why a bundle must not run (None: it may). ``claimed_hashes``: what the SuperLink says it is.
+
+    An approved bundle must also speak this installation's contract version (contract/version.py).
+    """
     wrong = sorted(h for h in claimed_hashes if h and h != content_hash)
     if wrong:
         return (
@@ -234,6 +250,9 @@ def refusal_reason(content_hash: str, claimed_hashes: set[str], approved: list[s
             f"app bundle {content_hash} is not approved on this site (approved: "
             f"{', '.join(approved) or 'none'}); the site's operator approves a bundle with `{APPROVE_COMMAND}`"
         )
+    mismatch = contract_mismatch(bundle_contract_version(content), CONTRACT_VERSION, "this site")
+    if mismatch is not None:
+        return f"app bundle {content_hash}: {mismatch}"
     return None
 
 
@@ -255,10 +274,11 @@ class AppApproval:
         content_hash = hashlib.sha256(content).hexdigest()
         try:
             approved = read_approved(self.approved_apps)
-            reason = refusal_reason(content_hash, claimed_hashes, approved)
+            reason = refusal_reason(content_hash, claimed_hashes, approved, content)
         except NeurofedError as exc:
             approved, reason = [], f"the site cannot read its approved app bundles: {exc}"
-        fields: dict[str, Any] = {"fab_hash": content_hash, "run_id": run_id}
+        # Flower's 64-bit run ids as strings: JSON readers such as jq round large numbers.
+        fields: dict[str, Any] = {"fab_hash": content_hash, "run_id": str(run_id)}
         if reason is None:
             append_audit_event(self.audit_log, ACCEPTED_EVENT, **fields)
             return content_hash

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from logging import ERROR, INFO
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from client.approved_apps import AppApproval, BundleRefused, read_approved
+from client.connection_failure import ConnectionFailureWatch, explain
 from models.errors import NeurofedError
 
 LAUNCHER_MODULE = "client.approved_supernode"
@@ -186,7 +188,15 @@ def main(argv: Sequence[str] | None = None, run_supernode: Callable[[], None] | 
     if run_supernode is None:
         from flwr.supernode.cli import flower_supernode as run_supernode
     sys.argv = ["flower-supernode", *flower_args]
-    run_supernode()
+    watch = ConnectionFailureWatch()
+    logging.getLogger("flwr").addHandler(watch)
+    try:
+        run_supernode()
+    except SystemExit as stopped:
+        why = explain(watch.text, flower_args) if stopped.code not in (None, 0) else None
+        if why is not None:
+            print(f"neurofed-site start: error: {why}", file=sys.stderr, flush=True)
+        raise
     return 0
 
 

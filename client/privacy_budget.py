@@ -96,8 +96,9 @@ def run_budget(
             )
         elif not ledger.verify():
             raise NeurofedError(
-                f"no privacy ledger at {ledger_path}: check the path (the site daemon's state folder), or set "
-                f"up a new site with `{init_command(ledger_path)}`"
+                f"no privacy ledger at {ledger_path}. `neurofed-site start` keeps it in its --state-dir, as "
+                f"<state-dir>/privacy-ledger.jsonl: check the path. A holdout site (--role holdout) never "
+                f"trains and needs none; a training site is set up once with `{init_command(ledger_path)}`"
             )
         elif set_epsilon is not None:
             budget = ledger.set_budget(set_epsilon, delta)

@@ -10,6 +10,7 @@ from ``dp-target-epsilon`` for the planned rounds x local steps. A round the led
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from collections.abc import Mapping
@@ -27,7 +28,7 @@ from models.errors import NeurofedError
 
 if TYPE_CHECKING:
     from privacy.dp_sgd import DPConfig
-    from privacy.privacy_ledger import PrivacyLedger
+    from privacy.privacy_ledger import Decision, PrivacyLedger
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,61 @@ def dp_config(task: SiteTask) -> DPConfig:
         delta=run.dp_delta,
         grad_sample_mode=run.dp_grad_sample_mode,
     )
+
+
+def planned_noise(
+    task: SiteTask, dp: DPConfig, ledger: PrivacyLedger, sample_rate: float, planned_steps: int
+) -> float | str:
+    """This round's noise multiplier: the run's plan (``planned_steps`` at the target ε), or, when the
+    run's earlier rounds used another noise or sample rate (it was resumed with another number of rounds),
+    the noise that keeps the whole run within its target ε over its remaining steps. A str says why no
+    noise can (the refusal's reason)."""
+    from privacy.accounting import noise_multiplier_for_remaining
+
+    noise = dp.resolve_noise_multiplier(sample_rate, planned_steps)
+    history = [r.segment for r in ledger.releases(task.run_id)]
+    if dp.noise_multiplier or all(s[:2] == (noise, sample_rate) for s in history):
+        return noise
+    remaining = planned_steps - sum(s[2] for s in history)
+    target = task.run.dp_target_epsilon
+    replanned = (
+        noise_multiplier_for_remaining(target, dp.delta, history, sample_rate, remaining)
+        if remaining > 0
+        else None
+    )
+    if replanned is None:
+        return (
+            f"privacy budget: run {task.run_id!r} already spent ε={ledger.run_epsilon(task.run_id):.3f} of its "
+            f"dp-target-epsilon={target:g} in {len(history)} round(s), so {task.run.num_rounds} rounds cannot "
+            "keep within it; resume it with fewer rounds, or start a new run"
+        )
+    return replanned
+
+
+def budget_advice(
+    decision: Decision,
+    setup: SiteSetup,
+    ledger: PrivacyLedger,
+    sample_rate: float,
+    steps: int,
+    task: SiteTask,
+) -> str:
+    """The ledger's refusal, and what would fit: the largest dp-target-epsilon of a new run of this shape,
+    and where a deployed site's operator raises the lifetime budget."""
+    if decision.lifetime_epsilon_after is None:  # no budget: the reason says how to set one
+        return decision.reason
+    fits = ledger.largest_new_run_epsilon(sample_rate, steps, task.run.dp_delta)
+    run = task.run
+    shape = (
+        f"{run.num_rounds} round(s) x {run.local_steps} steps at this site's sample rate {sample_rate:.3g}"
+    )
+    advice = (
+        f"a new run of {shape} fits this site's budget with dp-target-epsilon <= {fits:.3g}"
+        if fits > 0.01
+        else "this site's lifetime budget is spent: it can take part in no further DP run"
+    )
+    where = "" if setup.simulated else " (neurofed-site start --budget, NEUROFED_BUDGET_EPSILON in site.env)"
+    return f"{decision.reason}{where}; {advice}"
 
 
 def prepare_ledger(setup: SiteSetup) -> PrivacyLedger:
@@ -188,12 +244,19 @@ def train_private_round(
     sample_rate = batch_size / n_persons
     planned_steps = run.num_rounds * run.local_steps
     try:
-        noise = dp.resolve_noise_multiplier(sample_rate, planned_steps)
+        noise = planned_noise(task, dp, ledger, sample_rate, planned_steps)
+        if isinstance(noise, str):
+            return Refusal(f"site {setup.site_id}: {noise}", ledger.run_epsilon(task.run_id), dp.delta)
         decision = ledger.check_round(task.run_id, run.local_steps, sample_rate, noise, dp.delta)
     except PrivacyError as exc:
         raise NeurofedError(f"site {setup.site_id}: {exc}") from exc
     if not decision.allowed:
-        return Refusal(decision.reason, ledger.run_epsilon(task.run_id), dp.delta)
+        return Refusal(
+            budget_advice(decision, setup, ledger, sample_rate, planned_steps, task),
+            ledger.run_epsilon(task.run_id),
+            dp.delta,
+        )
+    dp = dataclasses.replace(dp, noise_multiplier=noise)  # the planned (or re-planned) noise
 
     # Every draw of the release comes from the site's secret, never from a value the coordinator knows.
     secret = SiteSecret.load_or_create(setup.state_dir)

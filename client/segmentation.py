@@ -180,6 +180,9 @@ def segment_inputs(
     if not single and nifti_stem(output) is not None:
         raise NeurofedError(f"-o {output} names one file, but {len(files)} inputs were given: pass a folder")
     loaded = load_model(model_path)
+    if progress:
+        # Compare with the model's hash in the audit logs (deploy/README.md, "The model's way home").
+        print(f"model {model_path}: weights sha256 {loaded.weights_sha256}", flush=True)
     written: list[SegmentationOutputs] = []
     failed: list[tuple[Path, str]] = []
     targets = [output] if single else [output / f"{_base_name(f)}_dseg.nii.gz" for f in files]

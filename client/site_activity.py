@@ -12,7 +12,6 @@ One JSON file per run under ``<state-dir>/activity/``, written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +29,6 @@ class EvaluationRequest:
     run_id: str
     server_round: int
     model_digest: str
-
-
-def model_digest(state: dict) -> str:
-    """SHA-256 over the arrays of a state dict (names and bytes, in name order)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class SiteActivity:

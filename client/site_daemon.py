@@ -20,6 +20,7 @@ from pathlib import Path
 from client.approved_apps import APPROVE_COMMAND, AUDIT_LOG_FILE, approved_apps_path, read_approved
 from client.site_keys import check_private_key
 from client.site_policy import parse_policy_options
+from contract.version import CONTRACT_VERSION, CONTRACT_VERSION_KEY
 from models.errors import NeurofedError
 
 DEFAULT_STATE_DIR = Path("~/.neurofed/site")
@@ -86,7 +87,7 @@ class SiteDaemonConfig:
 
 def node_config(config: SiteDaemonConfig) -> str:
     """The SuperNode's ``--node-config`` string (read by client/site_setup.py's ``site_setup``)."""
-    values: dict[str, str | float] = {
+    values: dict[str, str | float | int] = {
         "data-dir": str(config.data_dir.expanduser().resolve()),
         "site-id": config.site_id or config.data_dir.expanduser().resolve().name,
         "role": config.role,
@@ -96,6 +97,8 @@ def node_config(config: SiteDaemonConfig) -> str:
         "budget-epsilon": float(config.budget_epsilon),
         "budget-delta": float(config.budget_delta),
         "require-dp": "false" if config.allow_no_dp else "true",
+        # What this installed neurofed speaks: the coordinator's app checks it (contract/version.py).
+        CONTRACT_VERSION_KEY: CONTRACT_VERSION,
         **parse_policy_options(config.policy),
     }
     parts = []
@@ -216,11 +219,27 @@ def _executable(name: str) -> str:
     return found
 
 
+def check_runtime_port(port: int) -> None:
+    """NeurofedError when the SuperNode's local runtime port is taken (another site on this machine)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise NeurofedError(
+                f"--runtime-port {port}: the port is in use on this machine ({exc.strerror}), e.g. by another "
+                f"site's SuperNode: give each site on one machine its own, e.g. --runtime-port {port + 1}"
+            ) from None
+
+
 def start_site(config: SiteDaemonConfig, telemetry: bool = False) -> None:
     """Check the options and the data, then become the SuperNode (``exec``; never returns)."""
     check_site_config(config)
     check_site_data(config)
     check_approved_apps(config)
+    check_runtime_port(config.runtime_port)
     state_dir = config.state_dir.expanduser()
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -81,3 +81,20 @@ def check_private_key(path: Path) -> None:
         raise NeurofedError(
             f"--key {path}: Flower needs an EC (NIST curve) key; make one with `neurofed-site keygen`"
         )
+
+
+def key_fingerprint(private_key: Path) -> str:
+    """The SHA-256 fingerprint of the public half of ``private_key``, as `ssh-keygen -lf site.pub` shows it
+    (``SHA256:...``); ``"unreadable key"`` when it cannot be read."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_ssh_private_key(private_key.expanduser().read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return "unreadable key"
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    blob = base64.b64decode(public.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")

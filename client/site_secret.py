@@ -22,12 +22,15 @@ import hashlib
 import hmac
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from common.atomic_files import atomic_write_bytes
 from models.errors import NeurofedError
+
+if TYPE_CHECKING:
+    import torch
 
 SECRET_FILE = "site-secret.key"
 SECRET_BYTES = 32
@@ -75,6 +78,8 @@ class SiteSecret:
         return hmac.new(self._key, f"neurofed-site|{purpose}".encode(), hashlib.sha256).digest()
 
     def torch_generator(self, run_id: str, server_round: int, purpose: str) -> torch.Generator:
+        import torch  # only a training round needs it: `neurofed-site budget --init` answers at once
+
         return torch.Generator().manual_seed(self.seed(run_id, server_round, purpose))
 
     def numpy_rng(self, run_id: str, server_round: int, purpose: str) -> np.random.Generator:

@@ -11,7 +11,8 @@ Deployed, the site's operator sets them in the SuperNode's node config (``flower
   budget written into the ledger; without one, and without one set by `neurofed-site budget`, every DP
   round is declined); ``require-dp`` (default true: refuse every round without DP); the site's split,
   evaluation and resource rules (``test-fraction``, ``min-test-subjects``, ``max-evaluations``, the
-  ``max-*`` caps: client/site_policy.py).
+  ``max-*`` caps: client/site_policy.py); ``contract-version`` (of the installed neurofed,
+  contract/version.py).
 - In Flower's simulation the node config only holds ``partition-id`` / ``num-partitions``: partition
   i is then the i-th site folder (`contract.run_layout.site_folders`) under the run's ``data-root``, the
   last ``unseen-sites`` partitions are holdout sites, and cache, state and ledger go under the run's
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from client.site_policy import SitePolicy, deployed_policy, simulated_policy
 from contract.run_config import RunConfig
 from contract.run_layout import SITE_CACHE_DIR, SITE_STATE_DIR, site_folders
+from contract.version import CONTRACT_VERSION, CONTRACT_VERSION_KEY
 from contract.wire import ROLE_HOLDOUT, ROLE_TRAIN, ROLES
 from models.errors import NeurofedError
 
@@ -59,6 +61,9 @@ class SiteSetup:
     the site, not by the coordinator's settings."""
     policy: SitePolicy = SitePolicy()
     """The site's own split, evaluation and resource rules (client/site_policy.py)."""
+    contract_version: int | None = CONTRACT_VERSION
+    """The contract version of the site's installed neurofed (node config ``contract-version``, written by
+    `neurofed-site start`; None when a deployed site's daemon wrote none: one older than the versions)."""
 
     @property
     def ledger(self) -> PrivacyLedger:
@@ -129,7 +134,16 @@ def _deployed_setup(node_config: Mapping[str, Any]) -> SiteSetup:
         budget=node_budget(node_config),
         require_dp=node_flag(node_config, "require-dp", default=True),
         policy=deployed_policy(node_config),
+        contract_version=_node_contract_version(node_config),
     )
+
+
+def _node_contract_version(node_config: Mapping[str, Any]) -> int | None:
+    value = node_config.get(CONTRACT_VERSION_KEY)
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        raise NeurofedError(f"node config {CONTRACT_VERSION_KEY!r} must be a whole number, got {value!r}") from None
 
 
 def _simulated_setup(node_config: Mapping[str, Any], run: RunConfig) -> SiteSetup:

@@ -47,6 +47,26 @@ class VolumeError(NeurofedError):
         self.reason = reason
 
 
+NIFTI1_HEADER_BYTES = 348
+
+
+def _short_header(path: Path) -> int | None:
+    """The (decompressed) size of a NIfTI file cut short before the end of its header, else None."""
+    import gzip
+
+    try:
+        if path.read_bytes()[:2] == b"\x1f\x8b":
+            with gzip.open(path) as f:
+                data = f.read(NIFTI1_HEADER_BYTES)
+        else:
+            data = path.read_bytes()[:NIFTI1_HEADER_BYTES]
+    except (OSError, EOFError):
+        return None
+    # A NIfTI header starts with its own size (348, or 540 for NIfTI-2), in either byte order.
+    starts_as_nifti = len(data) >= 4 and {int.from_bytes(data[:4], order) for order in ("little", "big")} & {348, 540}
+    return len(data) if starts_as_nifti and len(data) < NIFTI1_HEADER_BYTES else None
+
+
 def load_checked_volume(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     """Read a NIfTI file completely and return its image and its 3D voxel array.
 
@@ -68,6 +88,13 @@ def load_checked_volume(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     except FileNotFoundError:
         raise VolumeError(path, "file not found; it was moved or deleted while being checked") from None
     except ImageFileError as exc:
+        if (size := _short_header(path)) is not None:
+            raise VolumeError(
+                path,
+                f"truncated: it holds {size} bytes{' (decompressed)' if path.suffix == '.gz' else ''}, fewer "
+                f"than a NIfTI header's {NIFTI1_HEADER_BYTES}; the copy was cut short: copy it again from "
+                "its source",
+            ) from None
         raise VolumeError(
             path, f"not a NIfTI file ({exc}); convert it to NIfTI-1 (.nii or .nii.gz)"
         ) from None

@@ -11,6 +11,7 @@ sites in each message's ConfigRecord, where the site parses it with the same cla
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -107,9 +108,10 @@ class RunConfig:
             of a model file on the coordinator; it must be the run's network, protocol and preprocessing
             geometry. The local-only and pooled baselines of a study start from the same weights.
         min_sites: training sites whose updates a round needs; a site that fails or does not answer
-            within ``round_timeout_s`` is dropped from that round (logged with the reason) as long as at
-            least this many replied. 0: every training site (any dropout stops the run). With server_dp,
-            also the fewest accepted updates a round is released with (at least 1).
+            within ``round_timeout_s`` (crashed, revoked, disconnected) is dropped from that round, logged
+            with the reason, as long as at least this many replied. Default 1: dropouts are tolerated while
+            one training site remains; 0: every training site (any dropout stops the run). With
+            server_dp, also the fewest accepted updates a round is released with (at least 1).
     """
 
     num_rounds: int = 5
@@ -147,7 +149,7 @@ class RunConfig:
     server_dp_clipping_norm: float = 1.0
     update_norm_limit: float = 10.0
     round_timeout_s: float = 3600.0
-    min_sites: int = 0
+    min_sites: int = 1
     initial_model: str = "builtin"
     dp_augmentation_multiplicity: int = 1
     trainable_layers: str = "all"
@@ -325,6 +327,50 @@ SERVER_ONLY_SETTINGS = frozenset(
 )
 """Run settings (flat Flower keys) sites do not get: strategies add what a site needs (FedProx adds
 ``proximal-mu``)."""
+
+
+RESUMABLE_SETTINGS = frozenset({"num-server-rounds", "num-sites", "min-sites", "round-timeout-s"})
+"""Run settings (flat Flower keys) a resumed run may change: its number of rounds, and how many sites it
+waits for, needs and waits on. Every other setting repeats the interrupted run. With another number of
+rounds each site re-plans its DP noise so that the whole run keeps its target ε, or refuses with the
+reason (client/private_round.py)."""
+
+
+RESUME_SETTINGS_KEY = "resume-settings"
+"""Flower run-config key (string): with ``resume``, the `RESUMABLE_SETTINGS` that change, as a JSON object
+of flat keys (empty: none). A key of its own, because Flower hands the app every setting of pyproject.toml
+whether or not it was asked for."""
+
+
+def encode_resume_settings(changes: Mapping[str, Any]) -> str:
+    """The `RESUME_SETTINGS_KEY` value of ``changes`` (flat keys); NeurofedError for a setting that may not
+    change on resume."""
+    fixed = sorted(set(changes) - RESUMABLE_SETTINGS)
+    if fixed:
+        raise NeurofedError(
+            f"a resumed run keeps the settings it was started with, so {fixed} cannot be changed; only "
+            f"{sorted(RESUMABLE_SETTINGS)} may (start a new run for other settings)"
+        )
+    return json.dumps(dict(changes), sort_keys=True) if changes else ""
+
+
+def decode_resume_settings(text: str) -> dict[str, Any]:
+    """The changes encoded by `encode_resume_settings` (checked the same way)."""
+    try:
+        changes = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise NeurofedError(f"run setting {RESUME_SETTINGS_KEY!r}: not a JSON object ({exc})") from exc
+    if not isinstance(changes, dict):
+        raise NeurofedError(f"run setting {RESUME_SETTINGS_KEY!r}: expected a JSON object, got {text!r}")
+    encode_resume_settings(changes)
+    return changes
+
+
+def resumed_config(stored: RunConfig, wanted: RunConfig) -> RunConfig:
+    """The settings of a resumed run: ``stored`` (the interrupted run's), with `RESUMABLE_SETTINGS` and
+    ``run_dir`` from ``wanted``."""
+    names = {f.name for f in fields(RunConfig) if flower_key(f.name) in RESUMABLE_SETTINGS | {"run-dir"}}
+    return stored.replace(**{name: getattr(wanted, name) for name in names})
 
 
 def setting_choices() -> dict[str, tuple[str, ...]]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from contract.run_config import RunConfig, site_settings
+from contract.version import CONTRACT_VERSION, CONTRACT_VERSION_KEY, contract_mismatch
 from contract.wire import (
     EVALUATE_PERSONAL_KEY,
     PERSONAL_LAYERS_KEY,
@@ -50,6 +51,12 @@ class SiteTask:
         missing = sorted(site_settings() - set(record))
         if SERVER_ROUND_KEY not in record:
             missing.append(SERVER_ROUND_KEY)
+        if CONTRACT_VERSION_KEY in record:
+            theirs = int(record[CONTRACT_VERSION_KEY])
+            if (mismatch := contract_mismatch(theirs, CONTRACT_VERSION, "this site")) is not None:
+                raise NeurofedError(mismatch)
+        else:
+            missing.append(CONTRACT_VERSION_KEY)
         if missing:
             raise NeurofedError(
                 f"the server's message lacks settings {missing}: server and site run different neurofed "
@@ -68,9 +75,10 @@ class SiteTask:
 
 def site_task_record(config: RunConfig, server_round: int, run_id: str = "") -> dict[str, Any]:
     """The flat ConfigRecord values a site message carries: the run settings a site needs, the round
-    number and the run's id (strategies add their own keys, e.g. FedProx's ``proximal-mu``)."""
+    number, the contract version and the run's id (strategies add their own keys, e.g. FedProx's ``proximal-mu``)."""
     record: dict[str, Any] = {k: v for k, v in config.to_flower().items() if k in site_settings()}
     record[SERVER_ROUND_KEY] = server_round
+    record[CONTRACT_VERSION_KEY] = CONTRACT_VERSION
     if run_id:
         record[RUN_ID_KEY] = run_id
     return record

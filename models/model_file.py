@@ -18,6 +18,7 @@ half-written model under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 from collections.abc import Mapping
@@ -36,6 +37,18 @@ FORMAT_VERSION = 1
 """Bumped when the layout changes incompatibly; files of a newer version are refused with a clear message."""
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over a model's weights: each array's name (without Opacus' ``_module.`` prefix) and bytes, in
+    name order. The coordinator and every site compute it from the arrays themselves, so it names one
+    model however it was stored or sent (the final model's hash in both audit logs, deploy/README.md)."""
+    digest = hashlib.sha256()
+    named = {name.removeprefix("_module."): tensor for name, tensor in state_dict.items()}
+    for name in sorted(named):
+        digest.update(name.encode())
+        digest.update(named[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def installed_version() -> str:
@@ -59,6 +72,7 @@ class LoadedModel:
         training: provenance of the weights (plain dict).
         software_version: neurofed version that wrote the file.
         format_version: layout version of the file.
+        weights_sha256: `weights_sha256` of its weights (compare it with the audit logs' model hash).
     """
 
     path: Path
@@ -69,6 +83,7 @@ class LoadedModel:
     training: dict
     software_version: str
     format_version: int
+    weights_sha256: str = ""
 
 
 def _check_plain(value: object, where: str) -> None:
@@ -210,4 +225,5 @@ def load_model(
         training=training,
         software_version=str(content.get("software_version", "unknown")),
         format_version=version,
+        weights_sha256=weights_sha256(state_dict),
     )

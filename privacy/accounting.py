@@ -12,21 +12,36 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 from privacy.errors import PrivacyError
+
+if TYPE_CHECKING:
+    from opacus.accountants import RDPAccountant
+
+# Opacus (and with it torch) is imported where it is used: `neurofed-site budget` and the ledger's
+# bookkeeping answer in a fraction of a second.
 
 Segment = tuple[float, float, int]
 """``(noise_multiplier, sample_rate, steps)``: ``steps`` DP-SGD steps with the same noise and sampling."""
 
-RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
-"""Rényi orders over which the conversion to (ε, δ) is optimised (Opacus' defaults)."""
+
+@lru_cache(maxsize=1)
+def _rdp_orders() -> tuple[float, ...]:
+    from opacus.accountants import RDPAccountant
+
+    return tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RDP_ORDERS":
+        # Rényi orders over which the conversion to (ε, δ) is optimised (Opacus' defaults).
+        return _rdp_orders()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_privacy_parameters(
@@ -55,6 +70,8 @@ def check_privacy_parameters(
 
 def make_accountant(state: Mapping | None = None) -> RDPAccountant:
     """An RDP accountant, continuing from ``state`` (from ``accountant_state``) when given."""
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     if state is not None:
         try:
@@ -83,9 +100,11 @@ def history_epsilon(history: Iterable[Sequence], delta: float) -> float:
         return 0.0
     if any(noise == 0.0 for noise, _, _ in segments):
         return math.inf
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     # Rényi DP of a segment is its steps times that of one step.
     rdp = sum(steps * _rdp_of_one_step(noise, rate) for noise, rate, steps in segments)
-    epsilon, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+    epsilon, _ = rdp_analysis.get_privacy_spent(orders=list(_rdp_orders()), rdp=rdp, delta=delta)
     return float(epsilon)
 
 
@@ -112,6 +131,7 @@ def epsilon_for(
     return history_epsilon([*history, (noise_multiplier, sample_rate, steps)], delta)
 
 
+@lru_cache(maxsize=256)
 def noise_multiplier_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier (to 0.1 % of ε) whose ε after ``steps`` steps is at most ``target_epsilon``.
 
@@ -121,6 +141,8 @@ def noise_multiplier_for_target(target_epsilon: float, delta: float, sample_rate
     check_privacy_parameters(epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps)
     if steps < 1:
         raise PrivacyError(f"steps={steps}: a target ε needs the planned number of steps (>= 1)")
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         with warnings.catch_warnings():
             # The search visits noise levels far from the answer, whose best Rényi order is an extreme one.
@@ -141,11 +163,49 @@ def noise_multiplier_for_target(target_epsilon: float, delta: float, sample_rate
         ) from exc
 
 
+def noise_multiplier_for_remaining(
+    target_epsilon: float, delta: float, history: Sequence[Sequence], sample_rate: float, steps: int
+) -> float | None:
+    """The smallest noise multiplier (to 0.1 % of ε) with which ``steps`` more steps, on top of the run's
+    ``history``, keep the run's ε at ``delta`` at most ``target_epsilon``; None when the history alone
+    already spends the target, or all but 1 % of it (no useful noise keeps the run within it).
+
+    A run whose plan changed after some rounds (resumed with another number of rounds) re-plans its noise
+    with it; for an empty history it is `noise_multiplier_for_target`.
+    """
+    check_privacy_parameters(epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps)
+    if not history:
+        return noise_multiplier_for_target(target_epsilon, delta, sample_rate, steps)
+    if history_epsilon(history, delta) >= 0.99 * target_epsilon:
+        return None
+
+    return smallest_noise_multiplier(
+        lambda noise: history_epsilon([*history, (noise, sample_rate, steps)], delta) <= target_epsilon
+    )
+
+
+def smallest_noise_multiplier(fits: Callable[[float], bool], tolerance: float = 1e-3) -> float | None:
+    """The smallest noise multiplier (to ``tolerance``, relative) for which ``fits`` holds (``fits`` grows
+    with the noise); None when not even a noise multiplier of a million fits. Each try is an RDP
+    computation at fractional orders (tenths of a second): bisection keeps them few."""
+    low, high = 0.0, 1.0
+    while not fits(high):
+        low, high = high, high * 2
+        if high > 1e6:
+            return None
+    while high - low > tolerance * high:
+        middle = (low + high) / 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
 @lru_cache(maxsize=1024)
 def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """Rényi DP at each of ``RDP_ORDERS`` of one Poisson-subsampled Gaussian step (fractional orders are slow)."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     rdp = rdp_analysis.compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(_rdp_orders())
     )
     rdp.setflags(write=False)
     return rdp

@@ -193,7 +193,8 @@ def decide_round(
             f"it would raise the site's lifetime ε (all runs composed, at the lifetime δ={budget.delta:g}) from "
             f"{spent:.3f} to {lifetime_after:.3f}, above the lifetime budget ε={budget.epsilon:g}; "
             f"{max(budget.epsilon - spent, 0):.3f} is left (run ε {run_after:.3f} at the run's δ={delta:g}). "
-            f"Train fewer steps or with more noise, or the operator raises the budget with {set_budget}",
+            "The coordinator asks for less (a smaller dp-target-epsilon, fewer rounds or local steps), or the "
+            "site's operator raises the lifetime budget",
             lifetime_after,
         )
     reason = (

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from common.atomic_files import atomic_write_text
-from privacy.accounting import check_privacy_parameters, history_epsilon
+from privacy.accounting import check_privacy_parameters, history_epsilon, smallest_noise_multiplier
 from privacy.errors import PrivacyBudgetExceeded, PrivacyError
 from privacy.ledger_records import (
     LEDGER_FORMAT,
@@ -143,6 +143,22 @@ class PrivacyLedger:
             return LedgerSummary(None, runs, None, None)
         spent = lifetime_epsilon([r.segment for r in releases], budget.delta)
         return LedgerSummary(budget, runs, spent, budget.epsilon - spent)
+
+    def largest_new_run_epsilon(self, sample_rate: float, steps: int, run_delta: float) -> float:
+        """The largest ε (at ``run_delta``) a new run of ``steps`` steps at ``sample_rate`` may plan and
+        still fit the lifetime budget, composed with everything released so far; 0 when none fits.
+
+        What a refusal tells the coordinator to ask for (``dp-target-epsilon``)."""
+        doc = self._read()
+        budget = budget_from(doc, self.path)
+        if budget is None:
+            return 0.0
+        released = [r.segment for r in releases_from(doc, self.path)]
+        noise = smallest_noise_multiplier(  # advice: 1 % is close enough, and each try is costly
+            lambda z: lifetime_epsilon([*released, (z, sample_rate, steps)], budget.delta) <= budget.epsilon,
+            tolerance=1e-2,
+        )
+        return 0.0 if noise is None else history_epsilon([(noise, sample_rate, steps)], run_delta)
 
     def check_round(
         self, run_id: str, steps: int, sample_rate: float, noise_multiplier: float, delta: float

@@ -18,11 +18,14 @@ One run:
    Each site's reply is logged with its site id to ``metrics.jsonl``; the global model and strategy
    state are checkpointed.
 3. A resumed run (``resume = true``) continues after the last complete checkpoint of ``run-dir`` with
-   the settings stored there, so it ends with the weights an uninterrupted run would have.
+   the settings stored there, so it ends with the weights an uninterrupted run would have; only the
+   settings in ``resume-settings`` (rounds, sites, min-sites, round timeout) may change.
 
 A site that fails or does not answer within ``round-timeout-s`` is dropped from that round (a ``dropped``
 event with the site, round and reason) as long as ``min-sites`` training sites replied; otherwise the run
-stops with an error that names the sites. Site discovery needs every site.
+stops with an error that names the sites. A site that fails site discovery, or whose installed neurofed
+speaks another contract version (contract/version.py), takes no part in the run. A round in which no
+site's update could be used stops the run with the reason of each site.
 
 Deployed (the coordinator's SuperLink sets ``NEUROFED_COORDINATOR_STATE_DIR``, server/coordinator_state.py),
 a relative ``run-dir`` lies in the coordinator's state directory, every run, site, round, contribution,
@@ -42,32 +45,34 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from contract.run_config import RunConfig
+from contract.run_config import RESUME_SETTINGS_KEY, RunConfig, decode_resume_settings
 from server.audit_log import AuditLog
 from server.coordinator_state import CoordinatorState
 from server.federated_run import EventHook, FederatedRun, MessageHook
+from server.run_directory import RunDirectory
 from server.run_progress import run_progress
 from server.site_registry import SiteRegistry
 
 RESUME_KEY = "resume"
 """Flower run-config key (bool): continue the run in ``run-dir`` instead of starting a new one."""
-RESUME_ROUNDS_KEY = "resume-rounds"
-"""Flower run-config key (int): with ``resume``, extend the run to this many rounds (0: as it was started).
-Flower hands the app pyproject's ``num-server-rounds`` whether or not it was asked for, so that key cannot
-say whether a resumed run should grow."""
 
 
 def run_settings(flower_config: Mapping[str, Any]) -> tuple[RunConfig, bool]:
     """The run's settings and whether to resume, from Flower's flat run config (``resume`` and
-    ``resume-rounds`` included)."""
+    ``resume-settings`` included).
+
+    A resumed run's settings are the interrupted run's, stored in its run directory, but for those
+    ``resume-settings`` changes (contract/run_config.py, `RESUMABLE_SETTINGS`).
+    """
     settings = dict(flower_config)
     resume = bool(settings.pop(RESUME_KEY, False))
-    has_resume_rounds = RESUME_ROUNDS_KEY in settings
-    resume_rounds = int(settings.pop(RESUME_ROUNDS_KEY, 0))
+    changes = decode_resume_settings(str(settings.pop(RESUME_SETTINGS_KEY, "")))
     config = RunConfig.from_flower(settings)
-    if resume and has_resume_rounds:
-        # The stored rounds win (FederatedRun keeps the larger of the two) unless resume-rounds asks for more.
-        config = config.replace(num_rounds=max(resume_rounds, 1))
+    if resume:
+        deployment = CoordinatorState.from_environment()
+        run_dir = deployment.resolve_run_dir(config.run_dir) if deployment is not None else config.run_dir
+        stored = RunDirectory(run_dir).read_config().to_flower()
+        config = RunConfig.from_flower({**stored, **changes, "run-dir": config.run_dir})
     return config, resume
 
 
@@ -102,6 +107,7 @@ def run_federation(
         audit=AuditLog(deployment.audit_path),
         enrolled_names=SiteRegistry(deployment).names_by_node_id(),
         flower_run_id=context.run_id,
+        known_cause=SiteRegistry(deployment).revocation,
     )
     try:
         with run_progress(run, show=progress):
@@ -113,9 +119,7 @@ def run_federation(
         write_deployed_report(Path(config.run_dir))
     except Exception as exc:  # the run itself completed: its files are all there
         run.audit_event("report-failed", run_dir=config.run_dir, reason=f"{type(exc).__name__}: {exc}")
-        print(
-            f"neurofed: the run finished but its report failed ({exc}); run `neurofed report {config.run_dir}`"
-        )
+        print(f"neurofed: the run finished but its report failed ({exc}); see the audit log (report-failed)")
     return Path(config.run_dir)
 
 

@@ -101,9 +101,10 @@ def _run_coordinator_enroll(args: argparse.Namespace) -> int:
 
 
 def _run_coordinator_sites(args: argparse.Namespace) -> int:
-    """List enrolled sites and whether their SuperNode is online.
+    """List enrolled sites, whether their SuperNode is online, and revoked sites.
 
-    List the enrolled sites: name, Flower node id, status (registered, online, offline).
+    List the enrolled sites: name, Flower node id, status (registered: never connected, online,
+    offline; revoked, with the time, for a site revoked with `revoke`).
     """
     from server.coordinator_state import CoordinatorState
     from server.site_registry import SiteRegistry
@@ -112,7 +113,8 @@ def _run_coordinator_sites(args: argparse.Namespace) -> int:
     if not sites:
         print("no site is enrolled; enroll one with `neurofed coordinator enroll SITE_PUBKEY --name NAME`")
     for s in sites:
-        print(f"{s.name:<24} node {s.node_id:<22} {s.status:<16} enrolled {s.enrolled_at}")
+        revoked = f", revoked {s.revoked_at}" if s.revoked_at else ""
+        print(f"{s.name:<24} node {s.node_id:<22} {s.status:<16} enrolled {s.enrolled_at}{revoked}")
     return 0
 
 
@@ -141,7 +143,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override one run setting (repeatable), e.g. --set num-server-rounds=10 --set strategy=fedprox",
     )
-    p.add_argument("--resume", metavar="NAME", help="continue the interrupted run in STATE_DIR/runs/NAME")
+    p.add_argument(
+        "--resume",
+        metavar="NAME",
+        help="continue the interrupted run in STATE_DIR/runs/NAME from its last checkpoint, with its stored "
+        "settings; only --set num-server-rounds, num-sites, min-sites and round-timeout-s may change them",
+    )
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -161,29 +168,49 @@ def _run_run(args: argparse.Namespace) -> int:
     """Submit a federated run to the coordinator and follow it until it ends.
 
     Submit the neurofed Flower app to the coordinator (`flwr run` over TLS) with the run settings of
-    pyproject.toml [tool.flwr.app.config], overridden by CONFIG.toml and --set key=value; stream its
-    log; exit 0 only when the run completed (1 when it failed or was stopped). The run directory is
-    written on the coordinator, in STATE_DIR/runs/NAME (NAME: the UTC start time unless
-    --set run-dir=runs/NAME); a run interrupted by a coordinator restart continues from its last
-    checkpoint with --resume NAME.
+    pyproject.toml [tool.flwr.app.config], overridden by CONFIG.toml (e.g. deploy/job.toml) and --set
+    key=value; stream its log; exit 0 only when the run completed (1 when it failed or was stopped).
+    Without num-sites in the job, the run waits for the enrolled sites connected when it is submitted.
+    The run directory is written on the coordinator, in STATE_DIR/runs/NAME (NAME: the UTC start time
+    unless --set run-dir=runs/NAME); a run that stopped after a checkpoint continues with --resume NAME.
     """
     from server.coordinator_state import Connection, CoordinatorState
-    from server.job_submission import default_app_dir, report_outcome, run_settings, submit_run
+    from server.job_submission import (
+        checkpointed_rounds,
+        default_app_dir,
+        report_outcome,
+        run_settings,
+        submit_run,
+        wait_for_connected_sites,
+    )
+    from server.site_registry import SiteRegistry, node_statuses
 
+    state = None
     if args.coordinator or args.ca:
         if not (args.coordinator and args.ca):
             raise NeurofedError("--coordinator and --ca go together (or pass --state-dir on the coordinator)")
         connection = Connection(args.coordinator, args.ca)
     elif args.state_dir:
-        connection = CoordinatorState(args.state_dir).read_connection()
+        state = CoordinatorState(args.state_dir)
+        connection = state.read_connection()
     else:
         raise NeurofedError(
             "say where the coordinator is: --state-dir DIR, or --coordinator HOST:PORT --ca CA.crt"
         )
+    if args.resume and args.config:
+        raise NeurofedError(
+            f"--resume {args.resume} continues the run with the settings it was started with: give no "
+            "CONFIG.toml, only --set for num-server-rounds, num-sites, min-sites or round-timeout-s"
+        )
     settings = run_settings(args.config, args.settings, resume=args.resume)
+    if not args.resume and "num-sites" not in settings:
+        statuses = node_statuses(connection)
+        names = SiteRegistry(state).names_by_node_id() if state is not None else {}
+        online = [names.get(node, f"node {node}") for node, status in statuses.items() if status == "online"]
+        print(wait_for_connected_sites(settings, sorted(online)), flush=True)
     app_dir = args.app or default_app_dir()
     outcome = submit_run(connection, settings, app_dir, stream=not args.no_stream)
-    return report_outcome(outcome)
+    return report_outcome(outcome, checkpointed_rounds(state, outcome.run_dir))
 
 
 def add_coordinator_commands(sub: argparse._SubParsersAction) -> None:

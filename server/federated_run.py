@@ -15,8 +15,9 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from contract.run_config import RunConfig
+from contract.run_config import RunConfig, resumed_config
 from contract.site_task import site_task_record
+from contract.version import CONTRACT_VERSION
 from contract.wire import (
     CONFIG_RECORD,
     METRICS_RECORD,
@@ -28,11 +29,12 @@ from contract.wire import (
     WEIGHT_KEY,
 )
 from models.errors import NeurofedError
+from models.model_file import weights_sha256
 from server.audit_log import AuditLog
 from server.global_model import read_model_state, starting_point, starting_weights, write_model_file
 from server.run_directory import RunDirectory
-from server.site_discovery import Site, site_summaries, sites_from_replies
-from server.site_replies import NodeView, lost_nodes
+from server.site_discovery import Site, compatible_replies, site_summaries, sites_from_replies
+from server.site_replies import NodeView, lost_nodes, no_contributor_reason
 from server.strategies import (
     make_strategy,
     released_rounds,
@@ -71,15 +73,12 @@ class FederatedRun:
         audit: AuditLog | None = None,
         enrolled_names: Mapping[int, str] | None = None,
         flower_run_id: int | None = None,
+        known_cause: Callable[[int], str | None] | None = None,
     ) -> None:
         self.run_dir = RunDirectory(config.run_dir)
         if resume:
-            stored = self.run_dir.read_config()
-            # The stored settings win: a resumed run must repeat the interrupted one exactly. Only the
-            # number of rounds may grow, to extend a finished run.
-            config = stored.replace(
-                run_dir=config.run_dir, num_rounds=max(stored.num_rounds, config.num_rounds)
-            )
+            # The stored settings win, but for the few a resumed run may change (RESUMABLE_SETTINGS).
+            config = resumed_config(self.run_dir.read_config(), config)
         self.config = config
         self.grid = grid
         self.resume = resume
@@ -91,6 +90,7 @@ class FederatedRun:
         self.audit = audit
         self.enrolled_names = dict(enrolled_names or {})
         self.flower_run_id = flower_run_id
+        self.known_cause = known_cause  # what the coordinator knows of a lost node (revoked)
 
     # -- messaging ----------------------------------------------------------------------------------
 
@@ -105,7 +105,9 @@ class FederatedRun:
     def audit_event(self, event: str, **fields: Any) -> None:
         """Write one event to the coordinator's audit log (deployments only), tagged with the run."""
         if self.audit is not None:
-            self.audit.record(event, run_id=self.run_id or None, flower_run_id=self.flower_run_id, **fields)
+            # Flower's 64-bit ids as strings: JSON readers such as jq round large numbers.
+            flower_run_id = None if self.flower_run_id is None else str(self.flower_run_id)
+            self.audit.record(event, run_id=self.run_id or None, flower_run_id=flower_run_id, **fields)
 
     def _site_name(self, node_id: int) -> str:
         site = next((s for s in self.sites if s.node_id == node_id), None)
@@ -130,20 +132,15 @@ class FederatedRun:
         if self.on_message is not None:
             for r in replies:
                 self.on_message("from-site", r)
-        dropped = lost_nodes(messages, replies, self.config.round_timeout_s)
+        dropped = lost_nodes(messages, replies, self.config.round_timeout_s, self.known_cause)
         for d in dropped:
             d["site"] = self._site_name(d["node_id"])
         good = [r for r in replies if not r.has_error()]
         if len(good) < required:
             reasons = "; ".join(f"{d['site']}: {d['reason']}" for d in dropped)
-            then = (
-                f"continue with --resume {self.config.run_dir}"
-                if self.run_dir.config_path.is_file()
-                else "start the run again"
-            )
             raise NeurofedError(
                 f"round {server_round} {what}: {len(good)} of {len(messages)} site(s) replied, {required} "
-                f"needed ({reasons}); fix the site(s) and {then}"
+                f"needed ({reasons}); fix the site(s) and {self._how_to_continue()}"
             )
         by_node = {s.node_id: s for s in self.sites}
         for d in dropped:
@@ -163,6 +160,11 @@ class FederatedRun:
         good.sort(key=lambda r: order.get(r.metadata.src_node_id, str(r.metadata.src_node_id)))
         return good, [{"site": d["site"], "reason": d["reason"]} for d in dropped]
 
+    def _how_to_continue(self) -> str:
+        if self.run_dir.completed_rounds():
+            return f"continue from the last checkpoint with --resume {self.config.run_dir}"
+        return "start the run again (it has no checkpoint to resume from)"
+
     def _wait_for_nodes(self) -> list[int]:
         deadline = time.monotonic() + self.config.round_timeout_s
         while len(node_ids := list(self.grid.get_node_ids())) < self.config.num_sites:
@@ -180,7 +182,11 @@ class FederatedRun:
         node_ids = self._wait_for_nodes()
         content = RecordDict({CONFIG_RECORD: site_config(self.config, 0)})
         messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
-        replies, _ = self._send(messages, "site discovery", 0)
+        # A site that fails here (or speaks another contract version) takes no part; min-sites decides.
+        replies, _ = self._send(messages, "site discovery", 0, required=1)
+        replies, incompatible = compatible_replies(replies, self._site_name)
+        for left_out in incompatible:
+            self._emit({"event": "dropped", "round": 0, "stage": "site discovery", **left_out})
         sites, plan = sites_from_replies(replies, self.config.min_sites)
         self.sites = sites
         self.plan = plan
@@ -218,6 +224,7 @@ class FederatedRun:
             self.run_id = uuid.uuid4().hex
         self.audit_event(
             "run-started",
+            contract_version=CONTRACT_VERSION,
             run_dir=str(config.run_dir),
             resume=self.resume,
             first_round=start_round,
@@ -226,7 +233,7 @@ class FederatedRun:
         for s in sites:
             self.audit_event(
                 "site-joined",
-                node_id=s.node_id,
+                node_id=str(s.node_id),
                 site=s.site_id,
                 enrolled_as=self.enrolled_names.get(s.node_id),
                 role=s.role,
@@ -244,13 +251,7 @@ class FederatedRun:
                     **starting,
                 },
             )
-            self._emit(
-                {
-                    "event": "sites",
-                    "round": 0,
-                    "sites": site_summaries(sites),
-                }
-            )
+            self._emit({"event": "sites", "round": 0, "sites": site_summaries(sites)})
         if state_dict is None:
             # A resumed run that never wrote a checkpoint starts again from its starting weights.
             state_dict, _ = starting_weights(config, self.plan)
@@ -284,13 +285,11 @@ class FederatedRun:
             replies, dropped = self._send(
                 messages, "training", server_round, required=config.min_sites or len(trainers)
             )
-            accepted = self._screen_updates(server_round, replies, arrays, dropped)
-            new_arrays, train_metrics, skipped = None, None, "no site update was accepted this round"
-            if accepted:
-                new_arrays, train_metrics = strategy.aggregate_train(server_round, accepted)
-                skipped = unreleased_reason(strategy, server_round)
+            accepted = self._screen_updates(server_round, replies, arrays, dropped)  # raises when none
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, accepted)
+            skipped = unreleased_reason(strategy, server_round)
             if new_arrays is None and skipped:
-                # No site's update is usable, or too few for site-level DP: the global model stays as it was.
+                # Too few updates for site-level DP: the global model stays as it was.
                 event = {"event": "aggregate-train", "round": server_round, "metrics": {}, "skipped": skipped}
                 self._emit(event)
                 self._finish_round(strategy, server_round, arrays, write_model)
@@ -319,14 +318,9 @@ class FederatedRun:
 
         final = arrays.to_torch_state_dict()
         write_model(self.run_dir.final_model_path, final)
-        self._emit(
-            {
-                "event": "finished",
-                "round": config.num_rounds,
-                "final_model": str(self.run_dir.final_model_path),
-            }
-        )
-        self.audit_event("run-finished", run_dir=str(config.run_dir), num_rounds=config.num_rounds)
+        model = {"final_model": str(self.run_dir.final_model_path), "weights_sha256": weights_sha256(final)}
+        self._emit({"event": "finished", "round": config.num_rounds, **model})
+        self.audit_event("run-finished", run_dir=str(config.run_dir), num_rounds=config.num_rounds, **model)
         return final
 
     def _finish_round(
@@ -383,6 +377,13 @@ class FederatedRun:
             dropped=list(dropped or []),
             epsilon=screened.epsilon,
         )
+        if not screened.accepted:
+            left_out = [
+                {**e, "how": how}
+                for how, group in (("refused", screened.refused), ("rejected", screened.rejected))
+                for e in group
+            ] + [{**e, "how": "dropped"} for e in dropped or []]
+            raise NeurofedError(f"{no_contributor_reason(server_round, left_out)}; {self._how_to_continue()}")
         return screened.accepted
 
     def _answered_evaluations(

@@ -20,11 +20,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from contract.run_config import RunConfig, flower_key
+from contract.run_config import RESUME_SETTINGS_KEY, RunConfig, encode_resume_settings, flower_key
 from models.errors import NeurofedError
-from server.coordinator_state import Connection
+from server.coordinator_state import Connection, CoordinatorState
 from server.flower_control import CONNECTION_NAME, FlowerControl
 
+STATUS_ATTEMPTS = 5
+"""Reads of a run's status in a row that may fail (a coordinator too busy to answer) before `neurofed run`
+gives up following the run (the run itself goes on)."""
 RUNS_FOLDER = "runs"
 """Run directories of a deployment go to ``<coordinator state-dir>/runs/<name>``."""
 
@@ -88,20 +91,44 @@ def run_settings(
         table = document.get("tool", {}).get("flwr", {}).get("app", {}).get("config", document)
         settings.update(table)
     settings.update(parse_setting(a) for a in assignments)
-    known = {flower_key(f.name) for f in fields(RunConfig)} | {"resume", "resume-rounds"}
+    known = {flower_key(f.name) for f in fields(RunConfig)}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise NeurofedError(f"unknown run settings {unknown}; known: {sorted(known)}")
-    if resume is not None:
-        settings["resume"] = True
-        settings["run-dir"] = resume if "/" in resume else f"{RUNS_FOLDER}/{resume}"
-        # A resumed run keeps its stored settings; asking for more rounds extends it (server/federated_run.py).
-        settings["resume-rounds"] = int(settings.pop("num-server-rounds", 0))
-    elif "run-dir" not in settings or settings["run-dir"] == RunConfig().run_dir:
-        settings["run-dir"] = f"{RUNS_FOLDER}/{(now or datetime.now(UTC)):%Y%m%d-%H%M%S}"
     # Catch a bad value here rather than minutes later in the coordinator's log.
-    RunConfig.from_flower({k: v for k, v in settings.items() if k not in ("resume", "resume-rounds")})
+    RunConfig.from_flower(settings)
+    if resume is not None:
+        # A resumed run keeps its stored settings but for the few that may change (RESUMABLE_SETTINGS).
+        return {
+            "resume": True,
+            "run-dir": resume if "/" in resume else f"{RUNS_FOLDER}/{resume}",
+            RESUME_SETTINGS_KEY: encode_resume_settings(settings),
+        }
+    if "run-dir" not in settings or settings["run-dir"] == RunConfig().run_dir:
+        settings["run-dir"] = f"{RUNS_FOLDER}/{(now or datetime.now(UTC)):%Y%m%d-%H%M%S}"
     return settings
+
+
+def wait_for_connected_sites(settings: dict[str, Any], online: Sequence[str]) -> str | None:
+    """Without ``num-sites`` in a new run's settings: wait for the ``online`` sites (none holdout-by-count).
+
+    Returns the line that says so (None when the job sets num-sites itself or resumes); NeurofedError when
+    no site is online.
+    """
+    if settings.get("resume") or "num-sites" in settings:
+        return None
+    if not online:
+        raise NeurofedError(
+            "no enrolled site is connected, so the run would have no site to wait for: start the sites "
+            "(`neurofed coordinator sites` shows who is online), or set num-sites in the job"
+        )
+    settings["num-sites"] = len(online)
+    settings.setdefault("unseen-sites", 0)  # a deployed site declares its role itself
+    RunConfig.from_flower({k: v for k, v in settings.items() if k != "resume"})
+    return (
+        f"num-sites = {len(online)}: the run waits for the sites connected now ({', '.join(online)}); "
+        "set num-sites in the job to wait for more"
+    )
 
 
 def default_app_dir() -> Path:
@@ -129,9 +156,13 @@ def submit_run(
     settings: Mapping[str, Any],
     app_dir: Path,
     stream: bool = True,
-    poll_s: float = 3.0,
+    poll_s: float = 15.0,
 ) -> RunOutcome:
-    """Submit the app with ``settings``, stream its log until it ends, return its final status."""
+    """Submit the app with ``settings``, stream its log until it ends, return its final status.
+
+    Flower's log stream ends with the run; its status is read then, and every ``poll_s`` seconds in case
+    the stream broke off (each read is a `flwr` process: not in a tight loop on a small machine).
+    """
     with FlowerControl(connection) as control, tempfile.TemporaryDirectory(prefix="neurofed-run-") as tmp:
         config_path = _write_settings(settings, Path(tmp))
         answer = control.call_json(
@@ -139,24 +170,40 @@ def submit_run(
         )
         run_id = int(answer["run-id"])
         print(f"submitted run {run_id} (run directory {settings['run-dir']} on the coordinator)", flush=True)
-        log = None
-        if stream:
-            log = subprocess.Popen(
-                control.command("log", str(run_id), CONNECTION_NAME, "--stream"), env=control.environment
-            )
+        quiet = None if stream else subprocess.DEVNULL
+        log = subprocess.Popen(
+            control.command("log", str(run_id), CONNECTION_NAME, "--stream"),
+            env=control.environment,
+            stdout=quiet,
+            stderr=quiet,
+        )
+        failures = 0
         try:
             while True:
-                status, details = _run_status(control, run_id)
+                try:
+                    log.wait(timeout=poll_s)
+                except subprocess.TimeoutExpired:
+                    pass
+                try:
+                    status, details = _run_status(control, run_id)
+                    failures = 0
+                except NeurofedError as exc:
+                    # The run goes on at the coordinator whatever happens here: a busy coordinator is asked again.
+                    failures += 1
+                    if failures >= STATUS_ATTEMPTS:
+                        raise
+                    print(f"neurofed run: {exc}; asking again", file=sys.stderr, flush=True)
+                    continue
                 if status.startswith("finished"):
                     break
-                time.sleep(poll_s)
+                if log.poll() is not None:
+                    time.sleep(min(poll_s, 3.0))
         finally:
-            if log is not None:
-                try:
-                    log.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    log.terminate()
-                    log.wait(timeout=10)
+            try:
+                log.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.terminate()
+                log.wait(timeout=10)
     return RunOutcome(run_id, status, details, str(settings["run-dir"]))
 
 
@@ -169,17 +216,39 @@ def _run_status(control: FlowerControl, run_id: int) -> tuple[str, str]:
     return str(run["status"]), "" if details == "N/A" else details
 
 
-def report_outcome(outcome: RunOutcome) -> int:
-    """Print how the run ended; 0 when it completed, 1 otherwise."""
+def checkpointed_rounds(state: CoordinatorState | None, run_dir: str) -> list[int] | None:
+    """The rounds of the run with a checkpoint on the coordinator; None when it cannot be seen from here."""
+    if state is None:
+        return None
+    from server.run_directory import RunDirectory
+
+    try:
+        return RunDirectory(state.resolve_run_dir(run_dir)).completed_rounds()
+    except OSError:
+        return None
+
+
+def report_outcome(outcome: RunOutcome, checkpoints: list[int] | None = None) -> int:
+    """Print how the run ended; 0 when it completed, 1 otherwise.
+
+    Args:
+        checkpoints: the run's checkpointed rounds (None: unknown here); a resume is suggested only for a
+            run with a checkpoint.
+    """
     if outcome.succeeded:
         print(f"run {outcome.flower_run_id} completed; run directory {outcome.run_dir} on the coordinator")
         return 0
     name = Path(outcome.run_dir).name
+    if checkpoints:
+        then = f"continue it from its checkpoint of round {checkpoints[-1]} with `neurofed run --resume {name}`"
+    elif checkpoints is None:
+        then = f"if it wrote a checkpoint (runs/{name}/checkpoints/), continue it with `neurofed run --resume {name}`"
+    else:
+        then = "submit it again: it stopped before its first checkpoint, so there is nothing to resume"
     print(
         f"run {outcome.flower_run_id} ended {outcome.status}"
         + (f": {outcome.details}" if outcome.details else "")
-        + f". See the log above and the coordinator's audit log; after fixing the cause, continue it from its "
-        f"last checkpoint with `neurofed run --resume {name}`",
+        + f". See the log above and the coordinator's audit log; after fixing the cause, {then}",
         file=sys.stderr,
     )
     return 1

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import Message
 
+from contract.version import CONTRACT_VERSION, CONTRACT_VERSION_KEY, contract_mismatch
 from contract.wire import (
     METRICS_RECORD,
     NUM_TEST_KEY,
@@ -31,6 +32,24 @@ class Site:
     role: str
     num_train: int
     num_test: int
+
+
+def compatible_replies(
+    replies: Sequence[Message], name_of: Callable[[int], str]
+) -> tuple[list[Message], list[dict[str, Any]]]:
+    """The ``query`` replies of sites whose installed neurofed speaks this app's contract version, and
+    ``{"site", "role", "reason"}`` of each other site (the reason names both versions)."""
+    compatible, left_out = [], []
+    for r in replies:
+        info = r.content[SITE_RECORD]
+        site = str(info[SITE_ID_KEY]) if SITE_ID_KEY in info else name_of(r.metadata.src_node_id)
+        version = int(info[CONTRACT_VERSION_KEY]) if CONTRACT_VERSION_KEY in info else None
+        mismatch = contract_mismatch(CONTRACT_VERSION, version or None, f"site {site}")
+        if mismatch is None:
+            compatible.append(r)
+        else:
+            left_out.append({"site": site, "role": str(info.get(ROLE_KEY, "")) or None, "reason": mismatch})
+    return compatible, left_out
 
 
 def sites_from_replies(replies: Sequence[Message], min_sites: int) -> tuple[list[Site], dict[str, Any]]:

@@ -3,8 +3,9 @@
 Flower decides who may connect: with SuperNode authentication on, the SuperLink accepts only SuperNodes
 whose public key was registered through its Control API (`flwr supernode register`), and each gets a
 node id. `SiteRegistry` calls that mechanism and keeps the name <-> public key <-> node id mapping in
-``<state-dir>/sites.json``, so operators work with hospital names and the audit log can name sites.
-Enrolments and revocations are also written to the audit log.
+``<state-dir>/sites.json``, so operators work with hospital names and the audit log can name sites. A
+revoked site stays there, marked with the time of its revocation. Enrolments and revocations are also
+written to the audit log (node ids as strings: JSON readers such as jq round 64-bit numbers).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class EnrolledSite:
     public_key: str
     enrolled_at: str
     status: str = "unknown"
-    """Flower's view: ``registered`` (never connected), ``online``, ``offline``; ``unknown`` if not asked."""
+    """Flower's view: ``registered`` (never connected), ``online``, ``offline``; ``unknown`` if not asked;
+    ``revoked`` for a site revoked with `SiteRegistry.revoke` (kept in the list, never readmitted)."""
+    revoked_at: str | None = None
 
 
 class SiteRegistry:
@@ -66,6 +69,13 @@ class SiteRegistry:
         """Node id -> enrolled name, from the local registry only (no call to the SuperLink)."""
         return {int(v["node_id"]): name for name, v in self._read().items()}
 
+    def revocation(self, node_id: int) -> str | None:
+        """``"revoked by the coordinator's operator at TIME"`` for a revoked site's node, else None."""
+        for name, entry in self._read().items():
+            if int(entry["node_id"]) == node_id and entry.get("revoked_at"):
+                return f"{name} was revoked by the coordinator's operator at {entry['revoked_at']}"
+        return None
+
     def enroll(self, public_key_file: Path, name: str) -> EnrolledSite:
         """Register the site's SuperNode public key with the SuperLink under ``name``."""
         if not _NAME_RE.fullmatch(name):
@@ -73,7 +83,7 @@ class SiteRegistry:
                 f"--name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (e.g. hospital-a)"
             )
         sites = self._read()
-        if name in sites:
+        if name in sites and not sites[name].get("revoked_at"):
             raise NeurofedError(
                 f"a site named {name!r} is already enrolled (node {sites[name]['node_id']}); revoke it first "
                 "or choose another name"
@@ -81,6 +91,11 @@ class SiteRegistry:
         public_key = _read_public_key(public_key_file)
         for other, entry in sites.items():
             if entry["public_key"] == public_key:
+                if entry.get("revoked_at"):
+                    raise NeurofedError(
+                        f"{public_key_file}: this key was revoked (site {other!r}, {entry['revoked_at']}) and is "
+                        "never admitted again; the site makes a new key pair (`neurofed-site keygen`)"
+                    )
                 raise NeurofedError(f"{public_key_file}: this key is already enrolled as {other!r}")
         with FlowerControl(self.connection) as control:
             answer = control.call_json(
@@ -97,28 +112,30 @@ class SiteRegistry:
         site = EnrolledSite(
             name, int(answer["node-id"]), public_key, datetime.now(UTC).isoformat(timespec="seconds")
         )
+        if name in sites:  # a revoked site comes back with a new key: its old entry stays, renamed
+            old = sites.pop(name)
+            sites[f"{name} (revoked {old['revoked_at']})"] = old
         sites[name] = {
             "node_id": site.node_id,
             "public_key": site.public_key,
             "enrolled_at": site.enrolled_at,
         }
         self._write(sites)
-        AuditLog(self.state.audit_path).record("site-enrolled", site=name, node_id=site.node_id)
+        AuditLog(self.state.audit_path).record("site-enrolled", site=name, node_id=str(site.node_id))
         return site
 
     def sites(self) -> list[EnrolledSite]:
-        """Every enrolled site with Flower's current status of its SuperNode, by name."""
+        """Every enrolled site with Flower's current status of its SuperNode, and every revoked one, by name."""
         sites = self._read()
-        with FlowerControl(self.connection) as control:
-            answer = control.call_json(["supernode", "list", CONNECTION_NAME], "listing the sites")
-        status = {int(n["node-id"]): str(n.get("status", "unknown")) for n in answer.get("nodes", [])}
+        status = node_statuses(self.connection)
         return [
             EnrolledSite(
                 name,
                 int(v["node_id"]),
                 v["public_key"],
                 v["enrolled_at"],
-                status.get(int(v["node_id"]), "not registered"),
+                "revoked" if v.get("revoked_at") else status.get(int(v["node_id"]), "not registered"),
+                v.get("revoked_at"),
             )
             for name, v in sorted(sites.items())
         ]
@@ -126,20 +143,31 @@ class SiteRegistry:
     def revoke(self, name: str) -> EnrolledSite:
         """Unregister the site's SuperNode at the SuperLink (it can no longer connect) and forget it."""
         sites = self._read()
-        if name not in sites:
-            known = ", ".join(sorted(sites)) or "none"
+        if name not in sites or sites[name].get("revoked_at"):
+            known = ", ".join(sorted(n for n, v in sites.items() if not v.get("revoked_at"))) or "none"
+            what = "was already revoked" if name in sites else "is enrolled"
             raise NeurofedError(
-                f"no site named {name!r} is enrolled (enrolled: {known}); see `neurofed coordinator sites`"
+                f"no site named {name!r} {what} (enrolled: {known}); see `neurofed coordinator sites`"
             )
         entry = sites[name]
         with FlowerControl(self.connection) as control:
             control.call_json(
                 ["supernode", "unregister", str(entry["node_id"]), CONNECTION_NAME], f"revoking {name!r}"
             )
-        del sites[name]
+        # Kept, marked revoked: `sites` lists it, the audit log can name it, its key is never enrolled again.
+        entry["revoked_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         self._write(sites)
-        AuditLog(self.state.audit_path).record("site-revoked", site=name, node_id=int(entry["node_id"]))
-        return EnrolledSite(name, int(entry["node_id"]), entry["public_key"], entry["enrolled_at"], "revoked")
+        AuditLog(self.state.audit_path).record("site-revoked", site=name, node_id=str(entry["node_id"]))
+        return EnrolledSite(
+            name, int(entry["node_id"]), entry["public_key"], entry["enrolled_at"], "revoked", entry["revoked_at"]
+        )
+
+
+def node_statuses(connection: Connection) -> dict[int, str]:
+    """Flower's status of every SuperNode the coordinator knows (``registered``, ``online``, ``offline``)."""
+    with FlowerControl(connection) as control:
+        answer = control.call_json(["supernode", "list", CONNECTION_NAME], "listing the sites")
+    return {int(n["node-id"]): str(n.get("status", "unknown")) for n in answer.get("nodes", [])}
 
 
 def _read_public_key(path: Path) -> str:

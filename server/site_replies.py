@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import Message
@@ -29,17 +29,45 @@ def node_of_reply(messages: Sequence[Message]):
     return node_of
 
 
-def lost_nodes(messages: Sequence[Message], replies: Sequence[Message], timeout_s: float) -> list[dict[str, Any]]:
-    """``{"node_id", "reason"}`` of every node whose reply is an error or missing after ``timeout_s``."""
+def lost_nodes(
+    messages: Sequence[Message],
+    replies: Sequence[Message],
+    timeout_s: float,
+    known_cause: Callable[[int], str | None] | None = None,
+) -> list[dict[str, Any]]:
+    """``{"node_id", "reason"}`` of every node whose reply is an error or missing after ``timeout_s``.
+
+    A message the SuperLink could not take (its node was revoked or left) comes back as an error reply
+    answering no message of ours: its reason is given to the nodes that got no answer. ``known_cause``
+    says what the coordinator knows of a node (e.g. that its operator revoked it), put before Flower's
+    reason.
+    """
     node_of = node_of_reply(messages)
+    sent_to = {m.metadata.dst_node_id for m in messages}
     answered = {node_of(r) for r in replies}
     errors = [{"node_id": node_of(r), "reason": short_reason(r.error.reason)} for r in replies if r.has_error()]
+    undelivered = sorted({e["reason"] for e in errors if e["node_id"] not in sent_to})
+    silent_reason = (
+        f"the coordinator could not deliver the message ({'; '.join(undelivered)})"
+        if undelivered
+        else f"no answer within round-timeout-s = {timeout_s:.0f} s"
+    )
     silent = [
-        {"node_id": m.metadata.dst_node_id, "reason": f"no answer within round-timeout-s = {timeout_s:.0f} s"}
+        {"node_id": m.metadata.dst_node_id, "reason": silent_reason}
         for m in messages
         if m.metadata.dst_node_id not in answered
     ]
-    return errors + silent
+    lost = [e for e in errors if e["node_id"] in sent_to] + silent
+    for entry in lost:
+        if known_cause is not None and (cause := known_cause(entry["node_id"])):
+            entry["reason"] = f"{cause} ({entry['reason']})"
+    return lost
+
+
+def no_contributor_reason(server_round: int, left_out: Sequence[Mapping[str, Any]]) -> str:
+    """Why a training round had no contributor: each site left out, and how."""
+    why = "; ".join(f"{e['site']} {e['how']}: {e['reason']}" for e in left_out) or "no training site was asked"
+    return f"round {server_round}: no site's update could be used ({why}), so the run cannot go on"
 
 
 class NodeView:

@@ -58,7 +58,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     """
     from study.synthesis import synthesize_sites
 
-    synthesize_sites(
+    folders = synthesize_sites(
         args.out_dir,
         n_sites=args.sites,
         subjects_per_site=args.subjects_per_site,
@@ -68,6 +68,8 @@ def _run_synth(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         contrasts=args.contrasts,
     )
+    for folder in folders:
+        print(f"wrote {folder} ({args.subjects_per_site} subjects; `neurofed-site check {folder}` validates it)")
     return 0
 
 

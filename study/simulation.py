@@ -88,10 +88,12 @@ def run_simulation(
 
     from flwr.simulation import run_simulation as flower_run_simulation
 
+    from contract.run_config import RESUME_SETTINGS_KEY, encode_resume_settings
     from server.app import RESUME_KEY, make_server_app
 
+    resumed = {RESUME_SETTINGS_KEY: encode_resume_settings({"num-server-rounds": config.num_rounds})}
     server_app = make_server_app(
-        {**config.to_flower(), RESUME_KEY: resume},
+        {**config.to_flower(), RESUME_KEY: resume, **(resumed if resume else {})},
         on_event=on_event,
         on_message=on_message,
         progress=progress,

@@ -27,6 +27,7 @@ from client.approved_apps import (
     read_approved,
     read_audit_events,
 )
+from contract.version import CONTRACT_VERSION, VERSION_FILE
 from models.errors import NeurofedError
 
 RUN_ID = 7
@@ -52,9 +53,11 @@ rounds = 1
 """
 
 
-def write_tiny_app(folder: Path) -> Path:
-    """A minimal Flower app project (what `flwr build` needs) in ``folder``."""
+def write_tiny_app(folder: Path, contract_version: int = CONTRACT_VERSION) -> Path:
+    """A minimal Flower app project (what `flwr build` needs) in ``folder``, of ``contract_version``."""
     (folder / "tinyapp").mkdir(parents=True)
+    (folder / "contract").mkdir()
+    (folder / VERSION_FILE).write_text(f"CONTRACT_VERSION = {contract_version}\n")
     (folder / "pyproject.toml").write_bytes(TINY_PYPROJECT)
     (folder / "tinyapp" / "__init__.py").write_text("")
     (folder / "tinyapp" / "client.py").write_text("app = None  # reads the scans\n")
@@ -135,7 +138,7 @@ def test_an_approved_bundle_is_stored_and_gets_a_task(tmp_path, supernode) -> No
     assert len(state.get_tasks(run_ids=[RUN_ID])) == 1  # Flower's SuperExec starts a ClientApp for it
     assert state.get_messages_legacy(is_reply=True) == []
     (event,) = read_audit_events(supernode.approval.audit_log)
-    assert event["event"] == ACCEPTED_EVENT and event["fab_hash"] == fab_hash and event["run_id"] == RUN_ID
+    assert event["event"] == ACCEPTED_EVENT and event["fab_hash"] == fab_hash and event["run_id"] == str(RUN_ID)
     assert event["time"].endswith("+00:00") and event["unix"] > 0
 
 
@@ -154,11 +157,24 @@ def test_an_unapproved_bundle_is_refused_before_it_is_stored(tmp_path, supernode
     assert fab_hash in reply.error.reason and "a" * 64 in reply.error.reason
     assert "neurofed-site approve" in reply.error.reason
     (event,) = read_audit_events(supernode.approval.audit_log)
-    assert event["event"] == REFUSED_EVENT and event["fab_hash"] == fab_hash and event["run_id"] == RUN_ID
+    assert event["event"] == REFUSED_EVENT and event["fab_hash"] == fab_hash and event["run_id"] == str(RUN_ID)
     assert event["approved"] == approved and event["approved_apps"] == str(supernode.approval.approved_apps)
     # Approving it takes effect for the next run without a restart.
     approve(supernode.approval.approved_apps, fab_hash, "reviewed")
     assert supernode.deliver(fab).get_run(RUN_ID) is not None
+
+
+def test_an_approved_bundle_of_another_contract_version_is_refused_naming_both(tmp_path, supernode) -> None:
+    newer = build_fab(write_tiny_app(tmp_path / "newer", contract_version=CONTRACT_VERSION + 1))
+    approve(supernode.approval.approved_apps, hashlib.sha256(newer).hexdigest(), "a newer release")
+    state = supernode.deliver(newer)
+    (reply,) = state.get_messages_legacy(is_reply=True)
+    assert state.get_run(RUN_ID) is None  # none of its code runs
+    reason = reply.error.reason
+    assert f"contract version {CONTRACT_VERSION + 1}" in reason and f"version {CONTRACT_VERSION};" in reason
+    assert "Upgrading" in reason
+    (event,) = read_audit_events(supernode.approval.audit_log)
+    assert event["event"] == REFUSED_EVENT and "contract version" in event["reason"]
 
 
 def test_a_bundle_whose_content_does_not_match_its_hash_is_refused(tmp_path, supernode) -> None:
@@ -234,6 +250,51 @@ def test_the_launcher_installs_the_check_then_runs_flowers_supernode(tmp_path, m
     assert main([*args, "--superlink", "h:1"], run_supernode=flower_supernode) == 0
     assert seen == {"argv": ["flower-supernode", "--superlink", "h:1"], "checked": True}
     assert "b" * 64 in capsys.readouterr().out
+
+
+def test_the_launcher_explains_a_refused_key_with_its_fingerprint(tmp_path, monkeypatch, capsys) -> None:
+    import logging
+    import subprocess
+
+    from flwr.supernode import start_client_internal as loop
+
+    from client.approved_supernode import HOOK_FUNCTION, main
+    from client.site_keys import generate_site_keys
+
+    monkeypatch.setattr(loop, HOOK_FUNCTION, getattr(loop, HOOK_FUNCTION))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    approved = tmp_path / "approved-apps.txt"
+    approve(approved, "b" * 64, "test")
+    pair = generate_site_keys(tmp_path / "keys")
+
+    def refused_supernode() -> None:  # what Flower 1.41 logs and does when the coordinator refuses the key
+        logging.getLogger("flwr").error(
+            "Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n"
+            "[code: 2004] Failed to activate SuperNode.\nThe SuperNode could not establish a connection."
+        )
+        raise SystemExit(1)
+
+    args = ["--approved-apps", str(approved), "--audit-log", str(tmp_path / "audit.jsonl"), "--"]
+    flower = ["--superlink", "coordinator.example.org:9092", "--auth-supernode-private-key", str(pair.private_key)]
+    with pytest.raises(SystemExit):
+        main([*args, *flower], run_supernode=refused_supernode)
+    err = capsys.readouterr().err
+    shown = subprocess.run(["ssh-keygen", "-lf", str(pair.public_key)], capture_output=True, text=True)
+    if shown.returncode == 0:  # the fingerprint the coordinator's operator sees
+        assert shown.stdout.split()[1] in err
+    assert "refused this site's key (SHA256:" in err and "not enrolled" in err and "revoked" in err
+    assert "not a network problem" in err
+
+
+def test_a_certificate_the_site_cannot_verify_is_explained() -> None:
+    from client.connection_failure import explain
+
+    flower = ["--superlink", "coord:9092", "--root-certificates", "/etc/neurofed-site/ca.crt"]
+    wrong_ca = explain("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get issuer", flower)
+    assert "/etc/neurofed-site/ca.crt is not the CA" in wrong_ca and "fingerprint" in wrong_ca
+    wrong_name = explain("certificate verify failed: Hostname mismatch, certificate is not valid for 'coord'", flower)
+    assert "not a name in the coordinator's certificate" in wrong_name
+    assert explain("something else entirely", flower) is None
 
 
 # --- the approvals file and bundle hashes ------------------------------------------------------------

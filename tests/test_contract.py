@@ -83,3 +83,43 @@ def test_a_key_is_created_with_its_final_mode(tmp_path) -> None:
     assert stat.S_IMODE((tmp_path / "site.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "site.pub").stat().st_mode) == 0o644
     assert (tmp_path / "site.key").read_bytes() == b"secret"
+
+
+def test_the_coordinator_leaves_out_a_site_of_another_contract_version_naming_both(task_identity) -> None:
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from contract.version import CONTRACT_VERSION, CONTRACT_VERSION_KEY
+    from server.site_discovery import compatible_replies
+
+    def reply(node: int, site_id: str, version: int | None) -> Message:
+        query = Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+        query.metadata.__dict__["_message_id"] = query.object_id
+        info = {"site-id": site_id, "role": "train"}
+        if version is not None:
+            info[CONTRACT_VERSION_KEY] = version
+        answer = Message(RecordDict({"site": ConfigRecord(info)}), reply_to=query)
+        answer.metadata.__dict__["_src_node_id"] = node
+        return answer
+
+    replies = [reply(1, "same", CONTRACT_VERSION), reply(2, "newer", CONTRACT_VERSION + 1), reply(3, "old", None)]
+    kept, left_out = compatible_replies(replies, lambda node: f"node {node}")
+    assert [r.metadata.src_node_id for r in kept] == [1]
+    assert [e["site"] for e in left_out] == ["newer", "old"]
+    assert f"contract version {CONTRACT_VERSION}, site newer's installed neurofed version {CONTRACT_VERSION + 1}" in (
+        left_out[0]["reason"]
+    )
+    assert "version none" in left_out[1]["reason"]
+
+
+def test_a_resumed_run_may_change_rounds_and_sites_only() -> None:
+    from contract.run_config import decode_resume_settings, encode_resume_settings, resumed_config
+
+    stored = RunConfig(num_rounds=5, num_sites=3, unseen_sites=1, min_sites=2, strategy="fedprox")
+    changes = {"num-server-rounds": 8, "num-sites": 2, "min-sites": 1}
+    wanted = RunConfig.from_flower({**stored.to_flower(), **decode_resume_settings(encode_resume_settings(changes))})
+    resumed = resumed_config(stored, wanted.replace(run_dir="runs/x"))
+    assert (resumed.num_rounds, resumed.num_sites, resumed.min_sites) == (8, 2, 1)
+    assert resumed.strategy == "fedprox" and resumed.run_dir == "runs/x"
+    with pytest.raises(NeurofedError, match=r"\['strategy'\] cannot be changed.*min-sites"):
+        encode_resume_settings({"strategy": "fedavg", "min-sites": 1})
+    assert encode_resume_settings({}) == "" and decode_resume_settings("") == {}

@@ -29,6 +29,7 @@ from client.site_data import SiteData, run_preprocessing_plan  # noqa: E402
 from client.site_model import build_model  # noqa: E402
 from client.site_state import normalization_keys  # noqa: E402
 from contract.run_config import RunConfig  # noqa: E402
+from contract.version import CONTRACT_VERSION, CONTRACT_VERSION_KEY  # noqa: E402
 from contract.wire import REFUSED_KEY  # noqa: E402
 from server.federated_run import site_config  # noqa: E402
 from server.strategies import make_strategy, state_dict_to_arrays  # noqa: E402
@@ -112,6 +113,7 @@ def deployed_site_context(tmp_path: Path, state: str, **node_config) -> Context:
             "data-dir": str(tmp_path / "site-a"),
             "site-id": "site-a",
             "state-dir": str(tmp_path / state),
+            CONTRACT_VERSION_KEY: CONTRACT_VERSION,  # as `neurofed-site start` writes it
             **node_config,
         },
         state=RecordDict(),
@@ -152,6 +154,37 @@ def test_the_site_daemon_asks_for_dp_unless_allow_no_dp() -> None:
     )
     assert "require-dp='true'" in node_config(base)
     assert "require-dp='false'" in node_config(base.__class__(**{**base.__dict__, "allow_no_dp": True}))
+
+
+def test_a_site_whose_installed_neurofed_speaks_another_contract_refuses_and_logs_it(site, capsys) -> None:
+    from client.approved_apps import AUDIT_LOG_FILE, read_audit_events
+    from models.errors import NeurofedError
+
+    site.context.node_config[CONTRACT_VERSION_KEY] = CONTRACT_VERSION + 1
+    both = rf"contract version {CONTRACT_VERSION}, site site-a's installed neurofed version {CONTRACT_VERSION + 1}"
+    with pytest.raises(NeurofedError, match=both):
+        site("fedavg", 1, _initial_state())
+    assert site.seen == []
+    (event,) = read_audit_events(site.tmp_path / "state" / AUDIT_LOG_FILE)
+    assert event["event"] == "run-refused" and "contract version" in event["reason"]
+    assert "neurofed: REFUSED the run" in capsys.readouterr().out  # the site's own log says why
+
+
+def test_a_deployed_site_keeps_the_final_model_and_logs_its_hash(site, capsys) -> None:
+    from client.approved_apps import AUDIT_LOG_FILE, read_audit_events
+    from models.model_file import load_model, weights_sha256
+
+    state = _initial_state()
+    # The last round's evaluation brings the final model: kept even where the site declines to evaluate.
+    reply = site("fedavg", 2, state, kind="evaluate", num_rounds=2)
+    assert "did not train in round 2" in str(reply.content["refusal"]["reason"])
+    events = {e["event"]: e for e in read_audit_events(site.tmp_path / "state" / AUDIT_LOG_FILE)}
+    received = events["model-received"]
+    assert received["weights_sha256"] == weights_sha256(state)
+    assert load_model(received["model_file"]).weights_sha256 == weights_sha256(state)  # segment reads it
+    assert "did not train in round 2" in events["evaluation-refused"]["reason"]
+    out = capsys.readouterr().out
+    assert f"weights sha256 {weights_sha256(state)}" in out and "REFUSED evaluation" in out
 
 
 def test_fedprox_mu_and_global_weights_reach_the_sites_training_loop(site) -> None:

@@ -183,7 +183,7 @@ def test_audit_pools_training_sites_and_writes_plain_json(overfitted) -> None:
 # --- the report's section ---------------------------------------------------------------------------------
 
 
-def _records(tmp_path, dp: bool, with_audit: bool = True):
+def _records(tmp_path, dp: bool, with_audit: bool = True, data_root: str = "data"):
     from server.report import RunRecords
 
     group = {
@@ -206,7 +206,7 @@ def _records(tmp_path, dp: bool, with_audit: bool = True):
         if dp
     ]
     evaluation = {"membership_audit": audit} if with_audit else {}
-    config = {"run_config": {"dp": dp, "dp_delta": 1e-5}, "sites": []}
+    config = {"run_config": {"dp": dp, "dp_delta": 1e-5, "data_root": data_root}, "sites": []}
     return RunRecords(tmp_path, config, events, evaluation)
 
 
@@ -239,3 +239,8 @@ def test_report_section_says_no_dp_and_how_to_measure_a_missing_audit(tmp_path) 
         "r", [privacy_audit_section(_records(tmp_path, dp=False, with_audit=False), {})]
     )
     assert "Not measured" in missing and f"neurofed report {tmp_path} --re-evaluate" in missing
+    # A deployed run (no data root): the coordinator holds no scans, so the report says where it can be built.
+    deployed = render_markdown(
+        "r", [privacy_audit_section(_records(tmp_path, dp=False, with_audit=False, data_root=""), {})]
+    )
+    assert "coordinator cannot build it" in deployed and "--data-root DIR" in deployed

@@ -15,7 +15,12 @@ from client.private_round import prepare_ledger
 from client.site_secret import SECRET_FILE
 from client.site_setup import SIMULATED_BUDGET, SiteSetup
 from models.errors import NeurofedError
-from privacy.accounting import epsilon_for, history_epsilon, make_accountant
+from privacy.accounting import (
+    epsilon_for,
+    history_epsilon,
+    make_accountant,
+    noise_multiplier_for_target,
+)
 from privacy.errors import PrivacyBudgetExceeded, PrivacyError
 from privacy.privacy_ledger import PrivacyLedger
 
@@ -48,7 +53,7 @@ def test_round_beyond_the_budget_is_refused_with_its_reason(ledger: PrivacyLedge
     assert not decision.allowed
     assert decision.epsilon_after == pytest.approx(epsilon_after(3))
     assert "run-a" in decision.reason and "lifetime budget" in decision.reason
-    assert f"{epsilon_after(2):.3f}" in decision.reason and "--set-budget" in decision.reason
+    assert f"{epsilon_after(2):.3f}" in decision.reason and "dp-target-epsilon" in decision.reason
     with pytest.raises(PrivacyBudgetExceeded) as refused:
         ledger.reserve("run-a", 3, **ROUND)
     assert refused.value.reason == decision.reason
@@ -99,6 +104,48 @@ def test_many_runs_share_one_lifetime_delta(ledger: PrivacyLedger) -> None:
     assert summary.spent_epsilon == pytest.approx(epsilon_after(10))
     assert summary.spent_epsilon < sum(run.epsilon for run in summary.runs) / 2
     assert summary.left_epsilon == pytest.approx(20.0 - epsilon_after(10))
+
+
+def test_a_refusal_can_say_which_new_run_still_fits(ledger: PrivacyLedger) -> None:
+    ledger.set_budget(epsilon=(epsilon_after(4) + epsilon_after(5)) / 2, delta=DELTA)
+    train_rounds(ledger, "run-a", range(1, 4))
+    fits = ledger.largest_new_run_epsilon(RATE, 2 * STEPS, DELTA)
+    assert 0 < fits < ledger.budget().epsilon
+    # A new run planned at that ε (its noise for 2 rounds) fits; with a little less noise it would not.
+    noise = noise_multiplier_for_target(fits, DELTA, RATE, 2 * STEPS)
+    assert ledger.check_round("run-b", 2 * STEPS, RATE, noise, DELTA).allowed
+    assert not ledger.check_round("run-b", 2 * STEPS, RATE, noise * 0.97, DELTA).allowed
+    ledger.set_budget(epsilon=epsilon_after(3), delta=DELTA)
+    assert ledger.largest_new_run_epsilon(RATE, STEPS, DELTA) == 0.0
+
+
+def test_a_site_replans_the_noise_of_a_run_resumed_with_more_rounds(ledger: PrivacyLedger) -> None:
+    from client.private_round import dp_config, planned_noise
+    from contract.run_config import RunConfig
+    from contract.site_task import SiteTask
+
+    def task(rounds: int) -> SiteTask:
+        run = RunConfig(
+            num_rounds=rounds, local_steps=STEPS, dp_target_epsilon=8.0, dp_delta=DELTA, dp_max_grad_norm=1.0
+        )
+        return SiteTask(run=run, server_round=3, run_id="run-a")
+
+    planned = noise_multiplier_for_target(8.0, DELTA, RATE, 5 * STEPS)
+    for server_round in (1, 2):
+        with ledger.reserved_round("run-a", server_round, **{**ROUND, "noise_multiplier": planned}):
+            pass
+    assert planned_noise(task(5), dp_config(task(5)), ledger, RATE, 5 * STEPS) == planned  # as planned
+    replanned = planned_noise(task(8), dp_config(task(8)), ledger, RATE, 8 * STEPS)  # resumed for 8 rounds
+    assert replanned > planned
+    assert history_epsilon([(planned, RATE, 2 * STEPS), (replanned, RATE, 6 * STEPS)], DELTA) <= 8.0
+    # Two rounds planned as the whole run spent its target: a resume for more is refused, saying why.
+    spent = noise_multiplier_for_target(8.0, DELTA, RATE, 2 * STEPS)
+    for server_round in (1, 2):
+        with ledger.reserved_round("run-b", server_round, **{**ROUND, "noise_multiplier": spent}):
+            pass
+    longer = SiteTask(run=task(4).run, server_round=3, run_id="run-b")
+    reason = planned_noise(longer, dp_config(longer), ledger, RATE, 4 * STEPS)
+    assert isinstance(reason, str) and "dp-target-epsilon=8" in reason and "fewer rounds" in reason
 
 
 def test_lifetime_check_refuses_once_the_composed_epsilon_passes_the_budget(ledger: PrivacyLedger) -> None:

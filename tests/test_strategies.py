@@ -215,7 +215,8 @@ def test_pyproject_declares_a_valid_flower_app_with_every_run_setting() -> None:
 
     from flwr.common.config import validate_config
 
-    from server.app import RESUME_KEY, RESUME_ROUNDS_KEY
+    from contract.run_config import RESUME_SETTINGS_KEY
+    from server.app import RESUME_KEY
 
     root = Path(__file__).resolve().parents[1]
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
@@ -223,7 +224,7 @@ def test_pyproject_declares_a_valid_flower_app_with_every_run_setting() -> None:
     assert valid, errors
     settings = dict(pyproject["tool"]["flwr"]["app"]["config"])
     assert settings.pop(RESUME_KEY) is False
-    assert settings.pop(RESUME_ROUNDS_KEY) == 0  # only a resume that extends the run sets it
+    assert settings.pop(RESUME_SETTINGS_KEY) == ""  # only a resume that changes settings sets it
     # Every RunConfig field is declared, with the same default, so `flwr run .` and `neurofed simulate` agree.
     assert set(settings) == set(RunConfig().to_flower())
     assert RunConfig.from_flower(settings) == RunConfig()

@@ -212,6 +212,14 @@ def test_cli_reports_a_bad_option_without_traceback(tmp_path: Path, capsys: pyte
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_says_what_it_writes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from study.cli import main
+
+    assert main(["synth", str(tmp_path / "out"), "--sites", "1", "--subjects-per-site", "1", "--spacing", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'out' / 'site-01'} (1 subjects" in out
+
+
 # --- site shift -----------------------------------------------------------------------------------
 
 

@@ -93,6 +93,15 @@ def test_truncated_uncompressed_nifti(tmp_path):
     assert "truncated or corrupt" in only_problem(check, path)
 
 
+def test_a_file_cut_short_before_its_header_ends_is_called_truncated(tmp_path):
+    path = write_nifti(tmp_path / "sub-01_T1w.nii", good_image())
+    path.write_bytes(path.read_bytes()[:200])
+    subject = SubjectFiles("sub-01", {"T1w": path}, label=None)
+    reason = only_problem(validate_subject(subject, TISSUE, require_label=False), path)
+    assert "truncated: it holds 200 bytes" in reason and "copy it again" in reason
+    assert "convert" not in reason
+
+
 def test_non_nifti_file_with_nifti_name(tmp_path):
     subject = make_subject(tmp_path)
     subject.label.write_bytes(gzip.compress(b"patient,age\n01,45\n" * 50))

@@ -108,7 +108,7 @@ def privacy_audit_section(records: RunRecords, epsilon: Epsilon) -> Section:
     if not audit:
         section.blocks.append(
             "Not measured: evaluation.json holds no membership audit (missing, or written before the audit "
-            f"existed); build it with `neurofed report {records.root} --re-evaluate`."
+            f"existed); {records.how_to_build(re_evaluate=True)}."
         )
         return section
     section.blocks.append(_audit_intro(audit))

@@ -47,6 +47,18 @@ class RunRecords:
         """The holdout sites (never trained), in config.json's order."""
         return [s["site"] for s in self.sites() if s["role"] == ROLE_HOLDOUT]
 
+    def how_to_build(self, re_evaluate: bool = False) -> str:
+        """How the evaluation-based parts are (re)built, where the sites' data is: a study's run by
+        `neurofed report` beside its data root; a deployed run's scans never reach the coordinator."""
+        again = " --re-evaluate" if re_evaluate else ""
+        if self.run_config.get("data_root"):
+            return f"build it with `neurofed report {self.root}{again}`"
+        return (
+            "a deployed run's scans stay at the hospitals, so the coordinator cannot build it; only where "
+            f"every site's data is together (a study), `neurofed report {self.root}{again} --data-root DIR` "
+            "can; the sites' own evaluations of the global model are shown instead"
+        )
+
 
 def read_run(run_dir: Path) -> RunRecords:
     run_dir = Path(run_dir)

@@ -65,7 +65,7 @@ def _comparison_line(records: RunRecords, after_round: int | None) -> str:
         )
     return (
         f"{EVALUATION_FILE} is missing: the comparison with local-only and pooled models was not run; "
-        f"build it with `neurofed report {records.root}`."
+        f"{records.how_to_build()}."
     )
 
 

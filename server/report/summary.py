@@ -124,8 +124,8 @@ def _last_evaluation_line(records: RunRecords, after_round: int | None) -> str:
     why = (
         "interim report: the comparison with local-only and pooled models comes when the run has finished"
         if after_round is not None
-        else f"{EVALUATION_FILE} is missing, so no comparison with local-only and pooled models; build it "
-        f"with `neurofed report {records.root}`"
+        else f"{EVALUATION_FILE} is missing, so no comparison with local-only and pooled models; "
+        f"{records.how_to_build()}"
     )
     if not evaluated:
         return f"No evaluation of the global model yet ({why})."
