@@ -20,10 +20,34 @@ from models.errors import NeurofedError
 if TYPE_CHECKING:
     from models.networks import NetworkConfig
 
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn")
+STRATEGIES: tuple[str, ...] = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedbn",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
 """fedavg: weighted mean of site models; fedprox: fedavg + proximal term in the sites' loss;
 fedadam / fedyogi: server-side adaptive optimizer on the mean update; fedbn: fedavg over every array
-except normalization layers, which each site keeps (personalised model)."""
+except normalization layers, which each site keeps (personalised model). Robust to a few malicious sites
+(Flower's implementations): fedmedian (coordinate-wise median), fedtrimmedavg (coordinate-wise mean
+without the ``trimmed-fraction`` largest and smallest values), krum (the one update closest to its
+n - f - 2 nearest others), multikrum (the mean of the ``multikrum-selected`` best by Krum's score),
+bulyan (Krum selection, then a trimmed mean around the coordinate-wise median)."""
+
+ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+"""Strategies whose aggregate one malicious site cannot move arbitrarily far."""
+
+AGGREGATION_WEIGHTS: tuple[str, ...] = ("capped", "uniform")
+"""How much each accepted update weighs in a weighted mean (fedavg, fedprox, fedadam, fedyogi, fedbn,
+multikrum): ``capped``, the site's reported number of training subjects but at most twice the median of
+the other sites' reports (and at most what it declared when the run started); ``uniform``, every site
+alike. A site's self-reported count can never outweigh the others by more than that."""
 
 SERVER_DP_MODES: tuple[str, ...] = ("off", "fixed", "adaptive")
 """Site-level (user-level) DP at the coordinator (server/site_level_dp.py): off; each site's update clipped
@@ -84,6 +108,15 @@ class RunConfig:
         update_norm_limit: a site update whose norm (distance from the global model) is above this many
             times the median norm of the other sites' updates is rejected; 0 disables the norm rule (an
             update with NaN or Inf is always rejected).
+        update_norm_cap: absolute bound on a site update's L2 norm (model-parameter units), checked on
+            every update whatever the other sites sent: a larger (or non-finite) update is rejected. An
+            honest Adam round moves each parameter by about ``learning-rate`` per step at most; raise it
+            for large networks trained for many local steps.
+        aggregation_weights: one of `AGGREGATION_WEIGHTS`.
+        byzantine_sites: ``f``, the number of malicious training sites krum, multikrum and bulyan are
+            built to withstand (krum and multikrum need at least 2f + 3 training sites, bulyan 4f + 3).
+        trimmed_fraction: share of the values fedtrimmedavg cuts at each end of every coordinate, in [0, 0.5).
+        multikrum_selected: updates multikrum averages; 0 for n - f of the n accepted updates.
         round_timeout_s: seconds the server waits for replies in one round.
         min_sites: training sites whose updates a round needs; a site that fails or does not answer
             within ``round_timeout_s`` is dropped from that round (logged with the reason) as long as at
@@ -124,6 +157,11 @@ class RunConfig:
     server_dp_noise_multiplier: float = 1.0
     server_dp_clipping_norm: float = 1.0
     update_norm_limit: float = 10.0
+    update_norm_cap: float = 1000.0
+    aggregation_weights: str = "capped"
+    byzantine_sites: int = 1
+    trimmed_fraction: float = 0.2
+    multikrum_selected: int = 0
     round_timeout_s: float = 3600.0
     min_sites: int = 0
 
@@ -194,6 +232,35 @@ class RunConfig:
             raise bad("min_sites", f"must be >= 0 (0: every training site), got {self.min_sites}")
         if not self.update_norm_limit >= 0:
             raise bad("update_norm_limit", f"must be >= 0 (0: off), got {self.update_norm_limit}")
+        self._check_robustness(bad)
+
+    def _check_robustness(self, bad: Any) -> None:
+        if not 0 < self.update_norm_cap < float("inf"):
+            raise bad("update_norm_cap", f"must be positive and finite, got {self.update_norm_cap}")
+        if self.aggregation_weights not in AGGREGATION_WEIGHTS:
+            raise bad(
+                "aggregation_weights",
+                f"choose one of {', '.join(AGGREGATION_WEIGHTS)}, got {self.aggregation_weights!r}",
+            )
+        if self.byzantine_sites < 0:
+            raise bad("byzantine_sites", f"must be >= 0, got {self.byzantine_sites}")
+        if not 0.0 <= self.trimmed_fraction < 0.5:
+            raise bad("trimmed_fraction", f"must be in [0, 0.5), got {self.trimmed_fraction}")
+        if self.multikrum_selected < 0:
+            raise bad("multikrum_selected", f"must be >= 0 (0: n - f), got {self.multikrum_selected}")
+        if self.server_dp != "off" and self.strategy in ROBUST_STRATEGIES:
+            raise bad(
+                "server_dp",
+                f"site-level DP averages the clipped updates itself; {self.strategy} cannot aggregate after "
+                "it: use fedavg, fedprox, fedadam or fedyogi",
+            )
+        needed = min_training_sites(self.strategy, self.byzantine_sites)
+        if self.num_training_sites < needed:
+            raise bad(
+                "strategy",
+                f"{self.strategy} with byzantine-sites = {self.byzantine_sites} needs at least {needed} training "
+                f"sites, the run has {self.num_training_sites}; add sites or lower byzantine-sites",
+            )
 
     @property
     def num_training_sites(self) -> int:
@@ -270,6 +337,17 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
+def min_training_sites(strategy: str, byzantine_sites: int) -> int:
+    """The fewest accepted updates ``strategy`` aggregates while withstanding ``byzantine_sites`` malicious
+    ones (Blanchard et al., 2017: Krum n >= 2f + 3; El Mhamdi et al., 2018: Bulyan n >= 4f + 3); 1 for the
+    others."""
+    if strategy in ("krum", "multikrum"):
+        return 2 * byzantine_sites + 3
+    if strategy == "bulyan":
+        return 4 * byzantine_sites + 3
+    return 1
+
+
 SERVER_ONLY_SETTINGS = frozenset(
     {
         "proximal-mu",
@@ -280,6 +358,11 @@ SERVER_ONLY_SETTINGS = frozenset(
         "server-dp-clipping-norm",
         "update-norm-limit",
         "simulated-subjects-per-site",
+        "update-norm-cap",
+        "aggregation-weights",
+        "byzantine-sites",
+        "trimmed-fraction",
+        "multikrum-selected",
     }
 )
 """Run settings (flat Flower keys) sites do not get: strategies add what a site needs (FedProx adds
@@ -288,7 +371,12 @@ SERVER_ONLY_SETTINGS = frozenset(
 
 def setting_choices() -> dict[str, tuple[str, ...]]:
     """The settings (by field name) that take one of a few named values, and those values."""
-    return {"strategy": STRATEGIES, "server_dp": SERVER_DP_MODES, "dp_grad_sample_mode": GRAD_SAMPLE_MODES}
+    return {
+        "strategy": STRATEGIES,
+        "server_dp": SERVER_DP_MODES,
+        "dp_grad_sample_mode": GRAD_SAMPLE_MODES,
+        "aggregation_weights": AGGREGATION_WEIGHTS,
+    }
 
 
 def site_settings() -> frozenset[str]:

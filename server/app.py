@@ -100,7 +100,7 @@ def run_federation(
         on_event=on_event,
         on_message=on_message,
         audit=AuditLog(deployment.audit_path),
-        enrolled_names=SiteRegistry(deployment).names_by_node_id(),
+        enrolment=SiteRegistry(deployment).names_by_node_id,
         flower_run_id=context.run_id,
     )
     try:
