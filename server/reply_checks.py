@@ -150,7 +150,8 @@ def update_norm(site: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.n
     arrays' norms are combined with `math.hypot`. Inf only when a difference itself is not finite."""
     norms = []
     for key, values in site.items():
-        diff = np.asarray(values, dtype=np.float64) - np.asarray(global_arrays[key], dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            diff = np.asarray(values, dtype=np.float64) - np.asarray(global_arrays[key], dtype=np.float64)
         if diff.size == 0:
             continue
         largest = float(np.max(np.abs(diff)))
