@@ -23,6 +23,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
+from bench.faulty_site.malformed_replies import (  # noqa: E402
+    INFLATED_WEIGHT,
+    KINDS,
+    honest_training_content,
+    malformed_training_reply,
+)
 from contract.reply_schema import (  # noqa: E402
     ArraySpec,
     evaluation_reply_schema,
@@ -51,15 +57,8 @@ def _honest(instruction: Message, node_id: int) -> Message:
         site = ConfigRecord({"site-id": f"site-{node_id}", "role": "train", "plan": json.dumps({"grid": 1})})
         content = RecordDict({"site": site, "metrics": MetricRecord({"num-train": 3, "num-test": 2})})
     elif kind == "train":
-        rng = np.random.default_rng(node_id)
-        arrays = instruction.content["arrays"]
-        moved = {
-            k: a.numpy() + rng.normal(0, 1e-3, a.numpy().shape).astype(np.float32) for k, a in arrays.items()
-        }
-        metrics = {"num-examples": 3, "steps": 1, "seconds": 0.1, "train-loss": 0.5}
-        content = RecordDict(
-            {"arrays": ArrayRecord({k: Array(v) for k, v in moved.items()}), "metrics": MetricRecord(metrics)}
-        )
+        content = honest_training_content(instruction)
+        content["metrics"]["train-loss"] = 0.5
     else:
         metrics = {"num-examples": 2, "dice-mean": 0.5}
         metrics.update({f"{m}-{c}": 0.5 for c in CLASSES for m in ("dice", "hd95", "assd")})
@@ -121,26 +120,6 @@ def _train_only(change: Callable[[Message, Message], Message]) -> Tamper:
     return lambda m, honest: change(m, honest) if m.metadata.message_type == "train" else None
 
 
-def _arrays_changed(change: Callable[[str, np.ndarray], np.ndarray]) -> Tamper:
-    def tamper(m: Message, honest: Message) -> Message:
-        arrays = honest.content["arrays"]
-        changed = ArrayRecord({k: Array(change(k, a.numpy())) for k, a in arrays.items()})
-        content = RecordDict({"arrays": changed, "metrics": honest.content["metrics"]})
-        return Message(content=content, reply_to=m)
-
-    return _train_only(tamper)
-
-
-def _content(records: dict) -> Tamper:
-    """Replace the training reply's records (``None`` drops one)."""
-
-    def tamper(m: Message, honest: Message) -> Message:
-        kept = {**dict(honest.content.items()), **records}
-        return Message(content=RecordDict({k: v for k, v in kept.items() if v is not None}), reply_to=m)
-
-    return _train_only(tamper)
-
-
 def _metrics(**values) -> Tamper:
     def tamper(m: Message, honest: Message) -> Message:
         metrics = {**dict(honest.content["metrics"]), **values}
@@ -151,64 +130,17 @@ def _metrics(**values) -> Tamper:
     return _train_only(tamper)
 
 
-def _first_array(change: Callable[[np.ndarray], np.ndarray]) -> Tamper:
-    first = []
-
-    def one(key: str, values: np.ndarray) -> np.ndarray:
-        if not first:
-            first.append(key)
-        return change(values) if key == first[0] else values
-
-    return _arrays_changed(one)
+def _malformed(kind: str) -> Tamper:
+    return _train_only(lambda m, honest: malformed_training_reply(kind, m, honest.content))
 
 
-MALFORMED: dict[str, tuple[Tamper, str]] = {
-    "float64 values of 1e200": (_arrays_changed(lambda k, v: np.full(v.shape, 1e200)), "float64"),
-    "float32 values of 1e30": (
-        _arrays_changed(lambda k, v: np.full(v.shape, 1e30, np.float32)),
-        "update-norm-cap",
-    ),
-    "an array of another shape": (
-        _first_array(lambda v: np.zeros((v.size + 1,), np.float32)),
-        "the run's schema",
-    ),
-    "a text array": (_first_array(lambda v: np.full(v.shape, "x")), "the run's schema"),
-    "a NaN": (_first_array(lambda v: np.where(np.arange(v.size).reshape(v.shape) == 0, np.nan, v)), "NaN"),
-    "an array the model lacks": (
-        _train_only(
-            lambda m, h: Message(
-                RecordDict(
-                    {
-                        "arrays": ArrayRecord(
-                            {
-                                **{k: a for k, a in h.content["arrays"].items()},
-                                "evil": Array(np.ones(3, np.float32)),
-                            }
-                        ),
-                        "metrics": h.content["metrics"],
-                    }
-                ),
-                reply_to=m,
-            )
-        ),
-        "not allowed ['evil']",
-    ),
-    "no arrays record": (_content({"arrays": None}), "records"),
-    "no metrics record": (_content({"metrics": None}), "records"),
-    "metrics as a ConfigRecord": (_content({"metrics": ConfigRecord({"num-examples": 3})}), "ConfigRecord"),
-    "a metric the schema lacks": (_metrics(**{"secret-sauce": 1.0}), "does not allow"),
-    "no num-examples": (_metrics(**{"num-examples": None}), "lacks metric"),
-    "a negative num-examples": (_metrics(**{"num-examples": -5}), "outside"),
-    "a list as num-examples": (_metrics(**{"num-examples": [1, 2]}), "not a number"),
-    "more steps than asked": (_metrics(steps=10**6), "steps"),
-    "an infinite loss": (_metrics(**{"train-loss": math.inf}), "infinite"),
-}
+REJECTED_KINDS = sorted(k for k in KINDS if k != INFLATED_WEIGHT)
 
 
-@pytest.mark.parametrize("kind", sorted(MALFORMED))
+@pytest.mark.parametrize("kind", REJECTED_KINDS)
 def test_a_malformed_training_reply_is_rejected_and_the_run_finishes(tmp_path, kind) -> None:
-    tamper, says = MALFORMED[kind]
-    final, events, _ = _run(tmp_path, {2: tamper})
+    final, events, _ = _run(tmp_path, {2: _malformed(kind)})
+    says = KINDS[kind]
     rejected = [e for e in events if e["event"] == "rejected"]
     assert [(e["site"], e["round"], e["stage"]) for e in rejected] == [
         ("site-2", 1, "training"),
@@ -231,7 +163,7 @@ def test_withheld_metrics_are_allowed_and_the_others_aggregated(tmp_path) -> Non
 
 
 def test_an_inflated_weight_is_capped_at_twice_the_median_of_the_others(tmp_path) -> None:
-    _, events, _ = _run(tmp_path, {2: _metrics(**{"num-examples": 10**9})})
+    _, events, _ = _run(tmp_path, {2: _malformed(INFLATED_WEIGHT)})
     weights = {e["site"]: e["weight"] for e in events if e["event"] == "train" and e["round"] == 1}
     # The others report 3; the site declared 3 training subjects at discovery: 3 (not 2 x 3, not 1e9).
     assert weights == {"site-1": 3.0, "site-2": 3.0, "site-3": 3.0, "site-4": 3.0}
@@ -242,8 +174,7 @@ def test_an_inflated_weight_is_capped_at_twice_the_median_of_the_others(tmp_path
 
 def test_a_huge_update_alone_is_rejected_by_the_absolute_cap(tmp_path) -> None:
     # One training site: no other update to compare with, the absolute cap still applies.
-    huge = _arrays_changed(lambda k, v: v * np.float32(1e6))
-    final, events, _ = _run(tmp_path, {1: huge}, nodes=(1,))
+    final, events, _ = _run(tmp_path, {1: _malformed("scaled x1e6")}, nodes=(1,))
     (first, second) = [e for e in events if e["event"] == "rejected"]
     assert "update-norm-cap" in first["reason"] and first["update_norm"] > 1000
     skipped = [e["skipped"] for e in events if e["event"] == "aggregate-train"]
