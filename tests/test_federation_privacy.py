@@ -20,10 +20,11 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, Message  # noqa: E402
 from test_federation import _tiny_run_config, _write_tiny_sites  # noqa: E402
 
 import client.app as site_app  # noqa: E402
+from bench.in_process_grid import InProcessGrid  # noqa: E402
 from client.site_setup import LEDGER_FILE  # noqa: E402
 from contract.run_config import RunConfig  # noqa: E402
 from privacy.accounting import epsilon_for  # noqa: E402
@@ -135,47 +136,7 @@ def test_a_site_over_its_budget_is_refused_and_the_run_goes_on_without_it(dp_run
 # --- the coordinator, over an in-process grid ------------------------------------------------------------
 
 
-class InProcessGrid:
-    """The part of a Flower Grid `FederatedRun` uses, delivering messages to the ClientApp in this process.
-
-    ``tamper(site_index, reply) -> reply`` may replace a site's training reply.
-    """
-
-    def __init__(self, n_sites: int, tamper=None) -> None:
-        self.contexts = {
-            100 + i: Context(
-                run_id=1,
-                node_id=100 + i,
-                node_config={"partition-id": i, "num-partitions": n_sites},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(n_sites)
-        }
-        self.tamper = tamper
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None) -> list[Message]:
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            from flwr.supercore.task_identity import TaskIdentity
-
-            # A reply's sender is the process's node identity, which a SuperNode would set.
-            TaskIdentity.node_id = node
-            try:
-                reply = site_app.app(message, self.contexts[node])
-            finally:
-                TaskIdentity.node_id = 0
-            if self.tamper is not None and message.metadata.message_type == "train":
-                reply = self.tamper(node - 100, reply)
-            replies.append(reply)
-        return replies
-
-
-def _nan_update(site_index: int, reply: Message) -> Message:
+def _nan_update(site_index: int, instruction: Message, reply: Message) -> Message:
     if site_index != 0:
         return reply
     arrays = reply.content["arrays"]

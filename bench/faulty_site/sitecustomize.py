@@ -2,13 +2,14 @@
 process whose PYTHONPATH holds this folder (the ``sitecustomize`` hook), so a site or coordinator daemon
 started with it passes it on to each process Flower starts. Nothing changes unless NEUROFED_FAULT is set:
 
-- ``NEUROFED_FAULT=site:KIND,KIND,...`` (a malicious site): its ClientApp answers the training message of
-  round r with the ((r - 1) mod n)-th malformed reply of that list (malformed_replies.py, built from the
-  global arrays it was sent, without training) and every evaluation with a Dice of 7; it describes itself
-  honestly at site discovery, so it takes part.
-- ``NEUROFED_FAULT=checkpoint:DIR`` (the coordinator): the ServerApp, about to move the model file of round
-  N's checkpoint into place (its strategy-state file already written), writes ``DIR/paused-round-N`` and
-  waits for ever when ``DIR/pause-round-N`` exists, so that a test can kill it in mid-checkpoint.
+- ``NEUROFED_FAULT=site:DIR:KIND,KIND,...`` (a malicious site): its ClientApp answers its n-th training
+  message (counted in ``DIR/site-training-messages``, over every run) with the (n mod len)-th malformed
+  reply of that list (malformed_replies.py, built from the global arrays it was sent, without training)
+  and every evaluation with a Dice of 7; it describes itself honestly at site discovery, so it takes part.
+- ``NEUROFED_FAULT=checkpoint:DIR`` (the coordinator): while ``DIR/pause-round-NNN`` exists, the ServerApp,
+  about to move the model file of round N's checkpoint into place (its strategy-state file already
+  written, the model half-way in a temporary file), writes ``DIR/paused-round-NNN`` and waits; a test kills
+  it there, or removes the pause file to let it go on.
 
 The patches are applied when Flower's ``flwr.clientapp.client_app`` / neurofed's ``models.model_file`` is
 first imported, wherever it is imported from (the site and the ServerApp import the app bundle's copy).
@@ -47,7 +48,8 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 
 
 def _malicious_client_app(module) -> None:
-    kinds = os.environ["NEUROFED_FAULT"].removeprefix("site:").split(",")
+    control, kinds = os.environ["NEUROFED_FAULT"].removeprefix("site:").rsplit(":", 1)
+    counter = Path(control) / "site-training-messages"
     honest_call = module.ClientApp.__call__
 
     def call(self, message, context):
@@ -56,8 +58,10 @@ def _malicious_client_app(module) -> None:
 
         kind = message.metadata.message_type
         if kind == "train":
+            sent = int(counter.read_text()) if counter.is_file() else 0
+            counter.write_text(str(sent + 1))
+            chosen = kinds.split(",")[sent % len(kinds.split(","))]
             server_round = int(message.content["config"]["server-round"])
-            chosen = kinds[(server_round - 1) % len(kinds)]
             print(f"faulty site: round {server_round} answered with {chosen!r}", flush=True)
             return malformed_training_reply(chosen, message, honest_training_content(message))
         if kind == "evaluate":
@@ -74,11 +78,14 @@ def _pausing_checkpoints(module) -> None:
 
     def write(path, content, **kwargs):
         path = Path(path)
-        if path.parent.name == "checkpoints" and (control / f"pause-{path.stem}").exists():
-            content(path.with_name(f".{path.name}.partial"))  # half-way: written, not yet moved into place
+        pause = control / f"pause-{path.stem}"
+        if path.parent.name == "checkpoints" and pause.exists():
+            partial = path.with_name(f".{path.name}.partial")
+            content(partial)  # half-way: written, not yet moved into place
             (control / f"paused-{path.stem}").touch()
-            while True:
-                time.sleep(1)
+            while pause.exists():
+                time.sleep(0.2)
+            partial.unlink()
         return atomic_write(path, content, **kwargs)
 
     module.atomic_write = write
