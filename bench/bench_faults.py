@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from bench.faulty_site.malformed_replies import INFLATED_WEIGHT, KINDS  # noqa: E402
 from tests.test_faults import (  # noqa: E402
-    HONEST,
     MALICIOUS,
     Scenario,
     run_dir,
@@ -33,6 +32,7 @@ from tests.test_faults import (  # noqa: E402
 )
 
 FULL = Scenario(
+    honest=("site-a", "site-b"),
     rounds=15,
     sent=tuple(KINDS),
     kill_in_checkpoint=2,
@@ -65,7 +65,7 @@ def main() -> int:
         events = RunDirectory(run_dir(fed)).read_events()
         audit = AuditLog(fed.state.audit_path).read()
         sent = re.findall(r"faulty site: round (\d+) answered with '([^']+)'", fed.sites[MALICIOUS].text())
-        ledgers = {s: sorted(r.server_round for r in fed.ledger(s).releases()) for s in HONEST}
+        ledgers = {s: sorted(r.server_round for r in fed.ledger(s).releases()) for s in FULL.honest}
         proxy = "through nginx" if fed.nginx is not None else "directly (nginx not installed)"
     finally:
         fed.stop_all()

@@ -11,7 +11,8 @@ and ``event``; the ServerApp's run loop (server/federated_run.py) writes:
 - ``round-trained``: ``round``, ``contributed`` (sites whose update was aggregated), ``refused`` (sites
   that declined the round, e.g. their privacy budget, with ``reason``), ``rejected`` (replies the
   server refused: outside the run's reply schema or a norm outlier, with ``reason``), ``dropped``
-  (sites that failed or did not answer, with ``reason``) and ``epsilon`` (site -> the run's cumulative ε the site reported, at ``delta``).
+  (sites that failed or did not answer, with ``reason``) and ``epsilon`` (site -> the run's cumulative
+  ε the site reported, at ``delta``).
 - ``round-evaluated``: ``round``, ``evaluated``, ``dropped``.
 - ``site-rejected``: ``round``, ``stage`` (``discovery``: a node not enrolled, declaring another name than
   its enrolled one, or describing itself unusably; ``enrolment``: revoked during the run), ``site``,

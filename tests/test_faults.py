@@ -2,16 +2,17 @@
 
 One federation on loopback (tests/test_deployment.py's `Federation`: a coordinator with TLS and SuperNode
 authentication, sites as real SuperNodes, `neurofed run` submissions), its sites dialling through the
-Fleet proxy of deploy/nginx when nginx is installed. Two honest sites and a malicious one (``site-m``,
+Fleet proxy of deploy/nginx when nginx is installed. Honest sites and a malicious one (``site-m``,
 started with bench/faulty_site on its PYTHONPATH: its ClientApp answers each training message with the
 next malformed reply of a list, bench/faulty_site/malformed_replies.py, and every evaluation with a Dice
 of 7) run one job, a `Scenario`, during which the coordinator is SIGKILLed while it writes a checkpoint
 (its strategy state written, its model file half-way) and/or while the sites train, restarted, and the
 run resumed with `neurofed run --resume`; and ``site-m`` is revoked while its SuperNode is online.
 
-The suite runs `QUICK` (one kill, in round 1's checkpoint; site-m revoked before round 2): every round is
-aggregated exactly once, each malformed reply is a ``rejected`` event, the revoked site gets no further
-message, and the killed round's reservation still counts in the honest sites' privacy ledgers.
+The suite runs `QUICK` (one honest site; one kill, in round 1's checkpoint; site-m revoked before
+round 2): every round is aggregated exactly once, each malformed reply is a ``rejected`` event, the
+revoked site gets no further message, and the killed round's reservation still counts in the honest
+site's privacy ledger.
 bench/bench_faults.py runs a longer scenario (both kill points, every malformed reply of
 malformed_replies.py, malformed evaluations) with the same code.
 """
@@ -39,7 +40,6 @@ from server.site_registry import SiteRegistry
 
 FAULTY_SITE = ROOT / "bench" / "faulty_site"
 FLEET_CONF = ROOT / "deploy" / "nginx" / "neurofed-fleet.conf"
-HONEST = ("site-a", "site-b")
 MALICIOUS = "site-m"
 RUN_NAME = "faults"
 
@@ -49,6 +49,7 @@ class Scenario:
     """One job of the faulty federation.
 
     Attributes:
+        honest: the honest sites (the malicious one is `MALICIOUS`).
         rounds: the job's rounds.
         sent: the malicious site's training replies, in the order it gets training messages.
         kill_in_checkpoint: the round whose checkpoint write the coordinator is SIGKILLed in (0: none).
@@ -57,6 +58,7 @@ class Scenario:
         eval_every: the job's ``eval-every``.
     """
 
+    honest: tuple[str, ...]
     rounds: int
     sent: tuple[str, ...]
     kill_in_checkpoint: int
@@ -70,9 +72,9 @@ class Scenario:
             "local-steps=1",
             "patch-size=16",
             "batch-size=1",
-            "num-sites=3",
+            f"num-sites={len(self.honest) + 1}",
             "unseen-sites=0",
-            "min-sites=2",
+            f"min-sites={len(self.honest)}",
             "spacing-mm=4.0",
             "field-of-view-mm='64,64,64'",
             "test-fraction=0.34",
@@ -84,6 +86,7 @@ class Scenario:
 
 
 QUICK = Scenario(
+    honest=("site-a",),
     rounds=2,
     sent=("float64 values of 1e200", "a text array"),
     kill_in_checkpoint=1,
@@ -176,7 +179,7 @@ class FaultyFederation(Federation):
 def start_faulty_federation(root: Path, scenario: Scenario) -> FaultyFederation:
     """Proxy, coordinator, the three sites enrolled, with their data and ledgers, started."""
     fed = FaultyFederation(root, scenario.sent)
-    sites = (*HONEST, MALICIOUS)
+    sites = (*scenario.honest, MALICIOUS)
     fed.start_proxy()
     fed.start_coordinator()
     fed.keys = {name: generate_site_keys(root / "keys" / name) for name in sites}
@@ -226,10 +229,10 @@ def run_scenario(fed: FaultyFederation, scenario: Scenario) -> dict:
         paused.unlink()
         marker.unlink()
     if scenario.kill_mid_round:
-        before = {s: fed.reservations(s, scenario.kill_mid_round) for s in HONEST}
+        before = {s: fed.reservations(s, scenario.kill_mid_round) for s in scenario.honest}
         submit(*job) if not submissions else submit("--resume", RUN_NAME)
         _wait_for(
-            lambda: all(fed.reservations(s, scenario.kill_mid_round) > before[s] for s in HONEST),
+            lambda: all(fed.reservations(s, scenario.kill_mid_round) > before[s] for s in scenario.honest),
             f"the sites' reservations of round {scenario.kill_mid_round}",
             logs=logs(),
         )
@@ -275,7 +278,7 @@ def test_the_run_survives_a_sigkill_mid_checkpoint_with_every_round_aggregated_o
     events = faulty_run["run_dir"].read_events()
     assert [e["round"] for e in events if e["event"] == "aggregate-train"] == [1, 2]
     trained = sorted((e["round"], e["site"]) for e in events if e["event"] == "train")
-    assert trained == [(r, s) for r in (1, 2) for s in HONEST]
+    assert trained == [(r, s) for r in (1, 2) for s in QUICK.honest]
     assert faulty_run["run_dir"].completed_rounds() == [1, 2]
     starts = [e for e in faulty_run["audit"] if e["event"] == "run-started"]
     assert [(e["resume"], e["first_round"]) for e in starts] == [(False, 1), (True, 1)]
@@ -286,7 +289,7 @@ def test_the_run_survives_a_sigkill_mid_checkpoint_with_every_round_aggregated_o
 def test_the_killed_round_stays_counted_in_the_sites_ledgers(faulty_run) -> None:
     fed = faulty_run["fed"]
     events = faulty_run["run_dir"].read_events()
-    for site in HONEST:
+    for site in QUICK.honest:
         ledger = fed.ledger(site)
         (run_id,) = {r.run_id for r in ledger.releases()}
         # Round 1 was trained twice: first for the coordinator that was then killed.
@@ -302,7 +305,7 @@ def test_malformed_replies_over_the_real_transport_are_rejected(faulty_run) -> N
     assert [[r["site"] for r in e["rejected"]] for e in attempts] == [[MALICIOUS], [MALICIOUS]]
     for attempt, kind in zip(attempts, QUICK.sent, strict=True):
         assert KINDS[kind] in attempt["rejected"][0]["reason"], (kind, attempt)
-    assert sorted(attempts[-1]["contributed"]) == sorted(HONEST)
+    assert sorted(attempts[-1]["contributed"]) == sorted(QUICK.honest)
     events = faulty_run["run_dir"].read_events()
     (rejected,) = [e for e in events if e["event"] == "rejected" and e["stage"] == "training"]
     assert (rejected["site"], rejected["round"]) == (MALICIOUS, 1)
@@ -321,7 +324,7 @@ def test_a_site_revoked_while_online_gets_no_further_message(faulty_run) -> None
     assert not [e for e in events if e.get("site") == MALICIOUS and e["round"] == 2 and e is not revoked]
     assert MALICIOUS not in {s.name for s in SiteRegistry(fed.state).sites()}
     asked = {e["site"] for e in events if e["event"] in ("evaluate", "evaluate-refused") and e["round"] == 2}
-    assert asked == set(HONEST)
+    assert asked == set(QUICK.honest)
 
 
 @pytest.mark.slow
