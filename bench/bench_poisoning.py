@@ -242,8 +242,11 @@ def main() -> int:
         print(f"skipped: the 15 label maps training_seg_01..15 are not in {args.label_maps} (--label-maps)")
         return 0
     import torch
+    from flwr.supercore.task_identity import TaskIdentity
 
     torch.set_num_threads(1)  # the sites run one after another; each used one thread in simulation too
+    # This process plays the ServerApp's runtime, which names the run its messages belong to.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     seeds = [int(s) for s in args.seeds.split(",")]
     attacks = [a for a in args.attacks.split(",") if a]
     strategies = [s for s in args.strategies.split(",") if s]
