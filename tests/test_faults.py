@@ -222,7 +222,12 @@ def run_scenario(fed: FaultyFederation, scenario: Scenario) -> dict:
     if scenario.kill_in_checkpoint:
         paused, marker = pause(scenario.kill_in_checkpoint)
         submit(*job)
-        _wait_for(marker.exists, f"round {scenario.kill_in_checkpoint}'s checkpoint", logs=logs())
+        _wait_for(
+            marker.exists,
+            f"round {scenario.kill_in_checkpoint}'s checkpoint",
+            WAIT_S * scenario.kill_in_checkpoint,
+            logs=logs(),
+        )
         observed["checkpoints_at_kill"] = sorted(
             p.name for p in RunDirectory(run_dir(fed)).checkpoints_dir.iterdir()
         )
@@ -235,13 +240,19 @@ def run_scenario(fed: FaultyFederation, scenario: Scenario) -> dict:
         _wait_for(
             lambda: all(fed.reservations(s, scenario.kill_mid_round) > before[s] for s in scenario.honest),
             f"the sites' reservations of round {scenario.kill_mid_round}",
+            WAIT_S * scenario.kill_mid_round,
             logs=logs(),
         )
         kill_and_restart()
     # The revocation, while site-m is online, between the two rounds (the checkpoint before as a barrier).
     paused, marker = pause(scenario.revoke_before - 1)
     last = submit(*job) if not submissions else submit("--resume", RUN_NAME)
-    _wait_for(marker.exists, f"round {scenario.revoke_before - 1}'s checkpoint", logs=logs())
+    _wait_for(
+        marker.exists,
+        f"round {scenario.revoke_before - 1}'s checkpoint",
+        WAIT_S * scenario.revoke_before,
+        logs=logs(),
+    )
     SiteRegistry(fed.state).revoke(MALICIOUS)
     paused.unlink()
     observed["exit"] = last.process.wait(timeout=2 * WAIT_S)
