@@ -315,6 +315,11 @@ class FederatedRun:
         for server_round in range(start_round, config.num_rounds + 1):
             self._emit({"event": "round-start", "round": server_round, "stage": "training"}, log_it=False)
             trainers = [s for s in self._active_sites(server_round) if s.role == ROLE_TRAIN]
+            if len(trainers) < max(1, config.min_sites):
+                raise NeurofedError(
+                    f"round {server_round}: {len(trainers)} enrolled training site(s) left, min-sites is "
+                    f"{config.min_sites}; enroll sites and continue with --resume {config.run_dir}"
+                )
             messages = strategy.configure_train(
                 server_round, arrays, self.round_config(server_round), NodeView(s.node_id for s in trainers)
             )

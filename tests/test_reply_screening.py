@@ -349,3 +349,19 @@ def test_robust_strategy_settings_are_checked_and_too_few_updates_skip_a_round()
     assert "needs at least 7" in too_few_updates(config, 6)
     assert too_few_updates(config, 7) is None
     assert too_few_updates(RunConfig(strategy="fedavg"), 1) is None
+
+
+def test_a_run_whose_last_training_site_is_revoked_stops_with_a_reason_instead_of_waiting(tmp_path) -> None:
+    enrolled = {1: "site-1"}
+    config = _config(tmp_path, num_sites=1, num_rounds=2)
+    run = FederatedRun(config, ScriptedGrid([1]), enrolment=lambda: dict(enrolled))
+    original = run._send
+
+    def send(messages, what, server_round, required=None):
+        replies = original(messages, what, server_round, required)
+        enrolled.clear()  # revoked after round 1
+        return replies
+
+    run._send = send  # type: ignore[method-assign]
+    with pytest.raises(NeurofedError, match=r"round 2: 0 enrolled training site\(s\) left"):
+        run.execute()
