@@ -359,7 +359,8 @@ def test_a_run_whose_last_training_site_is_revoked_stops_with_a_reason_instead_o
 
     def send(messages, what, server_round, required=None):
         replies = original(messages, what, server_round, required)
-        enrolled.clear()  # revoked after round 1
+        if what == "training":
+            enrolled.clear()  # revoked after round 1
         return replies
 
     run._send = send  # type: ignore[method-assign]
