@@ -178,19 +178,24 @@ class FaultyFederation(Federation):
 
 
 def start_faulty_federation(root: Path, scenario: Scenario) -> FaultyFederation:
-    """Proxy, coordinator, the three sites enrolled, with their data and ledgers, started."""
+    """Proxy, coordinator, the sites enrolled, with their data and ledgers, started (all stopped again if
+    one of these steps fails)."""
     fed = FaultyFederation(root, scenario.sent)
     sites = (*scenario.honest, MALICIOUS)
-    fed.start_proxy()
-    fed.start_coordinator()
-    fed.keys = {name: generate_site_keys(root / "keys" / name) for name in sites}
-    registry = SiteRegistry(fed.state)
-    for i, name in enumerate(sites):
-        registry.enroll(fed.keys[name].public_key, name)
-        write_tiny_site(root / "data" / name, 3, gain=1.0 + 0.3 * i, seed=i)
-    fed.init_ledgers(list(sites))
-    for name in sites:
-        fed.start_site(name, fed.keys[name].private_key, root / "data" / name)
+    try:
+        fed.start_proxy()
+        fed.start_coordinator()
+        fed.keys = {name: generate_site_keys(root / "keys" / name) for name in sites}
+        registry = SiteRegistry(fed.state)
+        for i, name in enumerate(sites):
+            registry.enroll(fed.keys[name].public_key, name)
+            write_tiny_site(root / "data" / name, 3, gain=1.0 + 0.3 * i, seed=i)
+        fed.init_ledgers(list(sites))
+        for name in sites:
+            fed.start_site(name, fed.keys[name].private_key, root / "data" / name)
+    except BaseException:
+        fed.stop_all()
+        raise
     return fed
 
 
