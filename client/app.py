@@ -44,6 +44,8 @@ from contract.version import CONTRACT_VERSION, CONTRACT_VERSION_KEY, contract_mi
 from contract.wire import (
     ARRAYS_RECORD,
     CONFIG_RECORD,
+    DELTA_KEY,
+    EPSILON_KEY,
     METRICS_RECORD,
     NUM_TEST_KEY,
     NUM_TRAIN_KEY,
@@ -54,8 +56,11 @@ from contract.wire import (
     REFUSED_KEY,
     ROLE_KEY,
     ROLE_TRAIN,
+    SECONDS_KEY,
     SITE_ID_KEY,
     SITE_RECORD,
+    STEPS_KEY,
+    TRAIN_LOSS_KEY,
     WEIGHT_KEY,
 )
 from models.errors import NeurofedError
@@ -96,7 +101,7 @@ def _evaluation_refusal(
 def _refusal_reply(msg: Message, refusal: Refusal, setup: SiteSetup, task: SiteTask) -> Message:
     log_refusal(setup, task, ROUND_REFUSED, refusal.reason)
     metrics = MetricRecord(
-        {REFUSED_KEY: 1, WEIGHT_KEY: 0, "epsilon": refusal.epsilon, "delta": refusal.delta}
+        {REFUSED_KEY: 1, WEIGHT_KEY: 0, EPSILON_KEY: refusal.epsilon, DELTA_KEY: refusal.delta}
     )
     reason = ConfigRecord({REFUSAL_REASON: refusal.reason})
     return Message(content=RecordDict({METRICS_RECORD: metrics, REFUSAL_RECORD: reason}), reply_to=msg)
@@ -180,13 +185,13 @@ def train(msg: Message, context: Context) -> Message:
     SiteActivity(setup.state_dir).record_trained(task.run_id, task.server_round)
     metrics: dict[str, float | int] = {
         WEIGHT_KEY: len(data.train),
-        "steps": int(result.steps),
-        "seconds": float(result.seconds),
+        STEPS_KEY: int(result.steps),
+        SECONDS_KEY: float(result.seconds),
         **privacy,
     }
     if not run.dp:
         # An unnoised loss is a function of every training subject: only a run without DP releases it.
-        metrics["train-loss"] = float(result.mean_loss)
+        metrics[TRAIN_LOSS_KEY] = float(result.mean_loss)
     content = RecordDict({ARRAYS_RECORD: ArrayRecord(shared), METRICS_RECORD: MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -24,6 +24,7 @@ import torch
 from client.site_secret import SECRET_FILE, SiteSecret
 from client.site_setup import SIMULATED_BUDGET, SiteSetup
 from contract.site_task import SiteTask
+from contract.wire import DELTA_KEY, EPSILON_KEY, NOISE_MULTIPLIER_KEY, SAMPLE_RATE_KEY
 from models.errors import NeurofedError
 
 if TYPE_CHECKING:
@@ -312,9 +313,9 @@ def train_private_round(
         seconds=time.perf_counter() - started,
     )
     privacy = {
-        "epsilon": ledger.run_epsilon(task.run_id),
-        "delta": dp.delta,
-        "noise-multiplier": private.noise_multiplier,
-        "sample-rate": private.sample_rate,
+        EPSILON_KEY: ledger.run_epsilon(task.run_id),
+        DELTA_KEY: dp.delta,
+        NOISE_MULTIPLIER_KEY: private.noise_multiplier,
+        SAMPLE_RATE_KEY: private.sample_rate,
     }
     return result, privacy

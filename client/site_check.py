@@ -67,6 +67,7 @@ def run_site_check(
                 require_label=require_label and not (tied and subject.label is None),
             )
             check.problems[:0] = tied
+            check.warnings.extend(outside_data_folder(subject.all_files(), root))
             checks.append(check)
             bar.advance(subject.subject_id)
 
@@ -108,6 +109,22 @@ def run_site_check(
             Text(f"no subjects found in {root}; see `neurofed-site check --help` for the expected layouts")
         )
     return 0 if usable else 1
+
+
+def outside_data_folder(files: list[Path], root: Path) -> list[str]:
+    """A warning for each file that resolves (through a symbolic link) outside the data folder ``root``:
+    the site would read, and train on, data its operator did not put in the folder they reviewed."""
+    folder = root.resolve()
+    warnings = []
+    for path in files:
+        target = path.resolve()
+        if not target.is_relative_to(folder):
+            shown = path.relative_to(root) if path.is_relative_to(root) else path
+            warnings.append(
+                f"{shown} resolves to {target}, outside the data folder {folder}; copy the file into the folder "
+                "or check that the link is meant"
+            )
+    return warnings
 
 
 def _describe(problem: Problem, root: Path) -> str:

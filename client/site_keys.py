@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.atomic_files import atomic_write_bytes
+from common.key_files import others_may_read
 from models.errors import NeurofedError
 
 PRIVATE_KEY_FILE = "site.key"
@@ -65,11 +66,8 @@ def check_private_key(path: Path) -> None:
         raise NeurofedError(
             f"--key {path}: file not found; make the site's key pair with `neurofed-site keygen`"
         )
-    if path.stat().st_mode & 0o077:
-        raise NeurofedError(
-            f"--key {path}: other users may read this private key (mode {path.stat().st_mode & 0o777:o}); "
-            f"run `chmod 600 {path}`"
-        )
+    if (exposed := others_may_read(path)) is not None:
+        raise NeurofedError(f"--key {path}: {exposed}")
     try:
         key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from client.site_data import SiteData
+from contract.reply_schema import EVALUATION_METRICS, MEAN_DICE_KEY, evaluation_metric_key
 from contract.run_config import RunConfig
 
 if TYPE_CHECKING:
@@ -49,8 +50,10 @@ def evaluation_metrics(
     )
     summary = summarize(per_subject)
     out: dict[str, float] = {}
+    computed = dict(zip(EVALUATION_METRICS, ("dice", "hd95_mm", "assd_mm"), strict=True))
     for name in protocol.class_names[1:]:
-        for metric, short in (("dice", "dice"), ("hd95_mm", "hd95"), ("assd_mm", "assd")):
-            out[f"{prefix}{short}-{name}"] = float(summary[name][metric]["mean"])
-    out[f"{prefix}dice-mean"] = float(np.mean([out[f"{prefix}dice-{n}"] for n in protocol.class_names[1:]]))
+        for metric, summarized in computed.items():
+            out[evaluation_metric_key(metric, name, prefix)] = float(summary[name][summarized]["mean"])
+    dice = [out[evaluation_metric_key("dice", n, prefix)] for n in protocol.class_names[1:]]
+    out[prefix + MEAN_DICE_KEY] = float(np.mean(dice))
     return out

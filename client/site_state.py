@@ -14,22 +14,9 @@ import torch
 
 from client.site_setup import SiteSetup
 from common.atomic_files import atomic_write
+from models.networks import normalization_keys
 
-_NORM_TYPES = (
-    torch.nn.modules.batchnorm._NormBase,
-    torch.nn.GroupNorm,
-    torch.nn.LayerNorm,
-)
-
-
-def normalization_keys(model: torch.nn.Module) -> set[str]:
-    """State-dict keys of the normalization layers (InstanceNorm, BatchNorm, GroupNorm, LayerNorm)."""
-    keys = set()
-    for name, module in model.named_modules():
-        if isinstance(module, _NORM_TYPES):
-            prefix = f"{name}." if name else ""
-            keys.update(prefix + k for k in module.state_dict(keep_vars=True))
-    return keys
+__all__ = ["latest_personal_layers", "normalization_keys", "personal_layers_path", "save_personal_layers"]
 
 
 def personal_layers_path(setup: SiteSetup, server_round: int) -> Path:

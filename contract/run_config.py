@@ -11,28 +11,23 @@ sites in each message's ConfigRecord, where the site parses it with the same cla
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from contract.run_choices import (  # re-exported: the settings' choices
+    AGGREGATION_WEIGHTS,
+    GRAD_SAMPLE_MODES,
+    ROBUST_STRATEGIES,
+    SERVER_DP_MODES,
+    STRATEGIES,
+    min_training_sites,
+)
 from models.errors import NeurofedError
 from models.trainable import TRAINABLE_LAYERS
 
 if TYPE_CHECKING:
     from models.networks import NetworkConfig
-
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn")
-"""fedavg: weighted mean of site models; fedprox: fedavg + proximal term in the sites' loss;
-fedadam / fedyogi: server-side adaptive optimizer on the mean update; fedbn: fedavg over every array
-except normalization layers, which each site keeps (personalised model)."""
-
-SERVER_DP_MODES: tuple[str, ...] = ("off", "fixed", "adaptive")
-"""Site-level (user-level) DP at the coordinator (server/site_level_dp.py): off; each site's update clipped
-to ``server-dp-clipping-norm``; or adaptive clipping (the norm follows the median update norm)."""
-
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("vmap", "functorch", "ghost", "hooks")
-"""The per-sample gradient modes of privacy/dp_sgd.py (kept here so the run config imports no torch)."""
 
 AUTO_CLIPPING_NORM = 0.0
 """``dp-max-grad-norm`` 0: the coordinator sets the clipping norm from the starting model's gradient norms
@@ -102,6 +97,15 @@ class RunConfig:
         update_norm_limit: a site update whose norm (distance from the global model) is above this many
             times the median norm of the other sites' updates is rejected; 0 disables the norm rule (an
             update with NaN or Inf is always rejected).
+        update_norm_cap: absolute bound on a site update's L2 norm (model-parameter units), checked on
+            every update whatever the other sites sent: a larger (or non-finite) update is rejected. An
+            honest Adam round moves each parameter by about ``learning-rate`` per step at most; raise it
+            for large networks trained for many local steps.
+        aggregation_weights: one of `AGGREGATION_WEIGHTS`.
+        byzantine_sites: ``f``, the number of malicious training sites krum, multikrum and bulyan are
+            built to withstand (krum and multikrum need at least 2f + 3 training sites, bulyan 4f + 3).
+        trimmed_fraction: share of the values fedtrimmedavg cuts at each end of every coordinate, in [0, 0.5).
+        multikrum_selected: updates multikrum averages; 0 for n - f of the n accepted updates.
         round_timeout_s: seconds the server waits for replies in one round.
         initial_model: the weights round 1 starts from: ``builtin`` (the project's starting model, pretrained on
             public anatomy only, models/starting_model.py), ``none`` (random weights from ``seed``) or the path
@@ -148,6 +152,11 @@ class RunConfig:
     server_dp_noise_multiplier: float = 1.0
     server_dp_clipping_norm: float = 1.0
     update_norm_limit: float = 10.0
+    update_norm_cap: float = 1000.0
+    aggregation_weights: str = "capped"
+    byzantine_sites: int = 1
+    trimmed_fraction: float = 0.2
+    multikrum_selected: int = 0
     round_timeout_s: float = 3600.0
     min_sites: int = 1
     initial_model: str = "builtin"
@@ -235,6 +244,35 @@ class RunConfig:
             raise bad("initial_model", "give 'builtin', 'none' or the path of a model file")
         if not self.update_norm_limit >= 0:
             raise bad("update_norm_limit", f"must be >= 0 (0: off), got {self.update_norm_limit}")
+        self._check_robustness(bad)
+
+    def _check_robustness(self, bad: Any) -> None:
+        if not 0 < self.update_norm_cap < float("inf"):
+            raise bad("update_norm_cap", f"must be positive and finite, got {self.update_norm_cap}")
+        if self.aggregation_weights not in AGGREGATION_WEIGHTS:
+            raise bad(
+                "aggregation_weights",
+                f"choose one of {', '.join(AGGREGATION_WEIGHTS)}, got {self.aggregation_weights!r}",
+            )
+        if self.byzantine_sites < 0:
+            raise bad("byzantine_sites", f"must be >= 0, got {self.byzantine_sites}")
+        if not 0.0 <= self.trimmed_fraction < 0.5:
+            raise bad("trimmed_fraction", f"must be in [0, 0.5), got {self.trimmed_fraction}")
+        if self.multikrum_selected < 0:
+            raise bad("multikrum_selected", f"must be >= 0 (0: n - f), got {self.multikrum_selected}")
+        if self.server_dp != "off" and self.strategy in ROBUST_STRATEGIES:
+            raise bad(
+                "server_dp",
+                f"site-level DP averages the clipped updates itself; {self.strategy} cannot aggregate after "
+                "it: use fedavg, fedprox, fedadam or fedyogi",
+            )
+        needed = min_training_sites(self.strategy, self.byzantine_sites)
+        if self.num_training_sites < needed:
+            raise bad(
+                "strategy",
+                f"{self.strategy} with byzantine-sites = {self.byzantine_sites} needs at least {needed} training "
+                f"sites, the run has {self.num_training_sites}; add sites or lower byzantine-sites",
+            )
 
     @property
     def num_training_sites(self) -> int:
@@ -323,54 +361,15 @@ SERVER_ONLY_SETTINGS = frozenset(
         "simulated-subjects-per-site",
         "simulated-unseen-subjects",
         "initial-model",
+        "update-norm-cap",
+        "aggregation-weights",
+        "byzantine-sites",
+        "trimmed-fraction",
+        "multikrum-selected",
     }
 )
 """Run settings (flat Flower keys) sites do not get: strategies add what a site needs (FedProx adds
 ``proximal-mu``)."""
-
-
-RESUMABLE_SETTINGS = frozenset({"num-server-rounds", "num-sites", "min-sites", "round-timeout-s"})
-"""Run settings (flat Flower keys) a resumed run may change: its number of rounds, and how many sites it
-waits for, needs and waits on. Every other setting repeats the interrupted run. With another number of
-rounds each site re-plans its DP noise so that the whole run keeps its target ε, or refuses with the
-reason (client/private_round.py)."""
-
-
-RESUME_SETTINGS_KEY = "resume-settings"
-"""Flower run-config key (string): with ``resume``, the `RESUMABLE_SETTINGS` that change, as a JSON object
-of flat keys (empty: none). A key of its own, because Flower hands the app every setting of pyproject.toml
-whether or not it was asked for."""
-
-
-def encode_resume_settings(changes: Mapping[str, Any]) -> str:
-    """The `RESUME_SETTINGS_KEY` value of ``changes`` (flat keys); NeurofedError for a setting that may not
-    change on resume."""
-    fixed = sorted(set(changes) - RESUMABLE_SETTINGS)
-    if fixed:
-        raise NeurofedError(
-            f"a resumed run keeps the settings it was started with, so {fixed} cannot be changed; only "
-            f"{sorted(RESUMABLE_SETTINGS)} may (start a new run for other settings)"
-        )
-    return json.dumps(dict(changes), sort_keys=True) if changes else ""
-
-
-def decode_resume_settings(text: str) -> dict[str, Any]:
-    """The changes encoded by `encode_resume_settings` (checked the same way)."""
-    try:
-        changes = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise NeurofedError(f"run setting {RESUME_SETTINGS_KEY!r}: not a JSON object ({exc})") from exc
-    if not isinstance(changes, dict):
-        raise NeurofedError(f"run setting {RESUME_SETTINGS_KEY!r}: expected a JSON object, got {text!r}")
-    encode_resume_settings(changes)
-    return changes
-
-
-def resumed_config(stored: RunConfig, wanted: RunConfig) -> RunConfig:
-    """The settings of a resumed run: ``stored`` (the interrupted run's), with `RESUMABLE_SETTINGS` and
-    ``run_dir`` from ``wanted``."""
-    names = {f.name for f in fields(RunConfig) if flower_key(f.name) in RESUMABLE_SETTINGS | {"run-dir"}}
-    return stored.replace(**{name: getattr(wanted, name) for name in names})
 
 
 def setting_choices() -> dict[str, tuple[str, ...]]:
@@ -380,6 +379,7 @@ def setting_choices() -> dict[str, tuple[str, ...]]:
         "server_dp": SERVER_DP_MODES,
         "dp_grad_sample_mode": GRAD_SAMPLE_MODES,
         "trainable_layers": TRAINABLE_LAYERS,
+        "aggregation_weights": AGGREGATION_WEIGHTS,
     }
 
 

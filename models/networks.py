@@ -228,3 +228,21 @@ def _build(config: NetworkConfig) -> torch.nn.Module:
         blocks_down=tuple([1, 2, 2, *[4] * len(config.channels)][: len(config.channels)]),
         blocks_up=tuple([1] * (len(config.channels) - 1)),
     )
+
+
+_NORM_TYPES = (
+    torch.nn.modules.batchnorm._NormBase,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+)
+
+
+def normalization_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the normalization layers (InstanceNorm, BatchNorm, GroupNorm, LayerNorm): what a
+    FedBN site keeps at home, and so what its training replies leave out."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _NORM_TYPES):
+            prefix = f"{name}." if name else ""
+            keys.update(prefix + k for k in module.state_dict(keep_vars=True))
+    return keys

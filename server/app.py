@@ -45,7 +45,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from contract.run_config import RESUME_SETTINGS_KEY, RunConfig, decode_resume_settings
+from contract.resume_settings import RESUME_SETTINGS_KEY, decode_resume_settings
+from contract.run_config import RunConfig
 from server.audit_log import AuditLog
 from server.coordinator_state import CoordinatorState
 from server.federated_run import EventHook, FederatedRun, MessageHook
@@ -62,7 +63,7 @@ def run_settings(flower_config: Mapping[str, Any]) -> tuple[RunConfig, bool]:
     ``resume-settings`` included).
 
     A resumed run's settings are the interrupted run's, stored in its run directory, but for those
-    ``resume-settings`` changes (contract/run_config.py, `RESUMABLE_SETTINGS`).
+    ``resume-settings`` changes (contract/resume_settings.py, `RESUMABLE_SETTINGS`).
     """
     settings = dict(flower_config)
     resume = bool(settings.pop(RESUME_KEY, False))
@@ -105,7 +106,7 @@ def run_federation(
         on_event=on_event,
         on_message=on_message,
         audit=AuditLog(deployment.audit_path),
-        enrolled_names=SiteRegistry(deployment).names_by_node_id(),
+        enrolment=SiteRegistry(deployment).names_by_node_id,
         flower_run_id=context.run_id,
         known_cause=SiteRegistry(deployment).revocation,
     )

@@ -9,10 +9,14 @@ and ``event``; the ServerApp's run loop (server/federated_run.py) writes:
 - ``site-joined``: ``node_id``, ``site`` (the id the site declares), ``enrolled_as`` (the name it was
   enrolled under with `neurofed coordinator enroll`; null when unknown), ``role``.
 - ``round-trained``: ``round``, ``contributed`` (sites whose update was aggregated), ``refused`` (sites
-  that declined the round, e.g. their privacy budget, with ``reason``), ``rejected`` (updates the server
-  refused, with ``reason``), ``dropped`` (sites that failed or did not answer, with ``reason``) and
-  ``epsilon`` (site -> the run's cumulative ε the site reported, at ``delta``).
+  that declined the round, e.g. their privacy budget, with ``reason``), ``rejected`` (replies the
+  server refused: outside the run's reply schema or a norm outlier, with ``reason``), ``dropped``
+  (sites that failed or did not answer, with ``reason``) and ``epsilon`` (site -> the run's cumulative
+  ε the site reported, at ``delta``).
 - ``round-evaluated``: ``round``, ``evaluated``, ``dropped``.
+- ``site-rejected``: ``round``, ``stage`` (``discovery``: a node not enrolled, declaring another name than
+  its enrolled one, or describing itself unusably; ``enrolment``: revoked during the run), ``site``,
+  ``node_id``, ``reason``: the node takes no (further) part in the run.
 - ``run-finished`` / ``run-failed`` (with ``reason``).
 
 The coordinator commands add ``site-enrolled`` / ``site-revoked`` (server/site_registry.py).

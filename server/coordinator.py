@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.key_files import others_may_read
 from models.errors import NeurofedError
 from server.coordinator_state import STATE_DIR_ENV, Connection, CoordinatorState
 from server.flower_control import flower_environment, flower_executable
@@ -49,7 +50,8 @@ def split_address(address: str, option: str = "--address") -> tuple[str, int]:
 
 
 def check_tls_files(tls: TlsFiles) -> None:
-    """Check that the three files exist, parse, belong together and are in date; NeurofedError if not."""
+    """Check that the three files exist, parse, belong together and are in date, and that the key is readable
+    by its owner only (like a site's key); NeurofedError if not."""
     import datetime
 
     from cryptography import x509
@@ -78,6 +80,8 @@ def check_tls_files(tls: TlsFiles) -> None:
 
     ca = certificate(tls.ca_cert, "--ca-cert")
     cert = certificate(tls.cert, "--cert")
+    if tls.key.is_file() and (exposed := others_may_read(tls.key)) is not None:
+        raise NeurofedError(f"--key {tls.key}: {exposed}")
     try:
         key = serialization.load_pem_private_key(read(tls.key, "--key"), password=None)
     except (ValueError, TypeError) as exc:

@@ -77,8 +77,17 @@ class CoordinatorState:
         return cls(Path(value)) if value else None
 
     def resolve_run_dir(self, run_dir: str) -> Path:
-        """An absolute ``run-dir`` as it is; a relative one inside this state directory."""
-        path = Path(run_dir).expanduser()
+        """Where a deployed run's ``run-dir`` lies: a relative one inside this state directory. A deployed
+        run writes nowhere else: an absolute path outside it, a ``..`` step or a link leading out is a
+        NeurofedError (a submitted job must not choose where the coordinator's service writes)."""
+        path = Path(run_dir)
+        root = self.root.resolve()
+        inside = (path if path.is_absolute() else self.root / path).resolve()
+        if ".." in path.parts or not inside.is_relative_to(root):
+            raise NeurofedError(
+                f"run setting 'run-dir' {run_dir!r}: a deployed run writes only inside the coordinator's state "
+                f"folder {self.root}; use a relative path without '..', e.g. runs/NAME"
+            )
         return path if path.is_absolute() else self.root / path
 
     def create(self) -> None:

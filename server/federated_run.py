@@ -15,24 +15,18 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from contract.run_config import RunConfig, resumed_config
+from contract.resume_settings import resumed_config
+from contract.run_config import RunConfig
 from contract.site_task import site_task_record
 from contract.version import CONTRACT_VERSION
-from contract.wire import (
-    CONFIG_RECORD,
-    METRICS_RECORD,
-    PERSONAL_PREFIX,
-    REFUSAL_REASON,
-    REFUSAL_RECORD,
-    REFUSED_KEY,
-    ROLE_TRAIN,
-    WEIGHT_KEY,
-)
+from contract.wire import CONFIG_RECORD, ROLE_TRAIN
 from models.errors import NeurofedError
 from models.model_file import weights_sha256
 from server.audit_log import AuditLog
+from server.evaluation_round import evaluate_round
 from server.global_model import read_model_state, starting_point, starting_weights, write_model_file
 from server.run_directory import RunDirectory
+from server.site_admission import Enrolment, enrolled_nodes
 from server.site_discovery import Site, compatible_replies, site_summaries, sites_from_replies
 from server.site_replies import NodeView, lost_nodes, no_contributor_reason
 from server.strategies import (
@@ -42,9 +36,11 @@ from server.strategies import (
     server_dp_epsilon,
     state_dict_to_arrays,
     strategy_state,
+    too_few_updates,
+    training_schemas,
     unreleased_reason,
 )
-from server.update_screening import check_float_arrays, screen_training_replies
+from server.update_screening import TrainingSchemas, check_float_arrays, screen_training_replies
 
 EventHook = Callable[[dict[str, Any]], None]
 """Called with every event written to metrics.jsonl (and ``round-start`` events), e.g. for a live view."""
@@ -71,10 +67,16 @@ class FederatedRun:
         on_event: EventHook | None = None,
         on_message: MessageHook | None = None,
         audit: AuditLog | None = None,
-        enrolled_names: Mapping[int, str] | None = None,
+        enrolment: Enrolment | None = None,
         flower_run_id: int | None = None,
         known_cause: Callable[[int], str | None] | None = None,
     ) -> None:
+        """
+        Args:
+            enrolment: reads the deployment's enrolment registry (node id -> enrolled name); None in
+                simulation. Only enrolled nodes declaring their enrolled name take part, and a node whose
+                enrolment is revoked leaves the run from the next round on (server/site_admission.py).
+        """
         self.run_dir = RunDirectory(config.run_dir)
         if resume:
             # The stored settings win, but for the few a resumed run may change (RESUMABLE_SETTINGS).
@@ -85,10 +87,13 @@ class FederatedRun:
         self.on_event = on_event
         self.on_message = on_message
         self.sites: list[Site] = []
+        self.not_admitted: list[dict[str, Any]] = []
+        """``{"node_id", "site", "reason"}`` of each node site discovery left out (logged once the run starts)."""
         self.plan: dict[str, Any] = {}
         self.run_id = ""
         self.audit = audit
-        self.enrolled_names = dict(enrolled_names or {})
+        self.enrolment = enrolment
+        self.enrolled_names: dict[int, str] = dict(enrolment()) if enrolment else {}
         self.flower_run_id = flower_run_id
         self.known_cause = known_cause  # what the coordinator knows of a lost node (revoked)
 
@@ -165,21 +170,33 @@ class FederatedRun:
             return f"continue from the last checkpoint with --resume {self.config.run_dir}"
         return "start the run again (it has no checkpoint to resume from)"
 
+    def round_config(self, server_round: int) -> ConfigRecord:
+        """The ConfigRecord of this run's messages of ``server_round`` (see `site_config`)."""
+        return site_config(self.config, server_round, self.run_id)
+
     def _wait_for_nodes(self) -> list[int]:
+        """The enrolled nodes, once ``num-sites`` of them are connected; nodes that are not enrolled are
+        never sent anything (a ``rejected`` event each)."""
         deadline = time.monotonic() + self.config.round_timeout_s
-        while len(node_ids := list(self.grid.get_node_ids())) < self.config.num_sites:
+        while len((admission := enrolled_nodes(self.grid.get_node_ids(), self.enrolment)).admitted) < (
+            self.config.num_sites
+        ):
             if time.monotonic() > deadline:
                 raise NeurofedError(
-                    f"only {len(node_ids)} of {self.config.num_sites} sites connected within "
+                    f"only {len(admission.admitted)} of {self.config.num_sites} enrolled sites connected within "
                     f"{self.config.round_timeout_s:.0f} s; start the missing sites or lower num-sites"
                 )
             time.sleep(0.5)
-        return node_ids
+        for node_id, reason in admission.refused.items():
+            self.not_admitted.append({"node_id": node_id, "site": f"node {node_id}", "reason": reason})
+        return admission.admitted
 
     def discover_sites(self) -> list[Site]:
-        """Ask every node for its site id, role and subject counts (one ``query`` message each)."""
+        """Ask every enrolled node for its site id, role and subject counts (one ``query`` message each)."""
         self._emit({"event": "round-start", "round": 0, "stage": "preparing sites"}, log_it=False)
         node_ids = self._wait_for_nodes()
+        if self.enrolment is not None:
+            self.enrolled_names = dict(self.enrolment())
         content = RecordDict({CONFIG_RECORD: site_config(self.config, 0)})
         messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
         # A site that fails here (or speaks another contract version) takes no part; min-sites decides.
@@ -187,10 +204,34 @@ class FederatedRun:
         replies, incompatible = compatible_replies(replies, self._site_name)
         for left_out in incompatible:
             self._emit({"event": "dropped", "round": 0, "stage": "site discovery", **left_out})
-        sites, plan = sites_from_replies(replies, self.config.min_sites)
-        self.sites = sites
-        self.plan = plan
-        return sites
+        enrolled = self.enrolled_names if self.enrolment is not None else None
+        discovery = sites_from_replies(replies, self.config.min_sites, enrolled)
+        self.not_admitted.extend(discovery.rejected)
+        self.sites = discovery.sites
+        self.plan = discovery.plan
+        return self.sites
+
+    def _left_out(
+        self, server_round: int, stage: str, site: str, role: str | None, reason: str, **audit: Any
+    ) -> None:
+        """A site the coordinator leaves out of a step: a ``rejected`` event and an audit entry."""
+        event = {"event": "rejected", "round": server_round, "stage": stage, "site": site, "role": role}
+        self._emit({**event, "reason": reason})
+        self.audit_event("site-rejected", round=server_round, stage=stage, site=site, reason=reason, **audit)
+
+    def _active_sites(self, server_round: int) -> list[Site]:
+        """The sites still enrolled (all of them in simulation); each revoked one is logged once."""
+        if self.enrolment is None:
+            return list(self.sites)
+        enrolled = self.enrolment()
+        for s in self.sites:
+            if enrolled.get(s.node_id) != s.site_id:
+                reason = (
+                    f"site {s.site_id} is no longer enrolled (revoked); it takes no further part in the run"
+                )
+                self._left_out(server_round, "enrolment", s.site_id, s.role, reason, node_id=s.node_id)
+        self.sites = [s for s in self.sites if enrolled.get(s.node_id) == s.site_id]
+        return list(self.sites)
 
     # -- the run ------------------------------------------------------------------------------------
 
@@ -252,6 +293,8 @@ class FederatedRun:
                 },
             )
             self._emit({"event": "sites", "round": 0, "sites": site_summaries(sites)})
+        for r in self.not_admitted:
+            self._left_out(0, "discovery", r["site"], None, r["reason"], node_id=r["node_id"])
         if state_dict is None:
             # A resumed run that never wrote a checkpoint starts again from its starting weights.
             state_dict, _ = starting_weights(config, self.plan)
@@ -270,24 +313,31 @@ class FederatedRun:
         restore_strategy_state(strategy, saved_state, completed_rounds=start_round - 1)
         arrays = state_dict_to_arrays(state_dict)
         dtypes = {k: v.numpy().dtype for k, v in arrays.items()}
+        schemas = training_schemas(config, arrays)
 
         def write_model(path: Path, sd: Mapping[str, Any]) -> None:
             write_model_file(path, sd, config, self.plan)
 
         for server_round in range(start_round, config.num_rounds + 1):
             self._emit({"event": "round-start", "round": server_round, "stage": "training"}, log_it=False)
+            trainers = [s for s in self._active_sites(server_round) if s.role == ROLE_TRAIN]
+            if len(trainers) < max(1, config.min_sites):
+                raise NeurofedError(
+                    f"round {server_round}: {len(trainers)} enrolled training site(s) left, min-sites is "
+                    f"{config.min_sites}; enroll sites and continue with --resume {config.run_dir}"
+                )
             messages = strategy.configure_train(
-                server_round,
-                arrays,
-                site_config(config, server_round, self.run_id),
-                NodeView(s.node_id for s in trainers),
+                server_round, arrays, self.round_config(server_round), NodeView(s.node_id for s in trainers)
             )
             replies, dropped = self._send(
                 messages, "training", server_round, required=config.min_sites or len(trainers)
             )
-            accepted = self._screen_updates(server_round, replies, arrays, dropped)  # raises when none
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, accepted)
-            skipped = unreleased_reason(strategy, server_round)
+            accepted = self._screen_updates(server_round, replies, arrays, schemas, dropped)  # raises when none
+            new_arrays, train_metrics = None, None
+            skipped = too_few_updates(config, len(accepted))
+            if skipped is None:
+                new_arrays, train_metrics = strategy.aggregate_train(server_round, accepted)
+                skipped = unreleased_reason(strategy, server_round)
             if new_arrays is None and skipped:
                 # Too few updates for site-level DP: the global model stays as it was.
                 event = {"event": "aggregate-train", "round": server_round, "metrics": {}, "skipped": skipped}
@@ -328,7 +378,7 @@ class FederatedRun:
     ) -> None:
         if self.config.evaluates_after(server_round):
             self._emit({"event": "round-start", "round": server_round, "stage": "evaluating"}, log_it=False)
-            self._evaluate(strategy, server_round, arrays)
+            evaluate_round(self, strategy, server_round, arrays, self.sites)
             self.write_interim_report(server_round)
         self.run_dir.save_checkpoint(
             server_round, arrays.to_torch_state_dict(), strategy_state(strategy), write_model
@@ -354,24 +404,23 @@ class FederatedRun:
         server_round: int,
         replies: list[Message],
         global_arrays: ArrayRecord,
+        schemas: TrainingSchemas,
         dropped: list[dict[str, Any]] | None = None,
     ) -> list[Message]:
         """Log every training reply (server/update_screening.py); return those to aggregate."""
         by_node = {s.node_id: s for s in self.sites}
 
-        def site_of(reply: Message) -> dict[str, str]:
+        def site_of(reply: Message) -> dict[str, Any]:
             site = by_node[reply.metadata.src_node_id]
-            return {"site": site.site_id, "role": site.role}
+            return {"site": site.site_id, "role": site.role, "num_train": site.num_train}
 
-        screened = screen_training_replies(
-            server_round, replies, global_arrays, self.config.update_norm_limit, site_of
-        )
+        screened = screen_training_replies(server_round, replies, global_arrays, schemas, site_of)
         for event in screened.events:
             self._emit(event)
         self.audit_event(
             "round-trained",
             round=server_round,
-            contributed=[site_of(r)["site"] for r in screened.accepted],
+            contributed=screened.accepted_sites,
             refused=screened.refused,
             rejected=screened.rejected,
             dropped=list(dropped or []),
@@ -385,66 +434,3 @@ class FederatedRun:
             ] + [{**e, "how": "dropped"} for e in dropped or []]
             raise NeurofedError(f"{no_contributor_reason(server_round, left_out)}; {self._how_to_continue()}")
         return screened.accepted
-
-    def _answered_evaluations(
-        self, server_round: int, replies: list[Message], by_node: dict[int, Site]
-    ) -> list[Message]:
-        """Log each site that declined to evaluate (its own rules, client/site_activity.py); return the rest."""
-        answered = []
-        for r in replies:
-            if not dict(r.content[METRICS_RECORD]).get(REFUSED_KEY):
-                answered.append(r)
-                continue
-            site = by_node[r.metadata.src_node_id]
-            reason = r.content[REFUSAL_RECORD][REFUSAL_REASON] if REFUSAL_RECORD in r.content else ""
-            event = {"event": "evaluate-refused", "round": server_round, "site": site.site_id}
-            self._emit({**event, "role": site.role, "reason": str(reason)})
-        return answered
-
-    def _evaluate(self, strategy: Any, server_round: int, arrays: ArrayRecord) -> None:
-        by_node = {s.node_id: s for s in self.sites}
-        messages = strategy.configure_evaluate(
-            server_round, arrays, site_config(self.config, server_round, self.run_id), NodeView(by_node)
-        )
-        replies, dropped = self._send(messages, "evaluation", server_round, required=1)
-        self.audit_event(
-            "round-evaluated",
-            round=server_round,
-            evaluated=[by_node[r.metadata.src_node_id].site_id for r in replies],
-            dropped=dropped,
-        )
-        replies = self._answered_evaluations(server_round, replies, by_node)
-        for r in replies:
-            site = by_node[r.metadata.src_node_id]
-            metrics = dict(r.content[METRICS_RECORD])
-            models = {"global": {k: v for k, v in metrics.items() if not k.startswith(PERSONAL_PREFIX)}}
-            personal = {
-                k.removeprefix(PERSONAL_PREFIX): v
-                for k, v in metrics.items()
-                if k.startswith(PERSONAL_PREFIX)
-            }
-            if personal:
-                models["personal"] = {**personal, WEIGHT_KEY: metrics[WEIGHT_KEY]}
-            for model, values in models.items():
-                self._emit(
-                    {
-                        "event": "evaluate",
-                        "round": server_round,
-                        "site": site.site_id,
-                        "role": site.role,
-                        "split": "test",
-                        "model": model,
-                        "metrics": values,
-                    }
-                )
-        # The aggregate covers the training sites' test splits; unseen sites are reported apart.
-        trained = [r for r in replies if by_node[r.metadata.src_node_id].role == ROLE_TRAIN]
-        aggregated = strategy.aggregate_evaluate(server_round, trained)
-        self._emit(
-            {
-                "event": "aggregate-evaluate",
-                "round": server_round,
-                "role": ROLE_TRAIN,
-                "metrics": dict(aggregated or {}),
-            }
-        )

@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from contract.run_config import RESUME_SETTINGS_KEY, RunConfig, encode_resume_settings, flower_key
+from contract.resume_settings import RESUME_SETTINGS_KEY, encode_resume_settings
+from contract.run_config import RunConfig, flower_key
 from models.errors import NeurofedError
 from server.coordinator_state import Connection, CoordinatorState
 from server.flower_control import CONNECTION_NAME, FlowerControl

@@ -66,8 +66,9 @@ class SiteRegistry:
         atomic_write(self.state.registry_path, lambda tmp: tmp.write_text(text))
 
     def names_by_node_id(self) -> dict[int, str]:
-        """Node id -> enrolled name, from the local registry only (no call to the SuperLink)."""
-        return {int(v["node_id"]): name for name, v in self._read().items()}
+        """Node id -> enrolled name of every site not revoked, from the local registry only (no call to the
+        SuperLink): the nodes a run admits (server/site_admission.py)."""
+        return {int(v["node_id"]): name for name, v in self._read().items() if not v.get("revoked_at")}
 
     def revocation(self, node_id: int) -> str | None:
         """``"revoked by the coordinator's operator at TIME"`` for a revoked site's node, else None."""

@@ -1,8 +1,12 @@
-"""Server strategies: Flower's FedAvg, FedProx, FedAdam, FedYogi, and FedBN-style personalisation.
+"""Server strategies: Flower's FedAvg, FedProx, FedAdam, FedYogi, the robust FedMedian, FedTrimmedAvg,
+Krum, MultiKrum and Bulyan, and FedBN-style personalisation.
 
 Aggregation itself is Flower's (`flwr.serverapp.strategy`); this module picks and configures a
 strategy from the run config, adds the personalised variant, and saves/restores the state a strategy
-carries between rounds so a run can be resumed.
+carries between rounds so a run can be resumed. Whatever the strategy, it only ever sees replies that
+passed the screening of server/update_screening.py (the run's reply schema, the norm rules, capped
+weights); `too_few_updates` says when a robust strategy has too few of them to withstand
+``byzantine-sites`` malicious ones, and the round then leaves the global model as it was.
 
 What each strategy asks of the sites travels in the train/evaluate ConfigRecord:
 
@@ -26,17 +30,25 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    Bulyan,
     FedAdam,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
     FedYogi,
+    Krum,
+    MultiKrum,
     Strategy,
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from contract.run_config import RunConfig
+from contract.reply_schema import declined_reply_schema, training_reply_schema
+from contract.run_config import RunConfig, min_training_sites
 from contract.wire import EVALUATE_PERSONAL_KEY, PERSONAL_LAYERS_KEY
+from server.reply_checks import array_specs
 from server.site_level_dp import AdaptiveClipping, SiteLevelDP
+from server.update_screening import TrainingSchemas
 
 
 class FedBN(FedAvg):
@@ -92,21 +104,25 @@ def site_sample_rate(config: RunConfig) -> float:
 
 
 def make_strategy(config: RunConfig) -> Strategy:
-    """The strategy ``config.strategy`` names, sampling every training site each round.
+    """The strategy ``config.strategy`` names, sampling every node of the grid view it is handed.
 
-    Training messages go to the ``config.num_training_sites`` training sites (the caller hands
-    ``configure_train`` a grid view without the holdout sites); evaluation goes to all
-    ``config.num_sites`` sites. With ``server-dp`` the strategy is wrapped in `SiteLevelDP`, which
-    releases a round only with at least ``min-sites`` accepted updates (1 when ``min-sites`` is 0: the
-    run then already stops when a site does not answer, and screening may still leave fewer).
+    The caller hands ``configure_train`` a grid view of the training sites that take part this round and
+    ``configure_evaluate`` one of every site (server/site_replies.py `NodeView`), having waited for them
+    itself: the strategy needs no minimum of its own (a revoked site leaves the view, and Flower's
+    sampling would otherwise wait for it forever). With ``server-dp`` the strategy is wrapped in
+    `SiteLevelDP`, which releases a round only with at least ``min-sites`` accepted updates (1 when
+    ``min-sites`` is 0: the run then already stops when a site does not answer, and screening may still
+    leave fewer).
     """
     common: dict[str, Any] = {
         "fraction_train": 1.0,
         "fraction_evaluate": 1.0,
-        "min_train_nodes": sites_sampled_per_round(config),
-        "min_evaluate_nodes": config.num_sites,
-        "min_available_nodes": config.num_training_sites,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": 1,
     }
+    if config.strategy in ROBUST_FACTORIES:
+        return ROBUST_FACTORIES[config.strategy](config, common)
     if config.strategy == "fedavg":
         strategy: Strategy = FedAvg(**common)
     elif config.strategy == "fedprox":
@@ -135,6 +151,48 @@ def make_strategy(config: RunConfig) -> Strategy:
         clipping_norm=config.server_dp_clipping_norm,
         min_sites=max(1, config.min_sites),
         adaptive=adaptive,
+    )
+
+
+ROBUST_FACTORIES: dict[str, Any] = {
+    "fedmedian": lambda config, common: FedMedian(**common),
+    "fedtrimmedavg": lambda config, common: FedTrimmedAvg(**common, beta=config.trimmed_fraction),
+    "krum": lambda config, common: Krum(**common, num_malicious_nodes=config.byzantine_sites),
+    "multikrum": lambda config, common: MultiKrum(
+        **common,
+        num_malicious_nodes=config.byzantine_sites,
+        num_nodes_to_select=config.multikrum_selected
+        or max(1, config.num_training_sites - config.byzantine_sites),
+    ),
+    "bulyan": lambda config, common: Bulyan(**common, num_malicious_nodes=config.byzantine_sites),
+}
+"""Flower's robust strategies, made from the run config and the common sampling settings."""
+
+
+def too_few_updates(config: RunConfig, accepted: int) -> str | None:
+    """Why ``accepted`` updates are too few for ``config.strategy`` to aggregate (None: enough)."""
+    needed = min_training_sites(config.strategy, config.byzantine_sites)
+    if accepted >= needed:
+        return None
+    return (
+        f"{accepted} accepted update(s); {config.strategy} with byzantine-sites = {config.byzantine_sites} "
+        f"needs at least {needed}, so the global model is unchanged"
+    )
+
+
+def training_schemas(config: RunConfig, global_arrays: ArrayRecord) -> TrainingSchemas:
+    """What a site may send back in a training round of this run (contract/reply_schema.py): exactly the
+    global model's arrays, with their shapes and dtypes, except FedBN's normalization layers."""
+    kept: set[str] = set()
+    if config.strategy == "fedbn":
+        from models.networks import build_network, normalization_keys
+
+        kept = normalization_keys(build_network(config.network_config()))
+    return TrainingSchemas(
+        training=training_reply_schema(config, array_specs(global_arrays), kept),
+        declined=declined_reply_schema(config),
+        weights=config.aggregation_weights,
+        norm_limit=config.update_norm_limit,
     )
 
 

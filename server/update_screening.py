@@ -1,22 +1,44 @@
-"""Screening of the sites' training replies before aggregation: what is aggregated, what is left out, why.
+"""Screening of the sites' training replies before aggregation: what is aggregated, with what weight, and
+what is left out and why.
 
 `screen_training_replies` sorts every training reply into one of three outcomes, each an event for
-metrics.jsonl: ``train`` (offered and accepted), ``refused`` (the site declined the round, e.g. its
-privacy budget) and ``rejected`` (the update fails `check_updates`: NaN/Inf, unknown arrays, or a norm far
-above the other sites'). Only accepted replies reach the strategy.
+metrics.jsonl: ``train`` (accepted), ``refused`` (the site declined the round, e.g. its privacy budget) and
+``rejected`` (the coordinator will not use it). A reply is rejected when it does not fit the run's reply
+schema (server/reply_checks.py: records, metrics and their ranges, exactly the arrays the site shares with
+their shapes and dtypes, finite values, update norm under ``update-norm-cap``), or when its update norm is
+more than ``update-norm-limit`` times the median of the other accepted updates' norms.
+
+What reaches the strategy is rebuilt from the checked values: the arrays, the metrics every accepted reply
+sent (a site may withhold any but ``num-examples``), and ``num-examples`` replaced by the weight
+`aggregation_weights` allows, so one site cannot outweigh the others by claiming many subjects.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from contract.wire import ARRAYS_RECORD, METRICS_RECORD, REFUSAL_REASON, REFUSAL_RECORD, REFUSED_KEY
+from contract.reply_schema import ReplySchema
+from contract.wire import (
+    ARRAYS_RECORD,
+    DELTA_KEY,
+    EPSILON_KEY,
+    METRICS_RECORD,
+    REFUSAL_REASON,
+    REFUSAL_RECORD,
+    REFUSED_KEY,
+    WEIGHT_KEY,
+)
+from server.reply_checks import ReplyCheck, check_reply
+
+WEIGHT_CAP_FACTOR = 2.0
+"""``capped`` weights: a site weighs at most this many times the median of the other sites' reports."""
 
 
 def check_float_arrays(arrays: ArrayRecord) -> None:
@@ -30,67 +52,52 @@ def check_float_arrays(arrays: ArrayRecord) -> None:
         raise ValueError(f"site-level DP needs floating-point arrays only; these are not: {integer}")
 
 
+def norm_outliers(norms: Sequence[float], norm_limit: float) -> list[str | None]:
+    """For each update norm, why it is an outlier: above ``norm_limit`` x the median norm of the *other*
+    updates (so one huge update cannot raise its own yardstick). No rule with ``norm_limit`` 0, fewer than
+    two updates, or a median of 0."""
+    reasons: list[str | None] = [None] * len(norms)
+    if norm_limit <= 0 or len(norms) < 2:
+        return reasons
+    for i, norm in enumerate(norms):
+        median = float(np.median([n for j, n in enumerate(norms) if j != i]))
+        if median > 0 and norm > norm_limit * median:
+            reasons[i] = (
+                f"update norm {norm:.4g} is more than {norm_limit:g} x the median norm of the other sites' "
+                f"updates ({median:.4g})"
+            )
+    return reasons
+
+
+def aggregation_weights(reported: Sequence[float], declared: Sequence[int | None], mode: str) -> list[float]:
+    """The weight of each accepted update in a weighted mean.
+
+    ``uniform``: 1 each. ``capped``: the reported ``num-examples``, but at most `WEIGHT_CAP_FACTOR` x the
+    median of the other sites' reports, and at most the training subjects the site declared when the run
+    started (``declared``; None: unknown).
+    """
+    if mode == "uniform":
+        return [1.0] * len(reported)
+    weights = []
+    for i, count in enumerate(reported):
+        cap = math.inf
+        others = [r for j, r in enumerate(reported) if j != i]
+        if others:
+            cap = WEIGHT_CAP_FACTOR * float(np.median(others))
+        if declared[i]:
+            cap = min(cap, float(declared[i]))
+        weights.append(float(min(count, max(cap, 1.0))))
+    return weights
+
+
 @dataclass(frozen=True)
-class UpdateCheck:
-    """The sanity verdict on one site's update.
+class TrainingSchemas:
+    """The reply schemas of a training round: a trained update, and a declined round."""
 
-    Attributes:
-        index: position of the reply in the list checked.
-        norm: L2 norm of (site arrays - global arrays) over all arrays the site sent; NaN if not finite.
-        reason: why the update is rejected, or None when it is accepted.
-    """
-
-    index: int
-    norm: float
-    reason: str | None
-
-    @property
-    def accepted(self) -> bool:
-        return self.reason is None
-
-
-def update_norm(site_arrays: ArrayRecord, global_arrays: ArrayRecord) -> float:
-    """L2 norm of ``site - global`` over the arrays the site sent (float64); NaN if any value is NaN/Inf."""
-    total = 0.0
-    for key, array in site_arrays.items():
-        site = np.asarray(array.numpy(), dtype=np.float64)
-        if not np.all(np.isfinite(site)):
-            return math.nan
-        total += float(np.sum((site - np.asarray(global_arrays[key].numpy(), dtype=np.float64)) ** 2))
-    return math.sqrt(total)
-
-
-def check_updates(
-    updates: Sequence[ArrayRecord], global_arrays: ArrayRecord, norm_limit: float
-) -> list[UpdateCheck]:
-    """Sanity of each site's update before aggregation.
-
-    Rules: an update holding NaN or Inf, or an array the global model lacks, is rejected. With
-    ``norm_limit`` > 0 and at least two finite updates, update ``i`` is rejected when its norm exceeds
-    ``norm_limit`` x the median norm of the *other* finite updates (compared with the others, so one huge
-    update cannot raise its own yardstick; with a median of 0 the rule is skipped).
-    """
-    norms: list[float] = []
-    reasons: list[str | None] = []
-    for arrays in updates:
-        unknown = sorted(set(arrays) - set(global_arrays))
-        if unknown:
-            norms.append(math.nan)
-            reasons.append(f"arrays not in the global model: {unknown[:5]}")
-            continue
-        norm = update_norm(arrays, global_arrays)
-        norms.append(norm)
-        reasons.append("update contains NaN or Inf values" if math.isnan(norm) else None)
-    finite = [i for i, n in enumerate(norms) if math.isfinite(n)]
-    if norm_limit > 0 and len(finite) >= 2:
-        for i in finite:
-            median = float(np.median([norms[j] for j in finite if j != i]))
-            if median > 0 and norms[i] > norm_limit * median:
-                reasons[i] = (
-                    f"update norm {norms[i]:.4g} is more than {norm_limit:g} x the median norm of the other "
-                    f"sites' updates ({median:.4g})"
-                )
-    return [UpdateCheck(i, norms[i], reasons[i]) for i in range(len(updates))]
+    training: ReplySchema
+    declined: ReplySchema
+    weights: str = "capped"
+    norm_limit: float = 10.0
 
 
 @dataclass
@@ -98,71 +105,113 @@ class ScreenedRound:
     """The outcome of one round's screening.
 
     Attributes:
-        accepted: the replies to aggregate, in the order given.
-        events: one metrics.jsonl event per reply (``train``, ``refused`` or ``rejected``), in order.
+        accepted: the replies to aggregate, rebuilt from their checked content, in the order given.
+        accepted_sites: the site of each accepted reply.
+        events: metrics.jsonl events (``train``, ``refused`` or ``rejected``), in reply order.
         refused / rejected: ``{"site", "reason"}`` of each reply left out, for the audit log.
-        epsilon: ``{site: {"epsilon", "delta"}}`` the sites reported this round.
+        epsilon: ``{site: {"epsilon", "delta"}}`` the sites reported this round (checked replies only).
     """
 
     accepted: list[Message] = field(default_factory=list)
+    accepted_sites: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     refused: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     epsilon: dict[str, Any] = field(default_factory=dict)
 
 
+def is_declined(reply: Message) -> bool:
+    """Whether a reply says the site declines (a ``refusal`` record, or metric ``refused`` = 1)."""
+    content = reply.content
+    if REFUSAL_RECORD in content.keys():
+        return True
+    metrics = content[METRICS_RECORD] if METRICS_RECORD in content.keys() else None
+    return isinstance(metrics, MetricRecord) and metrics.get(REFUSED_KEY) == 1
+
+
 def screen_training_replies(
     server_round: int,
     replies: Sequence[Message],
     global_arrays: ArrayRecord,
-    norm_limit: float,
-    site_of: Callable[[Message], Mapping[str, str]],
+    schemas: TrainingSchemas,
+    site_of: Callable[[Message], Mapping[str, Any]],
 ) -> ScreenedRound:
     """Sort a round's training replies into accepted, refused and rejected (see the module docstring).
 
     Args:
-        site_of: ``{"site", "role"}`` of a reply's sender.
+        site_of: ``{"site", "role", "num_train"}`` of a reply's sender (``num_train``: the training
+            subjects it declared at site discovery, or None).
     """
     out = ScreenedRound()
-    offered: list[tuple[Message, dict[str, Any]]] = []
-    for r in replies:
-        site = site_of(r)
-        metrics = dict(r.content[METRICS_RECORD])
-        event: dict[str, Any] = {
-            "event": "train",
+    offered: list[tuple[Message, Mapping[str, Any], ReplyCheck]] = []
+    for reply in replies:
+        site = site_of(reply)
+        declined = is_declined(reply)
+        check = check_reply(reply, schemas.declined if declined else schemas.training, global_arrays)
+        if EPSILON_KEY in check.metrics:
+            out.epsilon[site["site"]] = {
+                "epsilon": check.metrics[EPSILON_KEY],
+                "delta": check.metrics.get(DELTA_KEY),
+            }
+        if not check.accepted:
+            _reject(out, server_round, site, str(check.reason), check.update_norm)
+        elif declined:
+            reason = check.texts[REFUSAL_RECORD][REFUSAL_REASON]
+            event = _site_event("refused", server_round, site, check.metrics)
+            out.events.append({**event, "reason": reason})
+            out.refused.append({"site": site["site"], "reason": reason})
+        else:
+            offered.append((reply, site, check))
+    outliers = norm_outliers([float(c.update_norm or 0.0) for _, _, c in offered], schemas.norm_limit)
+    kept = []
+    for (reply, site, check), outlier in zip(offered, outliers, strict=True):
+        if outlier is not None:
+            _reject(out, server_round, site, outlier, check.update_norm)
+        else:
+            kept.append((reply, site, check))
+    reported = [float(c.metrics[WEIGHT_KEY]) for _, _, c in kept]
+    declared = [s.get("num_train") for _, s, _ in kept]
+    weights = aggregation_weights(reported, declared, schemas.weights)
+    shared = set.intersection(*(set(c.metrics) for _, _, c in kept)) if kept else set()
+    for (reply, site, check), weight in zip(kept, weights, strict=True):
+        metrics = {k: v for k, v in check.metrics.items() if k in shared}
+        metrics[WEIGHT_KEY] = weight
+        content = RecordDict({ARRAYS_RECORD: check.arrays, METRICS_RECORD: MetricRecord(metrics)})
+        out.accepted.append(Message(content=content, metadata=copy.copy(reply.metadata)))
+        out.accepted_sites.append(site["site"])
+        event = _site_event("train", server_round, site, check.metrics)
+        event.update({"weight": weight, "update_norm": check.update_norm})
+        out.events.append(event)
+    return out
+
+
+def _site_event(kind: str, server_round: int, site: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict:
+    event: dict[str, Any] = {
+        "event": kind,
+        "round": server_round,
+        "site": site["site"],
+        "role": site["role"],
+        "split": "train",
+        "metrics": dict(metrics),
+    }
+    if EPSILON_KEY in metrics:
+        event["epsilon"] = metrics[EPSILON_KEY]
+        event["delta"] = metrics.get(DELTA_KEY)
+    return event
+
+
+def _reject(
+    out: ScreenedRound, server_round: int, site: Mapping[str, Any], reason: str, norm: float | None
+) -> None:
+    out.events.append(
+        {
+            "event": "rejected",
             "round": server_round,
+            "stage": "training",
             "site": site["site"],
             "role": site["role"],
-            "split": "train",
-            "metrics": metrics,
+            "reason": reason,
+            "update_norm": norm if norm is not None and math.isfinite(norm) else None,
         }
-        if "epsilon" in metrics:
-            event["epsilon"] = metrics["epsilon"]
-            event["delta"] = metrics.get("delta")
-            out.epsilon[site["site"]] = {"epsilon": metrics["epsilon"], "delta": metrics.get("delta")}
-        if metrics.get(REFUSED_KEY):
-            reason = (
-                str(r.content[REFUSAL_RECORD][REFUSAL_REASON]) if REFUSAL_RECORD in r.content else "no reason given"
-            )
-            out.events.append({**event, "event": "refused", "reason": reason})
-            out.refused.append({"site": site["site"], "reason": reason})
-            continue
-        out.events.append(event)
-        offered.append((r, site))
-    checks = check_updates([r.content[ARRAYS_RECORD] for r, _ in offered], global_arrays, norm_limit)
-    for (r, site), check in zip(offered, checks, strict=True):
-        if check.accepted:
-            out.accepted.append(r)
-            continue
-        out.events.append(
-            {
-                "event": "rejected",
-                "round": server_round,
-                "site": site["site"],
-                "role": site["role"],
-                "reason": check.reason,
-                "update_norm": None if math.isnan(check.norm) else check.norm,
-            }
-        )
-        out.rejected.append({"site": site["site"], "reason": check.reason})
-    return out
+    )
+    out.rejected.append({"site": site["site"], "reason": reason})

@@ -88,7 +88,7 @@ def run_simulation(
 
     from flwr.simulation import run_simulation as flower_run_simulation
 
-    from contract.run_config import RESUME_SETTINGS_KEY, encode_resume_settings
+    from contract.resume_settings import RESUME_SETTINGS_KEY, encode_resume_settings
     from server.app import RESUME_KEY, make_server_app
 
     resumed = {RESUME_SETTINGS_KEY: encode_resume_settings({"num-server-rounds": config.num_rounds})}

@@ -112,7 +112,7 @@ def test_the_coordinator_leaves_out_a_site_of_another_contract_version_naming_bo
 
 
 def test_a_resumed_run_may_change_rounds_and_sites_only() -> None:
-    from contract.run_config import decode_resume_settings, encode_resume_settings, resumed_config
+    from contract.resume_settings import decode_resume_settings, encode_resume_settings, resumed_config
 
     stored = RunConfig(num_rounds=5, num_sites=3, unseen_sites=1, min_sites=2, strategy="fedprox")
     changes = {"num-server-rounds": 8, "num-sites": 2, "min-sites": 1}

@@ -338,9 +338,10 @@ FLEET_PROXY_CONF = DEPLOY / "nginx" / "neurofed-fleet.conf"
 
 
 def fleet_proxy_locations() -> dict[str, str]:
-    """``location`` prefix -> the block's body, from deploy/nginx/neurofed-fleet.conf."""
+    """``location`` match (a prefix, or ``~ REGEX``) -> the block's body (nested blocks included), from
+    deploy/nginx/neurofed-fleet.conf."""
     text = re.sub(r"#.*", "", FLEET_PROXY_CONF.read_text())
-    return dict(re.findall(r"location\s+(\S+)\s*\{([^}]*)\}", text))
+    return dict(re.findall(r"location\s+((?:~\s+)?\S+)\s*\{((?:[^{}]|\{[^{}]*\})*)\}", text))
 
 
 def fleet_proxy_ports() -> tuple[int, int]:
@@ -355,10 +356,11 @@ def fleet_proxy_ports() -> tuple[int, int]:
 
 def test_fleet_proxy_passes_on_only_the_fleet_api() -> None:
     locations = fleet_proxy_locations()
-    proxied = {prefix for prefix, body in locations.items() if "proxy_pass" in body}
-    assert proxied == {"/v1/fleet/"}
+    proxied = [match for match, body in locations.items() if "proxy_pass" in body]
+    # One location, a regular expression allow-listing Fleet calls (tests/test_deployment_hardening.py).
+    assert len(proxied) == 1 and proxied[0].startswith("~ ^/v1/fleet/(") and proxied[0].endswith(")$")
     assert re.search(r"return\s+404\s*;", locations["/"]), "everything else must be refused"
-    fleet = locations["/v1/fleet/"]
+    fleet = locations[proxied[0]]
     assert re.search(r"proxy_ssl_verify\s+on\s*;", fleet), (
         "the hop to the SuperLink must verify its certificate"
     )

@@ -350,7 +350,7 @@ def test_nothing_voxel_shaped_or_larger_than_a_parameter_leaves_a_site(simulated
             for value in record.values():
                 assert isinstance(value, int | float), "metrics must be scalars"
         for record in content.config_records.values():
-            assert set(record) == {"site-id", "role", "plan"}
+            assert set(record) == {"site-id", "role", "contract-version", "plan"}
 
 
 @pytest.mark.slow

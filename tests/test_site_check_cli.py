@@ -144,3 +144,24 @@ def test_entry_point_runs_as_a_program(site):
     assert "2 of 3 subjects usable" in result.stdout
     assert "sub-03_dseg.nii.gz" in result.stdout
     assert snapshot(site) == before
+
+
+def test_files_resolving_outside_the_data_folder_are_warned_about(tmp_path, capsys):
+    from client.site_check import outside_data_folder
+
+    root = tmp_path / "site"
+    add_subject(root, "sub-01")
+    linked, _ = add_subject(root, "sub-02")
+    elsewhere, _ = add_subject(tmp_path / "elsewhere", "sub-02")
+    linked.unlink()
+    linked.symlink_to(elsewhere)
+    inside = root / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    (warning,) = outside_data_folder([linked, inside], root)
+    assert (
+        warning.startswith("sub-02/anat/sub-02_T1w.nii.gz resolves to")
+        and str(elsewhere.resolve()) in warning
+    )
+    assert main(["check", str(root)]) == 0  # a warning only: the subject stays usable
+    out = capsys.readouterr().out
+    assert "warning: sub-02/anat/sub-02_T1w.nii.gz resolves to" in out and "outside the data folder" in out
+    assert "2 of 2 subjects usable" in out

@@ -215,7 +215,7 @@ def test_pyproject_declares_a_valid_flower_app_with_every_run_setting() -> None:
 
     from flwr.common.config import validate_config
 
-    from contract.run_config import RESUME_SETTINGS_KEY
+    from contract.resume_settings import RESUME_SETTINGS_KEY
     from server.app import RESUME_KEY
 
     root = Path(__file__).resolve().parents[1]

@@ -17,7 +17,9 @@ from models.errors import NeurofedError
 
 LEFT_OUT_EVENTS: dict[str, str] = {
     "refused": "declined by the site (e.g. its privacy budget, or DP required)",
-    "rejected": "update rejected by the coordinator (NaN/Inf or norm outlier)",
+    "rejected": "left out by the coordinator: a reply outside the run's reply schema (records, metrics, "
+    "array shapes and dtypes, NaN/Inf, norm above update-norm-cap or far above the other sites'), or a "
+    "node not enrolled, declaring another name, or revoked",
     "dropped": "failed or did not answer in time",
 }
 """The metrics.jsonl events that leave a site out of a round, and what each means."""
