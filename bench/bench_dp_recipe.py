@@ -13,9 +13,9 @@ starting weights and trainable layers, as study/study_baselines.py trains it).
 Arms (``--arms``, comma-separated groups):
 
 - ``epsilon``: without DP and at each ``--epsilons``, from the starting model and from random weights;
-- ``recipe``: at ε = 8 from the starting model, the default recipe with one part changed at a time
-  (all layers trained; no augmentation multiplicity; no weight averaging; clipping norm 1 instead of the
-  starting model's measured norm).
+- ``recipe``: at ε = 8 from the starting model, the default recipe (every layer trained, one augmented
+  view per person, no weight averaging, the clipping norm from the starting model's public gradient norms,
+  learning rate 2e-3) with one part changed at a time.
 
 Usage::
 
@@ -62,11 +62,14 @@ def arms(group: str, epsilons: list[float]) -> list[tuple[str, dict]]:
         return out
     if group == "recipe":
         return [
-            ("DP ε=8 recipe", {"dp": True}),
-            ("DP ε=8, all layers", {"dp": True, "trainable_layers": "all"}),
-            ("DP ε=8, multiplicity 1", {"dp": True, "dp_augmentation_multiplicity": 1}),
-            ("DP ε=8, no EMA", {"dp": True, "ema_decay": 0.0}),
+            ("DP ε=8, start", {"dp": True}),
+            ("DP ε=8, norm layers only", {"dp": True, "trainable_layers": "norm"}),
+            ("DP ε=8, norm layers + head", {"dp": True, "trainable_layers": "norm+head"}),
+            ("DP ε=8, multiplicity 4", {"dp": True, "dp_augmentation_multiplicity": 4}),
+            ("DP ε=8, EMA 0.9", {"dp": True, "ema_decay": 0.9}),
             ("DP ε=8, clip 1.0", {"dp": True, "dp_max_grad_norm": 1.0}),
+            ("DP ε=8, lr 5e-4", {"dp": True, "learning_rate": 5e-4}),
+            ("DP ε=8, lr 5e-3", {"dp": True, "learning_rate": 5e-3}),
         ]
     raise SystemExit(f"unknown arm group {group!r}: choose epsilon, recipe")
 

@@ -57,6 +57,7 @@ SETTINGS = RunConfig(
     protocol="tissue",
     dp=False,
     network_preset="tiny",
+    initial_model="none",
     patch_size=24,
     batch_size=2,
     learning_rate=2e-3,

@@ -122,12 +122,12 @@ class RunConfig:
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
-    local_steps: int = 30
+    local_steps: int = 10
     protocol: str = "tissue"
     network_preset: str = "default"
     architecture: str = "unet"
     patch_size: int = 48
-    batch_size: int = 2
+    batch_size: int = 4
     learning_rate: float = 2e-3
     seed: int = 0
     test_fraction: float = 0.25

@@ -78,6 +78,8 @@ class Scenario:
             f"min-sites={len(self.honest)}",
             "spacing-mm=4.0",
             "field-of-view-mm='64,64,64'",
+            "network-preset='tiny'",
+            "initial-model='none'",  # the shipped starting model is the default network's, at 2 mm
             "test-fraction=0.34",
             f"eval-every={self.eval_every}",
             "round-timeout-s=400.0",
