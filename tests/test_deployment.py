@@ -685,11 +685,14 @@ def test_dropped_sites_are_logged_while_min_sites_replied_and_stop_the_run_below
 
 
 def test_a_round_in_which_no_site_contributed_stops_the_run_naming_each_site(tmp_path, task_identity) -> None:
-    from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
     from contract.run_config import RunConfig
     from server.federated_run import FederatedRun
     from server.site_discovery import Site
+    from server.strategies import training_schemas
+
+    arrays = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
 
     run = FederatedRun(RunConfig(num_sites=2, unseen_sites=0, run_dir=str(tmp_path / "run")), grid=None)
     run.sites = [Site(node_id=11, site_id="site-1", role="train", num_train=2, num_test=1)]
@@ -704,4 +707,4 @@ def test_a_round_in_which_no_site_contributed_stops_the_run_naming_each_site(tmp
     reply = Message(refusal, reply_to=asked)
     reply.metadata.__dict__["_src_node_id"] = 11
     with pytest.raises(NeurofedError, match=r"round 3: no site's update could be used \(site-1 refused: privacy budget: spent; site-2 dropped: gone\).*start the run again"):
-        run._screen_updates(3, [reply], None, [{"site": "site-2", "reason": "gone"}])
+        run._screen_updates(3, [reply], arrays, training_schemas(run.config, arrays), [{"site": "site-2", "reason": "gone"}])

@@ -341,7 +341,7 @@ def test_a_site_revoked_while_online_gets_no_further_message(faulty_run) -> None
     log = fed.sites[MALICIOUS].text()
     assert "round 1 answered" in log and "round 2 answered" not in log
     assert not [e for e in events if e.get("site") == MALICIOUS and e["round"] == 2 and e is not revoked]
-    assert MALICIOUS not in {s.name for s in SiteRegistry(fed.state).sites()}
+    assert {s.name: s.status for s in SiteRegistry(fed.state).sites()}[MALICIOUS] == "revoked"  # listed, as revoked
     # ... and the SuperLink refused the site's own next request (no enrolled site is ever refused).
     assert re.search(r'"POST /v1/fleet/[a-z-]+ HTTP/1.1" 401', fed.coordinator.text())
     asked = {e["site"] for e in events if e["event"] in ("evaluate", "evaluate-refused") and e["round"] == 2}
