@@ -68,7 +68,8 @@ def postprocess_labels(labels: np.ndarray, num_classes: int, mode: str) -> np.nd
         keep = KeepLargestConnectedComponent(
             foreground, is_onehot=False, independent=independent, connectivity=CONNECTIVITY
         )
-        return np.asarray(keep(classes[None]))[0]
+        # A copy: MONAI edits a NumPy input in place, and the caller compares before with after.
+        return np.asarray(keep(classes[None].copy()))[0]
 
     out = largest(False, out)
     # MONAI's FillHoles fills whatever a class encloses, other classes included (white matter would take
