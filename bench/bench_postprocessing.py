@@ -53,7 +53,9 @@ def load_subjects(folder: Path, plan, protocol) -> list[dict]:
             subject = image_path.parts[-3]
             label = nib.load(site / "derivatives" / "labels" / subject / "anat" / f"{subject}_dseg.nii.gz")
             prepared = preprocess_images(subject, [nib.load(image_path)], plan, protocol, label=label)
-            subjects.append({"site": site.name, "anatomy": k, "image": prepared.image, "label": prepared.label})
+            subjects.append(
+                {"site": site.name, "anatomy": k, "image": prepared.image, "label": prepared.label}
+            )
     return subjects
 
 
@@ -69,7 +71,9 @@ def score(model, subjects: list[dict], protocol, spacing_mm) -> dict[str, dict[s
         probabilities = predict_volume(model, subject["image"], (48,) * 3)
         for mode in POSTPROCESSING_MODES:
             labels = predicted_labels(probabilities, mode)
-            per_mode[mode].append(segmentation_metrics(labels, subject["label"], protocol.class_names, spacing_mm))
+            per_mode[mode].append(
+                segmentation_metrics(labels, subject["label"], protocol.class_names, spacing_mm)
+            )
     table: dict[str, dict[str, dict[str, float]]] = {}
     for mode, results in per_mode.items():
         table[mode] = {}
@@ -109,19 +113,32 @@ def fine_tune(loaded, subjects: list[dict], steps: int, seed: int):
     model = copy.deepcopy(loaded.model)
     model.train()
     config = TrainingConfig.for_protocol(
-        loaded.protocol, patch_size=(run.patch_size,) * 3, batch_size=run.batch_size,
-        learning_rate=run.learning_rate, seed=seed,
+        loaded.protocol,
+        patch_size=(run.patch_size,) * 3,
+        batch_size=run.batch_size,
+        learning_rate=run.learning_rate,
+        seed=seed,
     )
     torch.manual_seed(seed)
-    train_steps(model, [(s["image"], s["label"]) for s in subjects], config, steps,
-                optimizer=make_optimizer(model, config), rng=np.random.default_rng(seed))
+    train_steps(
+        model,
+        [(s["image"], s["label"]) for s in subjects],
+        config,
+        steps,
+        optimizer=make_optimizer(model, config),
+        rng=np.random.default_rng(seed),
+    )
     return model.eval()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="builtin", help="starting model: builtin or a model file")
-    parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps (0: skip the fine-tuned model)")
+    parser.add_argument(
+        "--steps", type=int, default=40, help="fine-tuning steps (0: skip the fine-tuned model)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label-maps", type=Path, default=DEFAULT_LABEL_MAPS)
     parser.add_argument("--out", type=Path, default=None, help="keep the synthesized data and results here")
@@ -144,12 +161,21 @@ def main() -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="neurofed-bench-postprocessing-"))
     folder = out / "sites"
     if not folder.is_dir():
-        synthesize_sites(folder, n_sites=2, subjects_per_site=len(UNSEEN_ANATOMY),
-                         label_maps_dir=reserved_maps(args.label_maps, out / "maps"), spacing_mm=2.0,
-                         seed=args.seed + 15, contrasts="T1w,T1w", progress=False)
+        synthesize_sites(
+            folder,
+            n_sites=2,
+            subjects_per_site=len(UNSEEN_ANATOMY),
+            label_maps_dir=reserved_maps(args.label_maps, out / "maps"),
+            spacing_mm=2.0,
+            seed=args.seed + 15,
+            contrasts="T1w,T1w",
+            progress=False,
+        )
     subjects = load_subjects(folder, plan, loaded.protocol)
-    print(f"model: {resolve(args.model)}; anatomy: {', '.join(UNSEEN_ANATOMY)}; "
-          f"{len(subjects)} subjects ({time.perf_counter() - started:.0f} s to synthesize and preprocess)")
+    print(
+        f"model: {resolve(args.model)}; anatomy: {', '.join(UNSEEN_ANATOMY)}; "
+        f"{len(subjects)} subjects ({time.perf_counter() - started:.0f} s to synthesize and preprocess)"
+    )
     results = {"starting model": score(loaded.model, subjects, loaded.protocol, plan.target_spacing_mm)}
     print_table("starting model", len(subjects), results["starting model"], loaded.protocol.class_names)
     if args.steps > 0:
@@ -159,8 +185,12 @@ def main() -> int:
         tuned = fine_tune(loaded, train, args.steps, args.seed)
         name = f"fine-tuned {args.steps} steps"
         results[name] = score(tuned, held_out, loaded.protocol, plan.target_spacing_mm)
-        print_table(f"{name} on {len(train)} subjects, scored on maps 14-15", len(held_out), results[name],
-                    loaded.protocol.class_names)
+        print_table(
+            f"{name} on {len(train)} subjects, scored on maps 14-15",
+            len(held_out),
+            results[name],
+            loaded.protocol.class_names,
+        )
     (out / "bench_postprocessing.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{time.perf_counter() - started:.0f} s in all; results in {out / 'bench_postprocessing.json'}")
     return 0
