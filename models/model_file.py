@@ -36,8 +36,10 @@ from models.networks import NetworkConfig, build_network
 from models.postprocessing import NO_POSTPROCESSING, POSTPROCESSING_MODES, check_postprocessing
 
 FORMAT_MARKER = "neurofed-model"
-FORMAT_VERSION = 1
-"""Bumped when the layout changes incompatibly; files of a newer version are refused with a clear message."""
+FORMAT_VERSION = 2
+"""Bumped when the layout changes incompatibly; files of a newer version are refused with a clear message.
+2 added ``postprocessing``: a neurofed that reads only version 1 would ignore it and write label maps unlike
+the ones the model was evaluated with, so it refuses the file instead; version 1 files read as ``none``."""
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 
