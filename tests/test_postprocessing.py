@@ -77,3 +77,15 @@ def test_the_run_setting_takes_the_modes_by_name() -> None:
         assert RunConfig.from_flower({"postprocessing": mode}).postprocessing == mode
     with pytest.raises(NeurofedError, match=r"run setting 'postprocessing': choose one of"):
         RunConfig(postprocessing="crf")
+
+
+def test_a_runs_model_file_records_the_runs_post_processing(tmp_path) -> None:
+    from models.model_file import load_model
+    from models.networks import build_network
+    from server.global_model import write_model_file
+
+    run = RunConfig(network_preset="tiny", postprocessing=LARGEST_PER_CLASS)
+    assert RunConfig().postprocessing == LARGEST_BRAIN  # on by default: BENCHMARKS.md "Post-processing"
+    path = tmp_path / "final.pt"
+    write_model_file(path, build_network(run.network_config()).state_dict(), run, plan={})
+    assert load_model(path).postprocessing == LARGEST_PER_CLASS
