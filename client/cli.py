@@ -293,8 +293,10 @@ def _run_segment(args: argparse.Namespace) -> int:
     Segment one scan, several scans, or every NIfTI file in a folder. For each input writes the
     label map in the input's native space (same shape and affine; *_dseg.nii.gz), a volumes table
     in mL per structure (*_volumes.csv and *_volumes.json) and a QC image with axial, coronal
-    and sagittal slices and the label overlay (*_qc.png). Inputs are validated first; a bad input
-    is reported and skipped. Exits 1 if any input failed.
+    and sagittal slices and the label overlay (*_qc.png). The label map gets the post-processing the
+    model file records, the one the model was evaluated with (e.g. largest-brain: islands of label
+    away from the brain removed). Inputs are validated first; a bad input is reported and skipped.
+    Exits 1 if any input failed.
     """
     from client.segmentation import segment_inputs
 

@@ -118,6 +118,9 @@ def segment_file(
 ) -> SegmentationOutputs:
     """Segment one scan with a loaded model (``models.model_file.LoadedModel``) and write all outputs.
 
+    The label map gets the post-processing the model file records (models/postprocessing.py), the one its
+    evaluation used, on the scan's native grid.
+
     Args:
         loaded: the model, its protocol and its preprocessing plan.
         source: the input NIfTI (the contrast the model reads).
@@ -125,6 +128,7 @@ def segment_file(
         roi_size: sliding-window size, voxels; default the model's training patch size.
     """
     from models.inference import predict_volume
+    from models.postprocessing import postprocess_labels
 
     plan = PreprocessingPlan.from_dict(loaded.plan)
     if len(plan.input_contrasts) != 1:
@@ -137,7 +141,9 @@ def segment_file(
     grid, transform = preprocess_volume([image], plan)
     roi = tuple(roi_size or loaded.training.get("training_config", {}).get("patch_size") or DEFAULT_ROI)
     probabilities = predict_volume(loaded.model, grid, roi)
-    labels = probabilities_to_native(probabilities, transform)
+    labels = postprocess_labels(
+        probabilities_to_native(probabilities, transform), loaded.protocol.num_classes, loaded.postprocessing
+    )
     out = native_image(labels.astype(np.uint8), transform)
     out.header.set_data_dtype(np.uint8)
     atomic_write(label_map, lambda tmp: nib.save(out, tmp))
@@ -182,7 +188,10 @@ def segment_inputs(
     loaded = load_model(model_path)
     if progress:
         # Compare with the model's hash in the audit logs (deploy/README.md, "The model's way home").
-        print(f"model {model_path}: weights sha256 {loaded.weights_sha256}", flush=True)
+        print(
+            f"model {model_path}: weights sha256 {loaded.weights_sha256}, post-processing {loaded.postprocessing}",
+            flush=True,
+        )
     written: list[SegmentationOutputs] = []
     failed: list[tuple[Path, str]] = []
     targets = [output] if single else [output / f"{_base_name(f)}_dseg.nii.gz" for f in files]

@@ -84,6 +84,7 @@ def keep_final_model(
             "dp": task.run.dp,
             "received_by": setup.site_id,
         },
+        postprocessing=task.run.postprocessing,
     )
     digest = weights_sha256(state)
     _tell(

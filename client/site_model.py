@@ -46,7 +46,12 @@ def evaluation_metrics(
 
     protocol = get_protocol(run.protocol)
     per_subject = evaluate_subjects(
-        model, data.test, protocol.class_names, (run.patch_size,) * 3, spacing_mm=data.spacing_mm
+        model,
+        data.test,
+        protocol.class_names,
+        (run.patch_size,) * 3,
+        spacing_mm=data.spacing_mm,
+        postprocessing=run.postprocessing,
     )
     summary = summarize(per_subject)
     out: dict[str, float] = {}

@@ -9,6 +9,8 @@ opening one never runs code)::
     protocol         LabelProtocol.to_dict()
     plan             the preprocessing plan (dict of plain values; opaque here)
     training         provenance: run id, rounds, sites, epsilon if DP, steps, seed, date, ...
+    postprocessing   the label-map post-processing its outputs are scored and used with
+                     (models/postprocessing.py); absent in older files, which read as "none"
     software_version the neurofed version that wrote it
     state_dict       parameter name -> tensor (CPU)
 
@@ -31,10 +33,13 @@ from common.atomic_files import atomic_write
 from models.errors import NeurofedError
 from models.label_protocols import LabelProtocol
 from models.networks import NetworkConfig, build_network
+from models.postprocessing import NO_POSTPROCESSING, POSTPROCESSING_MODES, check_postprocessing
 
 FORMAT_MARKER = "neurofed-model"
-FORMAT_VERSION = 1
-"""Bumped when the layout changes incompatibly; files of a newer version are refused with a clear message."""
+FORMAT_VERSION = 2
+"""Bumped when the layout changes incompatibly; files of a newer version are refused with a clear message.
+2 added ``postprocessing``: a neurofed that reads only version 1 would ignore it and write label maps unlike
+the ones the model was evaluated with, so it refuses the file instead; version 1 files read as ``none``."""
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 
@@ -73,6 +78,7 @@ class LoadedModel:
         software_version: neurofed version that wrote the file.
         format_version: layout version of the file.
         weights_sha256: `weights_sha256` of its weights (compare it with the audit logs' model hash).
+        postprocessing: the post-processing mode its label maps get (models/postprocessing.py).
     """
 
     path: Path
@@ -84,6 +90,7 @@ class LoadedModel:
     software_version: str
     format_version: int
     weights_sha256: str = ""
+    postprocessing: str = NO_POSTPROCESSING
 
 
 def _check_plain(value: object, where: str) -> None:
@@ -115,6 +122,7 @@ def save_model(
     plan: Mapping,
     training: Mapping,
     software_version: str | None = None,
+    postprocessing: str = NO_POSTPROCESSING,
 ) -> Path:
     """Write a model file atomically; returns its path.
 
@@ -126,8 +134,10 @@ def save_model(
         plan: the preprocessing plan as a plain dict.
         training: provenance as a plain dict (run id, rounds, sites, epsilon if DP, steps, seed, date).
         software_version: defaults to the installed neurofed version.
+        postprocessing: the post-processing mode the model was evaluated with, which segmentation applies.
     """
     path = Path(path)
+    check_postprocessing(postprocessing, f"cannot save {path}: post-processing")
     if network.out_channels != protocol.num_classes:
         raise NeurofedError(
             f"cannot save {path}: the network predicts {network.out_channels} classes but protocol "
@@ -145,6 +155,7 @@ def save_model(
         "plan": dict(plan),
         "training": dict(training),
         "software_version": software_version or installed_version(),
+        "postprocessing": postprocessing,
         "state_dict": {
             name.removeprefix("_module."): tensor.detach().cpu().clone()
             for name, tensor in model_state_dict.items()
@@ -202,6 +213,13 @@ def load_model(
         raise NeurofedError(
             f"model file {path} has damaged metadata ({e}); copy or export it again"
         ) from None
+    postprocessing = content.get("postprocessing", NO_POSTPROCESSING)
+    if postprocessing not in POSTPROCESSING_MODES:
+        raise NeurofedError(
+            f"model file {path} asks for post-processing {postprocessing!r}, which this neurofed "
+            f"{installed_version()} does not know (written by neurofed {content.get('software_version', '?')}); "
+            "upgrade neurofed"
+        )
     if expected_protocol is not None and protocol.name != expected_protocol:
         raise NeurofedError(
             f"model file {path} was trained for label protocol {protocol.name!r}, not {expected_protocol!r}: "
@@ -226,4 +244,5 @@ def load_model(
         software_version=str(content.get("software_version", "unknown")),
         format_version=version,
         weights_sha256=weights_sha256(state_dict),
+        postprocessing=postprocessing,
     )

@@ -27,6 +27,7 @@ from models.augmentation import AugmentationConfig, augment_patch, left_right_pe
 from models.errors import NeurofedError
 from models.label_protocols import LabelProtocol
 from models.patch_sampling import check_subject, choose_patch_start, class_locations, crop_patch, pad_to_patch
+from models.postprocessing import NO_POSTPROCESSING
 
 Subject = tuple[np.ndarray, np.ndarray]
 """``(image (C, X, Y, Z) float32, label (X, Y, Z) integer class indices)``."""
@@ -389,6 +390,7 @@ def evaluate_subjects(
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
     overlap: float = 0.5,
     sw_batch_size: int = 1,
+    postprocessing: str = NO_POSTPROCESSING,
 ) -> list[dict[str, dict[str, float]]]:
     """Segment each subject by sliding-window inference and score it against its label.
 
@@ -399,16 +401,18 @@ def evaluate_subjects(
         patch_size: sliding-window size ``(X, Y, Z)``, voxels; multiples of the network's total stride.
         spacing_mm: voxel size of the arrays ``(X, Y, Z)``, mm.
         overlap, sw_batch_size: see ``predict_volume``.
+        postprocessing: the label maps' post-processing (models/postprocessing.py), as the run sets it.
 
     Returns:
         Per subject, in order, ``segmentation_metrics``' result: class name -> metric -> value.
     """
     from models.inference import predict_volume
     from models.metrics import segmentation_metrics
+    from models.postprocessing import predicted_labels
 
     results = []
     for image, label in subjects:
         probabilities = predict_volume(model, image, patch_size, overlap=overlap, sw_batch_size=sw_batch_size)
-        prediction = probabilities.argmax(axis=0).astype(np.uint8)
+        prediction = predicted_labels(probabilities, postprocessing)
         results.append(segmentation_metrics(prediction, np.asarray(label), class_names, spacing_mm))
     return results

@@ -95,6 +95,7 @@ def write_model_file(
         protocol=get_protocol(config.protocol),
         plan=dict(plan),
         training=federated_provenance(config),
+        postprocessing=config.postprocessing,
     )
 
 

@@ -106,12 +106,15 @@ def validation_scores(
     """Mean Dice over the foreground classes and the Dice + cross-entropy loss on whole held-out subjects."""
     from models.inference import predict_volume
     from models.metrics import segmentation_metrics
+    from models.postprocessing import NO_POSTPROCESSING, predicted_labels
 
     model.eval()
     dice, losses = [], []
     for image, label in subjects:
         probabilities = predict_volume(model, image, (patch_size,) * 3)
-        scores = segmentation_metrics(probabilities.argmax(axis=0), label, protocol.class_names, spacing_mm)
+        # The starting model is chosen on its network alone: a run adds its own post-processing.
+        prediction = predicted_labels(probabilities, NO_POSTPROCESSING)
+        scores = segmentation_metrics(prediction, label, protocol.class_names, spacing_mm)
         dice.append(np.mean([scores[n]["dice"] for n in protocol.class_names[1:]]))
         picked = np.take_along_axis(probabilities, label[None].astype(np.int64), axis=0)
         losses.append(float(-np.log(np.clip(picked, 1e-6, 1.0)).mean()))

@@ -114,6 +114,7 @@ def _save_baseline(path: Path, model, settings: RunConfig, provenance: dict[str,
         protocol=get_protocol(settings.protocol),
         plan=run_preprocessing_plan(settings).to_dict(),
         training=provenance,
+        postprocessing=settings.postprocessing,
     )
 
 

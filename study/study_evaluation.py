@@ -80,16 +80,18 @@ def chance_mean_dice(label: np.ndarray, num_classes: int) -> float:
 
 
 def _score(model, image: np.ndarray, label: np.ndarray, settings: Any, class_names: Sequence[str], spacing):
-    """(prediction (X, Y, Z) uint8, {class: {metric: value}}) of one subject, sliding-window inference."""
+    """(prediction (X, Y, Z) uint8, {class: {metric: value}}) of one subject: sliding-window inference, then the
+    run's post-processing."""
     import torch
 
     from models.inference import predict_volume
     from models.metrics import segmentation_metrics
+    from models.postprocessing import predicted_labels
 
     model.eval()
     with torch.inference_mode():
         probabilities = predict_volume(model, image, (settings.patch_size,) * 3)
-    prediction = probabilities.argmax(axis=0).astype(np.uint8)
+    prediction = predicted_labels(probabilities, settings.postprocessing)
     scores = segmentation_metrics(prediction, np.asarray(label), class_names, spacing)
     return prediction, {c: {m: v[m] for m in REPORTED_METRICS} for c, v in scores.items()}
 

@@ -173,3 +173,22 @@ def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(
 
     assert saved.read_bytes() == before
     assert [p.name for p in saved.parent.iterdir()] == ["model.pt"]
+
+
+def test_the_post_processing_mode_is_recorded_and_an_older_file_reads_as_none(
+    tmp_path: Path, trained: torch.nn.Module
+) -> None:
+    assert load_model(_save(tmp_path / "pp.pt", trained, postprocessing="largest-brain")).postprocessing == (
+        "largest-brain"
+    )
+    older = _save(tmp_path / "old.pt", trained)
+    content = torch.load(older, weights_only=True)
+    del content["postprocessing"]  # as written before the setting existed
+    torch.save(content, older)
+    assert load_model(older).postprocessing == "none"
+    _rewrite(older, postprocessing="crf-v9")
+    with pytest.raises(NeurofedError, match=rf"{older} asks for post-processing 'crf-v9'.*upgrade neurofed"):
+        load_model(older)
+    with pytest.raises(NeurofedError, match=r"post-processing 'smooth' is unknown"):
+        _save(tmp_path / "bad.pt", trained, postprocessing="smooth")
+    assert not (tmp_path / "bad.pt").exists()

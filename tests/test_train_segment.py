@@ -163,3 +163,43 @@ def test_segment_refuses_model_file_that_is_not_a_model(tmp_path, capsys) -> Non
     )
     assert main(["segment", "--model", str(bogus), str(scan), "-o", str(tmp_path / "o_dseg.nii.gz")]) == 2
     assert str(bogus) in capsys.readouterr().err
+
+
+def test_segment_applies_the_post_processing_the_model_file_records(
+    synth_sites, tmp_path, monkeypatch, capsys
+):
+    """A network that also labels a block far from the brain: the model file that records ``largest-brain``
+    segments without it, the one that records ``none`` keeps it."""
+    import models.inference
+    from client.preprocessing import PreprocessingPlan
+    from models.model_file import save_model
+    from models.networks import NetworkConfig, build_network
+    from study.cli import main
+
+    def predict_with_an_island(model, grid, roi):
+        probabilities = np.zeros((TISSUE.num_classes, *grid.shape[1:]), dtype=np.float32)
+        probabilities[0] = 1.0
+        quarter = tuple(n // 4 for n in grid.shape[1:])
+        probabilities[3][tuple(slice(q, 3 * q) for q in quarter)] = 2.0  # the brain
+        probabilities[2][:5, :5, :5] = 2.0  # an island in a corner of the grid
+        return probabilities
+
+    monkeypatch.setattr(models.inference, "predict_volume", predict_with_an_island)
+    network = NetworkConfig.tiny(1, TISSUE.num_classes)
+    scan = sorted((synth_sites / "site-01").glob("sub-*/anat/*_T1w.nii.gz"))[0]
+    found = {}
+    for mode in ("none", "largest-brain"):
+        model_path = save_model(
+            tmp_path / f"{mode}.pt",
+            build_network(network).state_dict(),
+            network=network,
+            protocol=TISSUE,
+            plan=PreprocessingPlan(target_spacing_mm=(SPACING_MM,) * 3).to_dict(),
+            training={},
+            postprocessing=mode,
+        )
+        out = tmp_path / f"{mode}_dseg.nii.gz"
+        assert main(["segment", "--model", str(model_path), str(scan), "-o", str(out)]) == 0
+        assert f"post-processing {mode}" in capsys.readouterr().out
+        found[mode] = set(np.unique(np.asarray(nib.load(out).dataobj)))
+    assert found == {"none": {0, 2, 3}, "largest-brain": {0, 3}}
