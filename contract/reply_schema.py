@@ -142,6 +142,8 @@ class ReplySchema:
         texts: record name -> field -> spec, for its ConfigRecords (every field required).
         arrays: exactly the arrays it must send (training replies), with shapes and dtypes.
         max_update_norm: the largest L2 norm of (site arrays - global arrays) accepted.
+        frozen: arrays the run does not train (``trainable-layers``): whatever a site sends for them, the
+            coordinator keeps the global model's values, so no site can move a layer honest sites never train.
     """
 
     kind: str
@@ -151,6 +153,7 @@ class ReplySchema:
     texts: Mapping[str, Mapping[str, TextSpec | WholeNumberSpec]] = field(default_factory=dict)
     arrays: Mapping[str, ArraySpec] = field(default_factory=dict)
     max_update_norm: float = math.inf
+    frozen: frozenset[str] = frozenset()
 
     def metrics_problem(self, metrics: Mapping[str, object]) -> str | None:
         """Why the reply's metrics do not fit (the first problem found), or None."""
@@ -186,13 +189,17 @@ def _privacy_metrics(run: RunConfig) -> dict[str, MetricSpec]:
 
 
 def training_reply_schema(
-    run: RunConfig, model_arrays: Mapping[str, ArraySpec], kept_at_site: Collection[str] = ()
+    run: RunConfig,
+    model_arrays: Mapping[str, ArraySpec],
+    kept_at_site: Collection[str] = (),
+    frozen: Collection[str] = (),
 ) -> ReplySchema:
     """The reply to a training message of this run.
 
     Args:
         model_arrays: every array of the global model, by name.
         kept_at_site: arrays the site keeps and must not send (FedBN: the normalization layers).
+        frozen: arrays the run does not train (sent back, but the global values are kept).
     """
     metrics = {
         WEIGHT_KEY: MetricSpec(low=1, integer=True),
@@ -213,6 +220,7 @@ def training_reply_schema(
         metrics=metrics,
         arrays={k: v for k, v in model_arrays.items() if k not in kept},
         max_update_norm=run.update_norm_cap,
+        frozen=frozenset(frozen) & (set(model_arrays) - kept),
     )
 
 

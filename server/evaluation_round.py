@@ -56,15 +56,11 @@ def evaluate_round(
         server_round, arrays, run.round_config(server_round), NodeView(by_node)
     )
     replies, dropped = run._send(messages, "evaluation", server_round, required=1)
-    run.audit_event(
-        "round-evaluated",
-        round=server_round,
-        evaluated=[by_node[r.metadata.src_node_id].site_id for r in replies],
-        dropped=dropped,
-    )
     declined = declined_reply_schema(run.config)
     answered = evaluation_reply_schema(run.config, personal=run.config.strategy == "fedbn")
     scored: list[tuple[Message, Site, dict[str, Any]]] = []
+    refusals: list[dict[str, str]] = []
+    rejections: list[dict[str, str]] = []
     for r in replies:
         site = by_node[r.metadata.src_node_id]
         refused = is_declined(r)
@@ -72,11 +68,28 @@ def evaluate_round(
         event = {"round": server_round, "site": site.site_id, "role": site.role}
         if not check.accepted:
             run._emit({"event": "rejected", **event, "stage": "evaluation", "reason": check.reason})
+            run.audit_event(
+                "site-rejected",
+                round=server_round,
+                stage="evaluation",
+                site=site.site_id,
+                reason=check.reason,
+            )
+            rejections.append({"site": site.site_id, "reason": str(check.reason)})
         elif refused:
             reason = check.texts[REFUSAL_RECORD][REFUSAL_REASON]
             run._emit({"event": "evaluate-refused", **event, "reason": reason})
+            refusals.append({"site": site.site_id, "reason": reason})
         else:
             scored.append((r, site, check.metrics))
+    run.audit_event(
+        "round-evaluated",
+        round=server_round,
+        evaluated=[site.site_id for _, site, _ in scored],
+        refused=refusals,
+        rejected=rejections,
+        dropped=dropped,
+    )
     for _, site, metrics in scored:
         for model, values in _by_model(metrics).items():
             event = {"event": "evaluate", "round": server_round, "site": site.site_id, "role": site.role}

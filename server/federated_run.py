@@ -324,7 +324,7 @@ class FederatedRun:
             if len(trainers) < max(1, config.min_sites):
                 raise NeurofedError(
                     f"round {server_round}: {len(trainers)} enrolled training site(s) left, min-sites is "
-                    f"{config.min_sites}; enroll sites and continue with --resume {config.run_dir}"
+                    f"{config.min_sites}; enroll sites and {self._how_to_continue()}"
                 )
             messages = strategy.configure_train(
                 server_round, arrays, self.round_config(server_round), NodeView(s.node_id for s in trainers)
@@ -332,7 +332,9 @@ class FederatedRun:
             replies, dropped = self._send(
                 messages, "training", server_round, required=config.min_sites or len(trainers)
             )
-            accepted = self._screen_updates(server_round, replies, arrays, schemas, dropped)  # raises when none
+            accepted = self._screen_updates(
+                server_round, replies, arrays, schemas, dropped
+            )  # raises when none
             new_arrays, train_metrics = None, None
             skipped = too_few_updates(config, len(accepted))
             if skipped is None:

@@ -135,6 +135,8 @@ def _check_arrays(
         if not np.all(np.isfinite(values)):
             return rejected(f"array {key!r} holds NaN or Inf values")
         checked[key] = values
+    for key in schema.frozen:  # layers the run does not train keep their global values, whatever was sent
+        checked[key] = np.asarray(global_arrays[key].numpy())
     norm = update_norm(checked, {k: global_arrays[k].numpy() for k in checked})
     if not math.isfinite(norm) or norm > schema.max_update_norm:
         return rejected(

@@ -182,14 +182,20 @@ def too_few_updates(config: RunConfig, accepted: int) -> str | None:
 
 def training_schemas(config: RunConfig, global_arrays: ArrayRecord) -> TrainingSchemas:
     """What a site may send back in a training round of this run (contract/reply_schema.py): exactly the
-    global model's arrays, with their shapes and dtypes, except FedBN's normalization layers."""
+    global model's arrays, with their shapes and dtypes, except FedBN's normalization layers; the layers
+    ``trainable-layers`` leaves frozen keep their global values."""
     kept: set[str] = set()
-    if config.strategy == "fedbn":
+    frozen: set[str] = set()
+    if config.strategy == "fedbn" or config.trainable_layers != "all":
         from models.networks import build_network, normalization_keys
+        from models.trainable import trainable_names
 
-        kept = normalization_keys(build_network(config.network_config()))
+        network = build_network(config.network_config())
+        kept = normalization_keys(network) if config.strategy == "fedbn" else set()
+        parameters = {name for name, _ in network.named_parameters()}
+        frozen = parameters - trainable_names(network, config.trainable_layers)
     return TrainingSchemas(
-        training=training_reply_schema(config, array_specs(global_arrays), kept),
+        training=training_reply_schema(config, array_specs(global_arrays), kept, frozen),
         declined=declined_reply_schema(config),
         weights=config.aggregation_weights,
         norm_limit=config.update_norm_limit,

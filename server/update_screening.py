@@ -55,9 +55,10 @@ def check_float_arrays(arrays: ArrayRecord) -> None:
 def norm_outliers(norms: Sequence[float], norm_limit: float) -> list[str | None]:
     """For each update norm, why it is an outlier: above ``norm_limit`` x the median norm of the *other*
     updates (so one huge update cannot raise its own yardstick). No rule with ``norm_limit`` 0, fewer than
-    two updates, or a median of 0."""
+    three updates, or a median of 0: with two, each is the other's yardstick, so a malicious site sending a
+    tiny update would have the honest one rejected (the absolute cap, ``update-norm-cap``, still applies)."""
     reasons: list[str | None] = [None] * len(norms)
-    if norm_limit <= 0 or len(norms) < 2:
+    if norm_limit <= 0 or len(norms) < 3:
         return reasons
     for i, norm in enumerate(norms):
         median = float(np.median([n for j, n in enumerate(norms) if j != i]))

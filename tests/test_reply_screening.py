@@ -245,13 +245,61 @@ def test_a_malformed_evaluation_is_rejected_and_left_out_of_the_aggregate(tmp_pa
         metrics = {**dict(honest.content["metrics"]), "dice-csf": 7.0, "num-examples": 10**9}
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=m)
 
-    _, events, _ = _run(tmp_path, {4: bad_evaluation})
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    config = _config(tmp_path)
+    FederatedRun(config, ScriptedGrid([1, 2, 3, 4], {4: bad_evaluation}), audit=audit).execute()
+    events = RunDirectory(config.run_dir).read_events()
     (rejected,) = [e for e in events if e["event"] == "rejected"]
     assert (rejected["site"], rejected["stage"], rejected["round"]) == ("site-4", "evaluation", 2)
     assert "dice-csf" in rejected["reason"]
     (aggregate,) = [e for e in events if e["event"] == "aggregate-evaluate"]
     assert aggregate["metrics"]["dice-csf"] == pytest.approx(0.5)
     assert {e["site"] for e in events if e["event"] == "evaluate"} == {"site-1", "site-2", "site-3"}
+    # The audit log names it too, and does not count it among the evaluated sites.
+    entries = audit.read()
+    (logged,) = [e for e in entries if e["event"] == "site-rejected"]
+    assert (logged["site"], logged["stage"], logged["round"]) == ("site-4", "evaluation", 2)
+    (evaluated,) = [e for e in entries if e["event"] == "round-evaluated"]
+    assert (
+        evaluated["evaluated"] == ["site-1", "site-2", "site-3"]
+        and evaluated["rejected"][0]["site"] == "site-4"
+    )
+
+
+def test_no_site_moves_a_layer_the_run_does_not_train(tmp_path) -> None:
+    sent: dict[str, np.ndarray] = {}
+
+    def moves_everything(m: Message, honest: Message) -> Message | None:
+        if m.metadata.message_type != "train":
+            return None
+        if int(m.content["config"]["server-round"]) == 1:
+            sent.update({k: a.numpy().copy() for k, a in m.content["arrays"].items()})
+        arrays = ArrayRecord(
+            {k: Array(a.numpy() + np.float32(0.05)) for k, a in honest.content["arrays"].items()}
+        )
+        return Message(RecordDict({"arrays": arrays, "metrics": honest.content["metrics"]}), reply_to=m)
+
+    final, _, _ = _run(tmp_path, {1: moves_everything}, trainable_layers="norm")
+    from models.networks import build_network
+    from models.trainable import trainable_names
+
+    network = build_network(_config(tmp_path, trainable_layers="norm").network_config())
+    trained = trainable_names(network, "norm")
+    frozen = {name for name, _ in network.named_parameters()} - trained
+    assert frozen and trained
+    for name in frozen:
+        # The global values (up to the mean's float32 round-off), not the 0.05 the malicious site added.
+        np.testing.assert_allclose(final[name].numpy(), sent[name], rtol=0, atol=1e-6, err_msg=name)
+    assert any(not np.array_equal(final[name].numpy(), sent[name]) for name in trained)
+
+
+def test_with_two_training_sites_a_tiny_update_cannot_get_the_honest_one_rejected() -> None:
+    from server.update_screening import norm_outliers
+
+    assert norm_outliers([1.0, 1e-4], 10.0) == [None, None]  # each would be the other's only yardstick
+    assert norm_outliers([1.0, 1.1, 100.0], 10.0)[2] is not None and norm_outliers([1.0, 1.1, 100.0], 10.0)[
+        :2
+    ] == [None, None]
 
 
 def test_a_malformed_site_description_leaves_that_site_out_of_the_run(tmp_path) -> None:
