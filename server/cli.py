@@ -203,11 +203,17 @@ def _run_run(args: argparse.Namespace) -> int:
             "CONFIG.toml, only --set for num-server-rounds, num-sites, min-sites or round-timeout-s"
         )
     settings = run_settings(args.config, args.settings, resume=args.resume)
-    if not args.resume and "num-sites" not in settings:
+    if "num-sites" not in settings:
         statuses = node_statuses(connection)
+        # On the coordinator only enrolled sites count (a node registered by hand never takes part).
         names = SiteRegistry(state).names_by_node_id() if state is not None else {}
-        online = [names.get(node, f"node {node}") for node, status in statuses.items() if status == "online"]
-        print(wait_for_connected_sites(settings, sorted(online)), flush=True)
+        online = [
+            names.get(node, f"node {node}")
+            for node, status in statuses.items()
+            if status == "online" and (state is None or node in names)
+        ]
+        if (line := wait_for_connected_sites(settings, sorted(online))) is not None:
+            print(line, flush=True)
     app_dir = args.app or default_app_dir()
     outcome = submit_run(connection, settings, app_dir, stream=not args.no_stream)
     return report_outcome(outcome, checkpointed_rounds(state, outcome.run_dir))

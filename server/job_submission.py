@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from contract.resume_settings import RESUME_SETTINGS_KEY, encode_resume_settings
+from contract.resume_settings import RESUME_SETTINGS_KEY, decode_resume_settings, encode_resume_settings
 from contract.run_config import RunConfig, flower_key
 from models.errors import NeurofedError
 from server.coordinator_state import Connection, CoordinatorState
@@ -96,8 +96,9 @@ def run_settings(
     unknown = sorted(set(settings) - known)
     if unknown:
         raise NeurofedError(f"unknown run settings {unknown}; known: {sorted(known)}")
-    # Catch a bad value here rather than minutes later in the coordinator's log.
-    RunConfig.from_flower(settings)
+    # Catch a bad value here rather than minutes later in the coordinator's log. A resume's few settings
+    # are checked with the stored ones by the coordinator; here no default (one unseen site) may refuse them.
+    RunConfig.from_flower({"unseen-sites": 0, **settings} if resume is not None else settings)
     if resume is not None:
         # A resumed run keeps its stored settings but for the few that may change (RESUMABLE_SETTINGS).
         return {
@@ -111,24 +112,32 @@ def run_settings(
 
 
 def wait_for_connected_sites(settings: dict[str, Any], online: Sequence[str]) -> str | None:
-    """Without ``num-sites`` in a new run's settings: wait for the ``online`` sites (none holdout-by-count).
+    """Without ``num-sites`` in a run's settings (a new run's, or a resume's changes): wait for the
+    ``online`` enrolled sites, so that a run, or a run resumed after a site was revoked or went away, does
+    not wait ``round-timeout-s`` for sites that are not there.
 
-    Returns the line that says so (None when the job sets num-sites itself or resumes); NeurofedError when
-    no site is online.
+    Returns the line that says so (None when the job sets num-sites itself); NeurofedError when no site is
+    online.
     """
-    if settings.get("resume") or "num-sites" in settings:
+    resume = bool(settings.get("resume"))
+    changes = decode_resume_settings(str(settings.get(RESUME_SETTINGS_KEY, ""))) if resume else settings
+    if "num-sites" in changes:
         return None
     if not online:
         raise NeurofedError(
             "no enrolled site is connected, so the run would have no site to wait for: start the sites "
             "(`neurofed coordinator sites` shows who is online), or set num-sites in the job"
         )
-    settings["num-sites"] = len(online)
-    settings.setdefault("unseen-sites", 0)  # a deployed site declares its role itself
-    RunConfig.from_flower({k: v for k, v in settings.items() if k != "resume"})
+    if resume:
+        settings[RESUME_SETTINGS_KEY] = encode_resume_settings({**changes, "num-sites": len(online)})
+    else:
+        settings["num-sites"] = len(online)
+        settings.setdefault("unseen-sites", 0)  # a deployed site declares its role itself
+        RunConfig.from_flower(settings)
+    what = "the resumed run" if resume else "the run"
     return (
-        f"num-sites = {len(online)}: the run waits for the sites connected now ({', '.join(online)}); "
-        "set num-sites in the job to wait for more"
+        f"num-sites = {len(online)}: {what} waits for the sites connected now ({', '.join(online)}); "
+        "set num-sites (--set num-sites=N) to wait for more"
     )
 
 

@@ -602,6 +602,21 @@ def test_a_new_run_without_num_sites_waits_for_the_connected_sites() -> None:
         wait_for_connected_sites(run_settings(None, []), [])
 
 
+def test_a_resume_after_a_site_left_waits_for_the_sites_connected_now() -> None:
+    from contract.resume_settings import RESUME_SETTINGS_KEY, decode_resume_settings
+    from server.job_submission import wait_for_connected_sites
+
+    # A run of three sites, one of them revoked since: the resume waits for the two still there ...
+    resumed = run_settings(None, ["min-sites=1"], resume="20261206-120000")
+    line = wait_for_connected_sites(resumed, ["hospital-a", "hospital-b"])
+    assert decode_resume_settings(resumed[RESUME_SETTINGS_KEY]) == {"min-sites": 1, "num-sites": 2}
+    assert "resumed run" in line and "hospital-a, hospital-b" in line
+    # ... and num-sites may be set on resume whatever the app's default number of unseen sites.
+    given = run_settings(None, ["num-sites=1"], resume="20261206-120000")
+    assert wait_for_connected_sites(given, []) is None
+    assert decode_resume_settings(given[RESUME_SETTINGS_KEY]) == {"num-sites": 1}
+
+
 class _FlakyGrid:
     """Answers each message with a reply, an error reply (``failing`` nodes), nothing (``silent`` nodes),
     or, for a node revoked before the message (``revoked``), the SuperLink's error reply to no message."""

@@ -87,6 +87,7 @@ def _stop_detached_nginx(prefix: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("jq") is None, reason="the rehearsal reads the audit logs with jq, not installed")
 def test_the_rehearsal_runs_the_whole_guide(tmp_path) -> None:
     folder = tmp_path / "rehearsal"
     env = {**os.environ, "NEUROFED_VENV": str(Path(sys.executable).parents[1])}
