@@ -282,8 +282,8 @@ def server_dp_epsilon(config: RunConfig, releases: int) -> float:
     sensitivity ``C/k`` (one site's update, k known), noise std ``z x C/k``, so noise multiplier
     ``z = server-dp-noise-multiplier`` whatever k is. Sites are sampled with rate `site_sample_rate`
     (1: every training site, every round); rounds are composed by the RDP accountant of
-    privacy/accounting.py. Only released rounds count: a round skipped for too few sites, or with no
-    accepted update, releases nothing. Adaptive clipping releases the mean and the unclipped count with
+    privacy/accounting.py. Only released rounds count: a round skipped for too few sites releases nothing
+    (a round with no accepted update stops the run). Adaptive clipping releases the mean and the unclipped count with
     noise chosen so that together they have the same ε (Andrew et al., 2021). Infinite without noise
     (once a round is released).
     """
