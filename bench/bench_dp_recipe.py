@@ -19,7 +19,7 @@ Arms (``--arms``, comma-separated groups):
 
 Usage::
 
-    .venv/bin/python bench/bench_dp_recipe.py [--arms epsilon,recipe] [--epsilons 1,3,8] [--seed 0]
+    .venv/bin/python bench/bench_dp_recipe.py [--arms epsilon,recipe] [--epsilons 1,3,8] [--starts start,scratch] [--seed 0]
         [--out DIR] [--rounds R --local-steps S ...any run setting as --key value]
 
 Figures are printed and kept in ``OUT/bench_dp_recipe.json``, never asserted.
@@ -52,11 +52,13 @@ def reserved_maps(label_maps: Path, folder: Path) -> Path:
     return folder
 
 
-def arms(group: str, epsilons: list[float]) -> list[tuple[str, dict]]:
+def arms(group: str, epsilons: list[float], starts: tuple[str, ...] = ("start", "scratch")) -> list[tuple[str, dict]]:
     """``(name, run-setting changes)`` of each arm of ``group``."""
     if group == "epsilon":
         out = []
         for start, initial in (("start", {}), ("scratch", {"initial_model": "none"})):
+            if start not in starts:
+                continue
             out.append((f"no DP, {start}", {"dp": False, **initial}))
             out += [(f"DP ε={e:g}, {start}", {"dp": True, "dp_target_epsilon": e, **initial}) for e in epsilons]
         return out
@@ -135,6 +137,7 @@ def main() -> int:
     parser.add_argument("--label-maps", type=Path, default=DEFAULT_LABEL_MAPS)
     parser.add_argument("--arms", default="epsilon,recipe")
     parser.add_argument("--epsilons", default="1,3,8")
+    parser.add_argument("--starts", default="start,scratch", help="epsilon arms from the starting model and/or random weights")
     parser.add_argument("--seed", type=int, default=0, help="synthesis, splits (site secrets), DP noise")
     parser.add_argument("--out", type=Path, default=None, help="keep data and runs here (default: a temp dir)")
     parser.add_argument("--no-references", action="store_true", help="skip the starting-model and local-only rows")
@@ -165,7 +168,7 @@ def main() -> int:
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
     done = {r["arm"] for r in results}
     for group in args.arms.split(","):
-        for name, changes in arms(group.strip(), epsilons):
+        for name, changes in arms(group.strip(), epsilons, tuple(args.starts.split(","))):
             if name in done:
                 continue
             slug = "".join(c if c.isalnum() else "-" for c in name)
