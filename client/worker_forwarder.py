@@ -28,8 +28,6 @@ MAX_REPLY_BYTES = 4 << 30
 def forward(msg: Message, target: tuple[Path, Path]) -> Message:
     """The worker's reply to ``msg``; NeurofedError when there is no worker or it refuses the message."""
     sock_path, token_path = target
-    token = read_token(token_path).decode()
-    header = {"token": token, "contract-version": CONTRACT_VERSION}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         try:
             conn.connect(str(sock_path))
@@ -37,6 +35,7 @@ def forward(msg: Message, target: tuple[Path, Path]) -> Message:
             raise NeurofedError(
                 f"no site worker answers at {sock_path} ({exc.strerror}): {START_HINT}"
             ) from None
+        header = {"token": read_token(token_path).decode(), "contract-version": CONTRACT_VERSION}
         try:
             send_frames(conn, header, message_to_proto(msg).SerializeToString())
             reply, body = receive_frames(conn, MAX_REPLY_BYTES)
