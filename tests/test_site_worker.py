@@ -258,3 +258,14 @@ def test_the_supervisor_restarts_a_killed_worker(tmp_path, node_grid) -> None:
         assert not answers(sock)
     finally:
         stop_process_tree(supervisor, signal.SIGKILL, 5.0)
+
+
+def test_the_forwarding_clientapp_imports_no_torch() -> None:
+    """A message through the worker costs a process start: the ClientApp module loads no torch, MONAI or
+    Opacus (the forwarding path's import time is measured in bench/bench_deployment.py)."""
+    check = "import sys, client.app; print(sorted({'torch', 'monai', 'opacus', 'numpy'} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", check], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "torch" not in out.stdout and "monai" not in out.stdout and "opacus" not in out.stdout, out.stdout
