@@ -102,6 +102,8 @@ class _Connection(socketserver.BaseRequestHandler):
     server: _Server
 
     def handle(self) -> None:
+        if not self.request.recv(1, socket.MSG_PEEK):
+            return  # closed without a byte: a readiness probe (client/worker_supervisor.py `answers`)
         try:
             header, body = receive_frames(self.request, MAX_REQUEST_BYTES)
         except (ConnectionError, ValueError) as exc:
