@@ -161,9 +161,8 @@ def test_the_worker_answers_as_the_handler_does_in_process(site, node_grid, kind
 
 
 def test_the_worker_runs_the_site_rules_whatever_the_forwarded_node_config_says(site, node_grid) -> None:
-    """The worker reads its own node config: a forwarder claiming require-dp=false at a site that requires
-    DP changes nothing (here the worker's site allows no-DP, so a forged stricter one changes nothing too:
-    the reply is the worker's)."""
+    """The worker runs under its own node config: one sent by a forwarder (here a data folder that does not
+    exist, which would fail in-process) is never read."""
     forged = {**site["config"], "require-dp": "true", "data-dir": "/nonexistent"}
     reply = site_app.app(_message("query", node_grid), _context(forged))
     assert reply.content["site"]["site-id"] == "site-a"
