@@ -121,13 +121,10 @@ def _run_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_start(sub: argparse._SubParsersAction) -> None:
-    from client.site_daemon import DEFAULT_RUNTIME_PORT, DEFAULT_STATE_DIR
+def _add_site_options(p: argparse.ArgumentParser) -> None:
+    """The options about the site's data, budget, rules and worker (`start` and `worker`)."""
+    from client.site_daemon import DEFAULT_STATE_DIR
 
-    p = add_command(sub, "start", _run_start, defaults_in_help=True)
-    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
-    p.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (PEM)")
-    p.add_argument("--key", type=Path, required=True, help="the site's private key (site.key from keygen)")
     p.add_argument("--data", type=Path, required=True, metavar="DATA_DIR", help="the site's data folder")
     p.add_argument(
         "--budget",
@@ -145,12 +142,6 @@ def _add_start(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--site-id", help="the id this site declares (default: the data folder's name)")
     p.add_argument("--role", default="train", choices=["train", "holdout"], help="holdout: evaluate only")
-    p.add_argument(
-        "--runtime-port",
-        type=int,
-        default=DEFAULT_RUNTIME_PORT,
-        help="local port of the SuperNode's runtime API (give each SuperNode on one machine its own)",
-    )
     p.add_argument("--protocol", default="tissue", help="label protocol the data is checked against")
     p.add_argument("--contrast", default="T1w", help="the structural image the network reads (BIDS suffix)")
     p.add_argument(
@@ -159,7 +150,6 @@ def _add_start(sub: argparse._SubParsersAction) -> None:
         help="also train in runs without differential privacy (by default the site refuses such rounds, "
         "whatever the coordinator asks)",
     )
-    _add_approved_apps_option(p)
     p.add_argument(
         "--policy",
         action="append",
@@ -170,6 +160,64 @@ def _add_start(sub: argparse._SubParsersAction) -> None:
         "(20 per run), and the caps max-rounds, max-local-steps, max-batch-size, max-patch-size, "
         "min-spacing-mm, max-grid-voxels",
     )
+    p.add_argument(
+        "--worker-dir",
+        type=Path,
+        metavar="DIR",
+        help="the site worker's socket and token folder (default: <state-dir>/worker); give `start` and "
+        "`worker` the same",
+    )
+    p.add_argument(
+        "--worker-group",
+        metavar="GROUP",
+        help="the SuperNode's group when it runs as another user than the worker: it may then open the "
+        "worker's socket (folder 0750, socket 0660, token 0640); by default only the worker's user may",
+    )
+
+
+def _site_config(args: argparse.Namespace, **more):
+    from client.site_daemon import SiteDaemonConfig
+
+    return SiteDaemonConfig(
+        data_dir=args.data,
+        budget_epsilon=args.budget,
+        budget_delta=args.delta,
+        state_dir=args.state_dir,
+        site_id=args.site_id,
+        role=args.role,
+        protocol=args.protocol,
+        contrast=args.contrast,
+        allow_no_dp=args.allow_no_dp,
+        policy=tuple(args.policy),
+        worker_dir=args.worker_dir,
+        worker_group=args.worker_group,
+        **more,
+    )
+
+
+def _add_start(sub: argparse._SubParsersAction) -> None:
+    from client.site_daemon import DEFAULT_RUNTIME_PORT, WORKER_MODES
+
+    p = add_command(sub, "start", _run_start, defaults_in_help=True)
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    p.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (PEM)")
+    p.add_argument("--key", type=Path, required=True, help="the site's private key (site.key from keygen)")
+    _add_site_options(p)
+    p.add_argument(
+        "--runtime-port",
+        type=int,
+        default=DEFAULT_RUNTIME_PORT,
+        help="local port of the SuperNode's runtime API (give each SuperNode on one machine its own)",
+    )
+    p.add_argument(
+        "--worker",
+        default="supervised",
+        choices=WORKER_MODES,
+        help="supervised: run the site worker here and restart it on a crash (messages cost a process start, "
+        "not a torch import and a data read); external: the worker runs on its own (`neurofed-site worker`, "
+        "systemd); off: every message's ClientApp loads everything itself",
+    )
+    _add_approved_apps_option(p)
     p.add_argument(
         "--trusted-entities",
         type=Path,
@@ -189,31 +237,42 @@ def _run_start(args: argparse.Namespace) -> int:
     installation of app dependencies off. It runs only app bundles approved in --approved-apps
     (`neurofed-site approve`); any other bundle the coordinator sends is refused before any of its code
     runs, and every accepted or refused bundle is recorded in <state-dir>/audit.jsonl. Its node config
-    gives the ClientApp the data folder, site id, state folder (privacy ledger, preprocessed cache) and
-    the lifetime privacy budget: rounds that would exceed it are refused. Scans never leave the site.
+    gives the site the data folder, site id, state folder (privacy ledger, preprocessed cache) and
+    the lifetime privacy budget: rounds that would exceed it are refused. Beside the SuperNode runs the
+    site worker (--worker supervised), which keeps the libraries and data loaded and answers every
+    message; it is restarted if it crashes. Scans never leave the site.
     """
-    from client.site_daemon import SiteDaemonConfig, start_site
+    from client.site_daemon import start_site
 
-    config = SiteDaemonConfig(
+    config = _site_config(
+        args,
         coordinator=args.coordinator,
         ca_cert=args.ca,
         private_key=args.key,
-        data_dir=args.data,
-        budget_epsilon=args.budget,
-        budget_delta=args.delta,
-        state_dir=args.state_dir,
-        site_id=args.site_id,
-        role=args.role,
         runtime_port=args.runtime_port,
-        protocol=args.protocol,
-        contrast=args.contrast,
-        allow_no_dp=args.allow_no_dp,
         approved_apps=args.approved_apps,
-        policy=tuple(args.policy),
         trusted_entities=args.trusted_entities,
+        worker=args.worker,
     )
-    start_site(config, telemetry=args.telemetry)
-    return 0  # not reached: the process became the SuperNode
+    return start_site(config, telemetry=args.telemetry)
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "worker", _run_worker, defaults_in_help=True)
+    _add_site_options(p)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    """Run the site worker alone, in the foreground (for `neurofed-site start --worker external`).
+
+    The worker holds torch, the network and the site's preprocessed data, and answers every message the
+    SuperNode's ClientApps forward over its Unix socket (<state-dir>/worker/worker.sock, or --worker-dir),
+    with the site's own rules: DP, budget, caps, split. Give it the same site options as
+    `neurofed-site start`. systemd runs it as neurofed-site-worker.service (deploy/systemd).
+    """
+    from client.site_daemon import run_worker
+
+    return run_worker(_site_config(args))
 
 
 def _add_approved_apps_option(p: argparse.ArgumentParser) -> None:
@@ -319,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         "neurofed site daemon tools for hospital research IT: check the site's data before joining a "
         "federation, keep its privacy budget, approve the app code it runs, start its daemon, and segment "
         "its own scans with a trained model. Scans never leave the site. Run `neurofed-site COMMAND --help` for options.",
-        [_add_check, _add_budget, _add_keygen, _add_approve, _add_start, _add_segment],
+        [_add_check, _add_budget, _add_keygen, _add_approve, _add_start, _add_worker, _add_segment],
     )
 
 

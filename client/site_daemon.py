@@ -8,6 +8,13 @@ Runtime installation of app dependencies stays off: the site runs the neurofed i
 It runs only the app bundles the site's operator approved (`neurofed-site approve`,
 client/approved_apps.py): this process becomes client/approved_supernode.py, which checks every bundle
 the coordinator sends before Flower stores it or starts any process that would run its code.
+
+With a warm worker (``--worker supervised``, the default) the site runs two processes: the site worker
+(client/site_worker.py), which holds the libraries, the network and the data and runs every handler,
+and the SuperNode, whose per-message ClientApps only forward to it (client/worker_forwarder.py); this
+process supervises both (client/worker_supervisor.py). ``--worker external``: the worker runs on its own
+(`neurofed-site worker`, e.g. as a systemd unit); ``--worker off``: every message starts a ClientApp that
+runs the handler itself.
 """
 
 from __future__ import annotations
@@ -20,14 +27,16 @@ from pathlib import Path
 from client.approved_apps import APPROVE_COMMAND, AUDIT_LOG_FILE, approved_apps_path, read_approved
 from client.site_keys import check_private_key
 from client.site_policy import parse_policy_options
+from client.worker_link import SOCKET_KEY, TOKEN_KEY, worker_paths
 from contract.version import CONTRACT_VERSION, CONTRACT_VERSION_KEY
 from models.errors import NeurofedError
 
 DEFAULT_STATE_DIR = Path("~/.neurofed/site")
 DEFAULT_RUNTIME_PORT = 9094
+WORKER_MODES = ("supervised", "external", "off")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SiteDaemonConfig:
     """Everything `neurofed-site start` needs.
 
@@ -47,11 +56,15 @@ class SiteDaemonConfig:
         approved_apps: the file of approved app bundle hashes (default: ``<state-dir>/approved-apps.txt``).
         trusted_entities: Flower's trusted-entities YAML: bundles must also carry a signature of one of
             them (``flower-supernode --trusted-entities``; only bundles from Flower Hub are signed).
+        worker: ``supervised`` (run and restart the site worker here), ``external`` (it runs on its
+            own, e.g. under systemd) or ``off`` (every message's ClientApp runs the handler itself).
+        worker_dir: the worker's socket and token folder (default ``<state-dir>/worker``).
+        worker_group: the SuperNode's group, when it runs as another user than the worker.
     """
 
-    coordinator: str
-    ca_cert: Path
-    private_key: Path
+    coordinator: str = ""
+    ca_cert: Path | None = None
+    private_key: Path | None = None
     data_dir: Path
     budget_epsilon: float
     budget_delta: float = 1e-5
@@ -67,6 +80,18 @@ class SiteDaemonConfig:
     """The site's own rules as ``KEY=VALUE`` (client/site_policy.py `POLICY_KEYS`): its split, evaluation
     limits and resource caps."""
     trusted_entities: Path | None = None
+    worker: str = "supervised"
+    worker_dir: Path | None = None
+    worker_group: str | None = None
+
+    @property
+    def worker_socket(self) -> tuple[Path, Path]:
+        """(socket, token file) of the site's worker."""
+        _, sock, token = worker_paths(self.state_dir)
+        if self.worker_dir is not None:
+            folder = self.worker_dir.expanduser().resolve()
+            return folder / sock.name, folder / token.name
+        return sock, token
 
     @property
     def ledger_path(self) -> Path:
@@ -101,6 +126,9 @@ def node_config(config: SiteDaemonConfig) -> str:
         CONTRACT_VERSION_KEY: CONTRACT_VERSION,
         **parse_policy_options(config.policy),
     }
+    if config.worker != "off":
+        sock, token = config.worker_socket
+        values.update({SOCKET_KEY: str(sock), TOKEN_KEY: str(token)})
     parts = []
     for key, value in values.items():
         if isinstance(value, str):
@@ -121,11 +149,22 @@ def check_site_config(config: SiteDaemonConfig) -> None:
         raise NeurofedError(
             f"--coordinator {config.coordinator!r}: expected HOST:PORT, e.g. coordinator.example.org:9092"
         )
-    if not config.ca_cert.expanduser().is_file():
+    if config.ca_cert is None or not config.ca_cert.expanduser().is_file():
         raise NeurofedError(
             f"--ca {config.ca_cert}: file not found; ask the coordinator's operator for the CA certificate"
         )
+    if config.private_key is None:
+        raise NeurofedError("--key: pass the site's private key (site.key from `neurofed-site keygen`)")
     check_private_key(config.private_key)
+    if config.trusted_entities is not None and not config.trusted_entities.expanduser().is_file():
+        raise NeurofedError(f"--trusted-entities {config.trusted_entities}: file not found")
+    if config.worker not in WORKER_MODES:
+        raise NeurofedError(f"--worker {config.worker!r}: use one of {', '.join(WORKER_MODES)}")
+    check_site_options(config)
+
+
+def check_site_options(config: SiteDaemonConfig) -> None:
+    """Check the options about the site's data and budget (the worker's too)."""
     if not config.data_dir.expanduser().is_dir():
         raise NeurofedError(f"--data {config.data_dir}: not a folder; pass the site's data folder")
     if not config.budget_epsilon > 0:
@@ -136,8 +175,6 @@ def check_site_config(config: SiteDaemonConfig) -> None:
         raise NeurofedError(f"--delta {config.budget_delta}: must be in (0, 1), e.g. 1e-5")
     if config.role not in ("train", "holdout"):
         raise NeurofedError(f"--role {config.role!r}: use train or holdout")
-    if config.trusted_entities is not None and not config.trusted_entities.expanduser().is_file():
-        raise NeurofedError(f"--trusted-entities {config.trusted_entities}: file not found")
 
 
 def check_approved_apps(config: SiteDaemonConfig) -> list[str]:
@@ -234,23 +271,55 @@ def check_runtime_port(port: int) -> None:
             ) from None
 
 
-def start_site(config: SiteDaemonConfig, telemetry: bool = False) -> None:
-    """Check the options and the data, then become the SuperNode (``exec``; never returns)."""
-    check_site_config(config)
-    check_site_data(config)
-    check_approved_apps(config)
-    check_runtime_port(config.runtime_port)
+def _make_state_dir(config: SiteDaemonConfig) -> Path:
     state_dir = config.state_dir.expanduser()
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise NeurofedError(f"--state-dir {config.state_dir}: cannot create it ({exc.strerror})") from exc
+    return state_dir
+
+
+def worker_command_of(config: SiteDaemonConfig) -> list[str]:
+    """The command of this site's worker (client/site_worker.py), with the site's node config."""
+    from client.site_worker import worker_command
+
+    return worker_command(node_config(config), config.worker_group)
+
+
+def start_site(config: SiteDaemonConfig, telemetry: bool = False) -> int:
+    """Check the options and the data, then run the site: the SuperNode, and its worker unless
+    ``worker`` is off (then this process becomes the SuperNode: ``exec``, never returns)."""
+    check_site_config(config)
+    check_site_data(config)
+    check_approved_apps(config)
+    check_runtime_port(config.runtime_port)
+    state_dir = _make_state_dir(config)
     command = supernode_command(config)
     env = supernode_environment(telemetry)
     env.setdefault("FLWR_HOME", str(state_dir.resolve() / "flwr-home"))
+    worker = {"off": "no worker", "external": f"the worker at {config.worker_socket[0]}"}.get(
+        config.worker, "a supervised worker"
+    )
     print(
         f"neurofed-site: joining {config.coordinator} as {node_config(config).split()[1]} "
-        f"(ledger {config.ledger_path}, lifetime budget ε={config.budget_epsilon}, δ={config.budget_delta})",
+        f"(ledger {config.ledger_path}, lifetime budget ε={config.budget_epsilon}, δ={config.budget_delta}; "
+        f"{worker})",
         flush=True,
     )
+    if config.worker == "supervised":
+        from client.worker_supervisor import WorkerSupervisor, supervise
+
+        supervisor = WorkerSupervisor(worker_command_of(config), env, config.worker_socket[0])
+        return supervise(supervisor, command, env)
+    os.execve(command[0], command, env)
+
+
+def run_worker(config: SiteDaemonConfig) -> int:
+    """`neurofed-site worker`: check the site's options and data, then become its worker (``exec``)."""
+    check_site_options(config)
+    check_site_data(config)
+    _make_state_dir(config)
+    command = worker_command_of(config)
+    env = supernode_environment()
     os.execve(command[0], command, env)

@@ -198,6 +198,7 @@ def assert_cli_accepts(argv: list[str], where: str) -> None:
 UNITS = {
     "neurofed-coordinator.service": "coordinator.env",
     "neurofed-site.service": "site.env",
+    "neurofed-site-worker.service": "site.env",
 }
 
 

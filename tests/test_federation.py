@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 
 import client.app as site_app  # noqa: E402
+import client.site_handlers as site_handlers  # noqa: E402
 from bench.tiny_sites import write_tiny_site  # noqa: E402
 from client.site_data import SiteData, run_preprocessing_plan  # noqa: E402
 from client.site_model import build_model  # noqa: E402
@@ -63,7 +64,7 @@ def _fake_site_data(run: RunConfig, persons: tuple[str, ...] = ("sub-01", "sub-0
 @pytest.fixture()
 def site(monkeypatch, tmp_path, task_identity, node_grid):
     """Calls the real ClientApp handlers of a deployed training site, with made-up site data."""
-    monkeypatch.setattr(site_app, "load_site_data", lambda setup, run: _fake_site_data(run))
+    monkeypatch.setattr(site_handlers, "load_site_data", lambda setup, run: _fake_site_data(run))
     seen: list[dict] = []
     real_train_steps = __import__("models.training", fromlist=["train_steps"]).train_steps
 

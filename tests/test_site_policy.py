@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Message  # noqa: E402
 from test_federation import _fake_site_data, _initial_state, deployed_site_context, site  # noqa: E402, F401
 
 import client.app as site_app  # noqa: E402
+import client.site_handlers as site_handlers  # noqa: E402
 from client.privacy_budget import init_site  # noqa: E402
 from client.site_policy import ResourceCaps, SitePolicy  # noqa: E402
 from client.site_setup import LEDGER_FILE, site_setup  # noqa: E402
@@ -119,7 +120,7 @@ def dp_reply(monkeypatch, tmp_path, node_grid):
     initial = _initial_state()
 
     def reply(persons: tuple[str, ...]) -> dict:
-        monkeypatch.setattr(site_app, "load_site_data", lambda setup, run: _fake_site_data(run, persons))
+        monkeypatch.setattr(site_handlers, "load_site_data", lambda setup, run: _fake_site_data(run, persons))
         run = RunConfig(  # a coordinator sends the clipping norm it chose (server/global_model.py)
             num_sites=2, unseen_sites=1, local_steps=1, patch_size=16, batch_size=1, run_dir=str(tmp_path),
             dp_max_grad_norm=1.0,

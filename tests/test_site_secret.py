@@ -19,6 +19,7 @@ from flwr.app import (  # noqa: E402
 from test_federation import _fake_site_data, _initial_state, deployed_site_context  # noqa: E402
 
 import client.app as site_app  # noqa: E402
+import client.site_handlers as site_handlers  # noqa: E402
 from client.privacy_budget import init_site  # noqa: E402
 from client.site_secret import SECRET_FILE, SiteSecret  # noqa: E402
 from contract.run_config import RunConfig  # noqa: E402
@@ -33,7 +34,7 @@ TORCH_THREADS = 1
 def dp_release(monkeypatch, tmp_path, node_grid):
     """``dp_release(state, ledger, **run_changes)``: the arrays a DP site with state folder ``state`` and
     ledger file ``ledger`` sends back for one identical round-1 message."""
-    monkeypatch.setattr(site_app, "load_site_data", lambda setup, run: _fake_site_data(run))
+    monkeypatch.setattr(site_handlers, "load_site_data", lambda setup, run: _fake_site_data(run))
     initial = _initial_state()
 
     def release(state: str, ledger: str, **changes) -> dict[str, np.ndarray]:
