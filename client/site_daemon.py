@@ -27,7 +27,7 @@ from pathlib import Path
 from client.approved_apps import APPROVE_COMMAND, AUDIT_LOG_FILE, approved_apps_path, read_approved
 from client.site_keys import check_private_key
 from client.site_policy import parse_policy_options
-from client.worker_link import SOCKET_KEY, TOKEN_KEY, worker_paths
+from client.worker_link import SOCKET_KEY, TOKEN_KEY, check_socket_path, worker_paths
 from contract.version import CONTRACT_VERSION, CONTRACT_VERSION_KEY
 from models.errors import NeurofedError
 
@@ -90,7 +90,8 @@ class SiteDaemonConfig:
         _, sock, token = worker_paths(self.state_dir)
         if self.worker_dir is not None:
             folder = self.worker_dir.expanduser().resolve()
-            return folder / sock.name, folder / token.name
+            sock, token = folder / sock.name, folder / token.name
+        check_socket_path(sock)
         return sock, token
 
     @property

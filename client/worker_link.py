@@ -42,6 +42,20 @@ _LENGTH = struct.Struct(">Q")
 MAX_HEADER_BYTES = 64 * 1024
 
 
+MAX_SOCKET_PATH_BYTES = 107
+"""The longest path a Unix socket can be bound to on Linux (``sun_path`` is 108 bytes with its NUL)."""
+
+
+def check_socket_path(sock: Path) -> None:
+    """NeurofedError naming the path and what to do when ``sock`` is too long to be a Unix socket."""
+    length = len(str(sock).encode())
+    if length > MAX_SOCKET_PATH_BYTES:
+        raise NeurofedError(
+            f"the site worker's socket {sock} is {length} bytes long, more than the {MAX_SOCKET_PATH_BYTES} a "
+            "Unix socket allows: give a shorter --worker-dir (e.g. /run/neurofed-site) or a shorter --state-dir"
+        )
+
+
 def worker_paths(state_dir: Path) -> tuple[Path, Path, Path]:
     """(folder, socket, token file) of the worker of the site whose state folder is ``state_dir``."""
     folder = state_dir.expanduser().resolve() / WORKER_DIR

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -88,8 +89,16 @@ def _stop_detached_nginx(prefix: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("jq") is None, reason="the rehearsal reads the audit logs with jq, not installed")
-def test_the_rehearsal_runs_the_whole_guide(tmp_path) -> None:
-    folder = tmp_path / "rehearsal"
+def test_the_rehearsal_runs_the_whole_guide() -> None:
+    # A short folder: each site's worker socket lies under it, and a Unix socket path has at most 107 bytes.
+    folder = Path(tempfile.mkdtemp(prefix="nf-rehearsal-")) / "r"
+    try:
+        _rehearse_and_check(folder)
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def _rehearse_and_check(folder: Path) -> None:
     env = {**os.environ, "NEUROFED_VENV": str(Path(sys.executable).parents[1])}
     process = subprocess.Popen(
         ["bash", str(SCRIPT), str(folder)],

@@ -268,3 +268,11 @@ def test_the_forwarding_clientapp_imports_no_torch() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "torch" not in out.stdout and "monai" not in out.stdout and "opacus" not in out.stdout, out.stdout
+
+
+def test_a_socket_path_too_long_for_unix_is_refused_naming_what_to_change(tmp_path) -> None:
+    from client.worker_link import check_socket_path
+
+    check_socket_path(tmp_path / "worker.sock")  # a usual path is fine
+    with pytest.raises(NeurofedError, match=r"more than the 107 a Unix socket allows: give a shorter --worker-dir"):
+        check_socket_path(tmp_path / ("d" * 120) / "worker.sock")
