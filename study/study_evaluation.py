@@ -127,7 +127,15 @@ def _reference_models(
     if document.get("starting_model"):
         models[STARTING] = starting_network(settings)
         descriptions.append(
-            {"name": STARTING, "kind": STARTING_KIND, "trained_on": [], "steps": 0, **document["starting_model"]}
+            # The model file's own "kind" (e.g. pretrained-public) is kept as its provenance.
+            {
+                **document["starting_model"],
+                "name": STARTING,
+                "kind": STARTING_KIND,
+                "provenance": document["starting_model"].get("kind"),
+                "trained_on": [],
+                "steps": 0,
+            }
         )
     arm = run_dir / WITHOUT_DP_DIR / FINAL_MODEL_FILE
     if settings.dp and arm.is_file():
