@@ -50,6 +50,7 @@ _stop() { # _stop PID: end a daemon and everything it started
     kill -TERM $pids 2>/dev/null || true
     for _ in $(seq 20); do
         kill -0 "$1" 2>/dev/null || break
+        pids="$pids $(_tree "$1")" # a process it started while stopping (a SuperNode's ClientApp) goes too
         sleep 0.5
     done
     # shellcheck disable=SC2086
