@@ -75,7 +75,13 @@ def main() -> int:
     print(f"\nThe malicious site's training replies ({len(sent)}; sites dialled the coordinator {proxy}):\n")
     print("| round | reply | coordinator |")
     print("|---|---|---|")
-    for server_round, kind in sent:
+    last_reply = {server_round: i for i, (server_round, _) in enumerate(sent)}
+    for i, (server_round, kind) in enumerate(sent):
+        if i != last_reply[server_round]:
+            # Sent to a coordinator killed mid-round: the round was retried and only its last reply judged.
+            checks.append((f"round {server_round} {kind}", True))
+            print(f"| {server_round} | {kind} | not screened (the coordinator was killed mid-round; retried) |")
+            continue
         entries = [e for e in trained if e["round"] == int(server_round)]
         reasons = [r["reason"] for e in entries for r in e["rejected"] if r["site"] == MALICIOUS]
         if kind == INFLATED_WEIGHT:
