@@ -46,6 +46,10 @@ class RunSteps(Protocol):
 
     def audit_event(self, event: str, **fields: Any) -> None: ...
 
+    def _left_out(
+        self, server_round: int, stage: str, site: str, role: str | None, reason: str, **audit: Any
+    ) -> None: ...
+
 
 def evaluate_round(
     run: RunSteps, strategy: Strategy, server_round: int, arrays: ArrayRecord, sites: Sequence[Site]
@@ -67,14 +71,7 @@ def evaluate_round(
         check = check_reply(r, declined if refused else answered)
         event = {"round": server_round, "site": site.site_id, "role": site.role}
         if not check.accepted:
-            run._emit({"event": "rejected", **event, "stage": "evaluation", "reason": check.reason})
-            run.audit_event(
-                "site-rejected",
-                round=server_round,
-                stage="evaluation",
-                site=site.site_id,
-                reason=check.reason,
-            )
+            run._left_out(server_round, "evaluation", site.site_id, site.role, str(check.reason))
             rejections.append({"site": site.site_id, "reason": str(check.reason)})
         elif refused:
             reason = check.texts[REFUSAL_RECORD][REFUSAL_REASON]
