@@ -133,6 +133,8 @@ def _run_coordinator_revoke(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
+    from contract.resume_settings import RESUMABLE_SETTINGS
+
     p = add_command(sub, "run", _run_run)
     p.add_argument("config", type=Path, nargs="?", metavar="CONFIG.toml", help="TOML file of run settings")
     p.add_argument(
@@ -147,7 +149,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="NAME",
         help="continue the interrupted run in STATE_DIR/runs/NAME from its last checkpoint, with its stored "
-        "settings; only --set num-server-rounds, num-sites, min-sites and round-timeout-s may change them",
+        f"settings; only --set {', '.join(sorted(RESUMABLE_SETTINGS))} may change them",
     )
     p.add_argument(
         "--state-dir",
@@ -174,6 +176,7 @@ def _run_run(args: argparse.Namespace) -> int:
     The run directory is written on the coordinator, in STATE_DIR/runs/NAME (NAME: the UTC start time
     unless --set run-dir=runs/NAME); a run that stopped after a checkpoint continues with --resume NAME.
     """
+    from contract.resume_settings import RESUMABLE_SETTINGS
     from server.coordinator_state import Connection, CoordinatorState
     from server.job_submission import (
         checkpointed_rounds,
@@ -200,7 +203,7 @@ def _run_run(args: argparse.Namespace) -> int:
     if args.resume and args.config:
         raise NeurofedError(
             f"--resume {args.resume} continues the run with the settings it was started with: give no "
-            "CONFIG.toml, only --set for num-server-rounds, num-sites, min-sites or round-timeout-s"
+            f"CONFIG.toml, only --set for {', '.join(sorted(RESUMABLE_SETTINGS))}"
         )
     settings = run_settings(args.config, args.settings, resume=args.resume)
     if "num-sites" not in settings:
