@@ -192,7 +192,7 @@ def run_arm(out: Path, settings: RunConfig, strategy: str, attack: str, seed: in
     )
     run_dir = Path(config.run_dir)
     result_file = run_dir / "bench-result.json"
-    if result_file.is_file() and RunDirectory(run_dir).read_config() == config:
+    if result_file.is_file() and RunDirectory(run_dir).holds_run_of(config):
         return json.loads(result_file.read_text())
     if run_dir.exists():
         shutil.rmtree(run_dir)

@@ -88,7 +88,7 @@ def _finished_with(run_dir: Path, config) -> bool:
     from server.run_directory import RunDirectory
 
     try:
-        return (run_dir / "final-model.pt").is_file() and RunDirectory(run_dir).read_config() == config
+        return (run_dir / "final-model.pt").is_file() and RunDirectory(run_dir).holds_run_of(config)
     except Exception:
         return False
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic_files import atomic_write
-from contract.run_config import RunConfig
+from contract.run_config import AUTO_CLIPPING_NORM, RunConfig
 from contract.run_layout import CHECKPOINTS_DIR, CONFIG_FILE, FINAL_MODEL_FILE, METRICS_FILE
 from models.errors import NeurofedError
 from server.json_lines import append_json_line, json_safe, read_json_lines
@@ -105,6 +105,15 @@ class RunDirectory:
 
     def read_config(self) -> RunConfig:
         return RunConfig.from_dict(self.read_document()["run_config"])
+
+    def holds_run_of(self, config: RunConfig) -> bool:
+        """Whether this folder's run was started with ``config``. The stored config has its automatic
+        settings resolved (the clipping norm, server/global_model.py `with_clipping_norm`), so a setting
+        ``config`` leaves automatic matches whatever value the run resolved it to."""
+        stored = self.read_config()
+        if config.dp_max_grad_norm == AUTO_CLIPPING_NORM:
+            stored = stored.replace(dp_max_grad_norm=AUTO_CLIPPING_NORM)
+        return stored == config
 
     # -- metrics ------------------------------------------------------------------------------------
 

@@ -195,6 +195,15 @@ def test_run_directory_refuses_to_overwrite_a_run_and_drops_events_of_an_interru
     assert run_dir.read_config() == RunConfig()
 
 
+def test_a_run_folder_holds_the_run_of_its_config_with_the_clipping_norm_resolved(tmp_path) -> None:
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.start(RunConfig(dp_max_grad_norm=1.0))  # what the run stores once it resolved the automatic norm
+    assert run_dir.holds_run_of(RunConfig())
+    assert run_dir.holds_run_of(RunConfig(dp_max_grad_norm=1.0))
+    assert not run_dir.holds_run_of(RunConfig(dp_max_grad_norm=2.0))
+    assert not run_dir.holds_run_of(RunConfig(seed=RunConfig().seed + 1))
+
+
 def test_a_checkpoint_without_its_strategy_state_does_not_count(tmp_path) -> None:
     run_dir = RunDirectory(tmp_path / "run")
 
