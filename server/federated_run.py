@@ -30,13 +30,14 @@ from server.site_admission import Enrolment, enrolled_nodes
 from server.site_discovery import Site, compatible_replies, site_summaries, sites_from_replies
 from server.site_replies import NodeView, lost_nodes, no_contributor_reason
 from server.strategies import (
+    FALLBACK_STRATEGY,
     make_strategy,
     released_rounds,
     restore_strategy_state,
+    round_aggregator,
     server_dp_epsilon,
     state_dict_to_arrays,
     strategy_state,
-    too_few_updates,
     training_schemas,
     unreleased_reason,
 )
@@ -335,10 +336,12 @@ class FederatedRun:
             accepted = self._screen_updates(
                 server_round, replies, arrays, schemas, dropped
             )  # raises when none
-            new_arrays, train_metrics = None, None
-            skipped = too_few_updates(config, len(accepted))
-            if skipped is None:
-                new_arrays, train_metrics = strategy.aggregate_train(server_round, accepted)
+            new_arrays, train_metrics, skipped = None, None, None
+            aggregator, instead = round_aggregator(strategy, config, len(accepted))
+            if aggregator is None:
+                skipped = instead
+            else:
+                new_arrays, train_metrics = aggregator.aggregate_train(server_round, accepted)
                 skipped = unreleased_reason(strategy, server_round)
             if new_arrays is None and skipped:
                 # Too few updates for site-level DP: the global model stays as it was.
@@ -360,6 +363,8 @@ class FederatedRun:
                 "round": server_round,
                 "metrics": dict(train_metrics or {}),
             }
+            if instead:
+                aggregate_event["aggregated_by"] = {"strategy": FALLBACK_STRATEGY, "why": instead}
             if config.server_dp != "off":
                 releases = released_rounds(strategy)
                 aggregate_event["site_level_epsilon"] = server_dp_epsilon(config, releases)

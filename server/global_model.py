@@ -22,7 +22,9 @@ def initial_state_dict(config: RunConfig) -> dict[str, Any]:
     return build_network(config.network_config(), seed=config.seed).state_dict()
 
 
-def starting_weights(config: RunConfig, plan: Mapping[str, Any]) -> tuple[dict[str, Any], StartingModel | None]:
+def starting_weights(
+    config: RunConfig, plan: Mapping[str, Any]
+) -> tuple[dict[str, Any], StartingModel | None]:
     """The global model before round 1, and the starting model it came from.
 
     ``initial-model`` ``none`` gives random weights from the run seed (and no starting model); otherwise the
@@ -38,7 +40,9 @@ def starting_weights(config: RunConfig, plan: Mapping[str, Any]) -> tuple[dict[s
     return dict(starting.state_dict), starting
 
 
-def starting_point(config: RunConfig, plan: Mapping[str, Any]) -> tuple[dict[str, Any], RunConfig, dict[str, Any]]:
+def starting_point(
+    config: RunConfig, plan: Mapping[str, Any]
+) -> tuple[dict[str, Any], RunConfig, dict[str, Any]]:
     """What round 1 starts from: the weights (`starting_weights`), the run config with its clipping norm
     resolved (`with_clipping_norm`: fixed before round 1 and stored, so every site and a resumed run use
     it), and what config.json records of both."""

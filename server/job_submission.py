@@ -250,7 +250,9 @@ def report_outcome(outcome: RunOutcome, checkpoints: list[int] | None = None) ->
         return 0
     name = Path(outcome.run_dir).name
     if checkpoints:
-        then = f"continue it from its checkpoint of round {checkpoints[-1]} with `neurofed run --resume {name}`"
+        then = (
+            f"continue it from its checkpoint of round {checkpoints[-1]} with `neurofed run --resume {name}`"
+        )
     elif checkpoints is None:
         then = f"if it wrote a checkpoint (runs/{name}/checkpoints/), continue it with `neurofed run --resume {name}`"
     else:

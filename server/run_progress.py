@@ -41,7 +41,8 @@ def event_line(event: dict[str, Any]) -> str | None:
     if kind == "aggregate-train":
         if event.get("skipped"):
             return f"{where}: global model unchanged ({event['skipped']})"
-        return f"{where}: aggregated, mean site loss {_number(event['metrics'].get('train-loss'))}"
+        by = f" ({event['aggregated_by']['why']})" if "aggregated_by" in event else ""
+        return f"{where}: aggregated{by}, mean site loss {_number(event['metrics'].get('train-loss'))}"
     if kind == "evaluate":
         model = "" if event.get("model", "global") == "global" else f" ({event['model']} model)"
         dice = _number(event["metrics"].get("dice-mean"))

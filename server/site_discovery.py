@@ -62,7 +62,9 @@ def compatible_replies(
         if mismatch is None:
             compatible.append(r)
         else:
-            left_out.append({"site": site, "role": str(info.get(ROLE_KEY, ""))[:20] or None, "reason": mismatch})
+            left_out.append(
+                {"site": site, "role": str(info.get(ROLE_KEY, ""))[:20] or None, "reason": mismatch}
+            )
     return compatible, left_out
 
 

@@ -160,7 +160,12 @@ class SiteRegistry:
         self._write(sites)
         AuditLog(self.state.audit_path).record("site-revoked", site=name, node_id=str(entry["node_id"]))
         return EnrolledSite(
-            name, int(entry["node_id"]), entry["public_key"], entry["enrolled_at"], "revoked", entry["revoked_at"]
+            name,
+            int(entry["node_id"]),
+            entry["public_key"],
+            entry["enrolled_at"],
+            "revoked",
+            entry["revoked_at"],
         )
 
 

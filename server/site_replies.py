@@ -45,7 +45,9 @@ def lost_nodes(
     node_of = node_of_reply(messages)
     sent_to = {m.metadata.dst_node_id for m in messages}
     answered = {node_of(r) for r in replies}
-    errors = [{"node_id": node_of(r), "reason": short_reason(r.error.reason)} for r in replies if r.has_error()]
+    errors = [
+        {"node_id": node_of(r), "reason": short_reason(r.error.reason)} for r in replies if r.has_error()
+    ]
     undelivered = sorted({e["reason"] for e in errors if e["node_id"] not in sent_to})
     silent_reason = (
         f"the coordinator could not deliver the message ({'; '.join(undelivered)})"
@@ -66,7 +68,9 @@ def lost_nodes(
 
 def no_contributor_reason(server_round: int, left_out: Sequence[Mapping[str, Any]]) -> str:
     """Why a training round had no contributor: each site left out, and how."""
-    why = "; ".join(f"{e['site']} {e['how']}: {e['reason']}" for e in left_out) or "no training site was asked"
+    why = (
+        "; ".join(f"{e['site']} {e['how']}: {e['reason']}" for e in left_out) or "no training site was asked"
+    )
     return f"round {server_round}: no site's update could be used ({why}), so the run cannot go on"
 
 
@@ -78,5 +82,3 @@ class NodeView:
 
     def get_node_ids(self) -> list[int]:
         return list(self._node_ids)
-
-

@@ -6,7 +6,8 @@ strategy from the run config, adds the personalised variant, and saves/restores 
 carries between rounds so a run can be resumed. Whatever the strategy, it only ever sees replies that
 passed the screening of server/update_screening.py (the run's reply schema, the norm rules, capped
 weights); `too_few_updates` says when a robust strategy has too few of them to withstand
-``byzantine-sites`` malicious ones, and the round then leaves the global model as it was.
+``byzantine-sites`` malicious ones, and `round_aggregator` then hands the round to the coordinate-wise
+median (or, with fewer than 2f + 1, leaves the global model as it was).
 
 What each strategy asks of the sites travels in the train/evaluate ConfigRecord:
 
@@ -103,6 +104,16 @@ def site_sample_rate(config: RunConfig) -> float:
     return sites_sampled_per_round(config) / config.num_training_sites
 
 
+_COMMON_SAMPLING: dict[str, Any] = {
+    "fraction_train": 1.0,
+    "fraction_evaluate": 1.0,
+    "min_train_nodes": 1,
+    "min_evaluate_nodes": 1,
+    "min_available_nodes": 1,
+}
+"""Every strategy samples every node of the view it is handed (see `make_strategy`)."""
+
+
 def make_strategy(config: RunConfig) -> Strategy:
     """The strategy ``config.strategy`` names, sampling every node of the grid view it is handed.
 
@@ -114,13 +125,7 @@ def make_strategy(config: RunConfig) -> Strategy:
     ``min-sites`` is 0: the run then already stops when a site does not answer, and screening may still
     leave fewer).
     """
-    common: dict[str, Any] = {
-        "fraction_train": 1.0,
-        "fraction_evaluate": 1.0,
-        "min_train_nodes": 1,
-        "min_evaluate_nodes": 1,
-        "min_available_nodes": 1,
-    }
+    common = dict(_COMMON_SAMPLING)
     if config.strategy in ROBUST_FACTORIES:
         return ROBUST_FACTORIES[config.strategy](config, common)
     if config.strategy == "fedavg":
@@ -176,8 +181,32 @@ def too_few_updates(config: RunConfig, accepted: int) -> str | None:
         return None
     return (
         f"{accepted} accepted update(s); {config.strategy} with byzantine-sites = {config.byzantine_sites} "
-        f"needs at least {needed}, so the global model is unchanged"
+        f"needs at least {needed}"
     )
+
+
+FALLBACK_STRATEGY = "fedmedian"
+"""What aggregates a round whose screening left Krum, MultiKrum or Bulyan too few updates."""
+
+
+def round_aggregator(
+    strategy: Strategy, config: RunConfig, accepted: int
+) -> tuple[Strategy | None, str | None]:
+    """Who aggregates a round with ``accepted`` screened updates, and why it is not ``strategy`` itself.
+
+    ``(strategy, None)`` when ``strategy`` can aggregate them. When the screening rejected updates and left
+    Krum, MultiKrum or Bulyan fewer than they need (Bulyan: 4f + 3), the coordinate-wise median (which still
+    withstands f malicious updates among 2f + 1) aggregates the round instead: otherwise one site whose
+    update is rejected every round would freeze the global model. ``(None, reason)`` when even the median
+    has too few (the global model stays as it was).
+    """
+    shortfall = too_few_updates(config, accepted)
+    if shortfall is None:
+        return strategy, None
+    if config.strategy in ROBUST_FACTORIES and accepted >= 2 * config.byzantine_sites + 1:
+        median = ROBUST_FACTORIES[FALLBACK_STRATEGY](config, dict(_COMMON_SAMPLING))
+        return median, f"{shortfall}: aggregated by {FALLBACK_STRATEGY} instead"
+    return None, f"{shortfall}, so the global model is unchanged"
 
 
 def training_schemas(config: RunConfig, global_arrays: ArrayRecord) -> TrainingSchemas:

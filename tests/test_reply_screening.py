@@ -21,6 +21,7 @@ from collections.abc import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp.strategy import FedMedian  # noqa: E402
 
 from bench.faulty_site.malformed_replies import (  # noqa: E402
     INFLATED_WEIGHT,
@@ -40,7 +41,7 @@ from server.audit_log import AuditLog  # noqa: E402
 from server.federated_run import FederatedRun  # noqa: E402
 from server.reply_checks import check_reply, update_norm  # noqa: E402
 from server.run_directory import RunDirectory  # noqa: E402
-from server.strategies import make_strategy, too_few_updates  # noqa: E402
+from server.strategies import make_strategy, round_aggregator, too_few_updates  # noqa: E402
 from server.update_screening import aggregation_weights  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -415,6 +416,34 @@ def test_robust_strategy_settings_are_checked_and_too_few_updates_skip_a_round()
     assert "needs at least 7" in too_few_updates(config, 6)
     assert too_few_updates(config, 7) is None
     assert too_few_updates(RunConfig(strategy="fedavg"), 1) is None
+
+
+def test_a_robust_round_the_screening_left_short_is_aggregated_by_the_median_not_skipped() -> None:
+    """Bulyan with f = 1 needs 7 updates; the screening rejected one of 7, and the 6 left (one of them
+    still malicious) are aggregated by the coordinate-wise median, which withstands it."""
+    config = RunConfig(strategy="bulyan", num_sites=8, unseen_sites=1, byzantine_sites=1)
+    bulyan = make_strategy(config)
+    assert round_aggregator(bulyan, config, 7) == (bulyan, None)
+    median, why = round_aggregator(bulyan, config, 6)
+    assert isinstance(median, FedMedian) and "6 accepted" in why and "fedmedian" in why
+    from flwr.app import MessageType
+
+    updates = [np.full(4, 1.0 + 0.01 * i, np.float32) for i in range(5)] + [np.full(4, 100.0, np.float32)]
+    replies = [
+        Message(
+            content=RecordDict(
+                {"arrays": ArrayRecord({"w": Array(w)}), "metrics": MetricRecord({"num-examples": 3})}
+            ),
+            dst_node_id=i + 1,
+            message_type=MessageType.TRAIN,
+        )
+        for i, w in enumerate(updates)
+    ]
+    arrays, _ = median.aggregate_train(1, replies)
+    assert np.allclose(arrays["w"].numpy(), 1.025, atol=0.01)  # the median of the honest five and the 100
+    assert round_aggregator(bulyan, config, 2)[0] is None  # the median needs 2f + 1 = 3
+    assert "global model is unchanged" in round_aggregator(bulyan, config, 2)[1]
+    assert round_aggregator(make_strategy(RunConfig()), RunConfig(), 1)[1] is None
 
 
 def test_a_run_whose_last_training_site_is_revoked_stops_with_a_reason_instead_of_waiting(tmp_path) -> None:

@@ -173,7 +173,9 @@ def _starting_model_line(records: RunRecords) -> str:
     starting = records.document.get("starting_model")
     if not starting:
         return "Starting model: none (random initial weights from the run seed)."
-    public = "public anatomy only, ε = 0 for every site" if starting.get("public_data_only") else "not public data"
+    public = (
+        "public anatomy only, ε = 0 for every site" if starting.get("public_data_only") else "not public data"
+    )
     maps = starting.get("label_maps") or []
     line = (
         f"Starting model: {starting.get('file')} (sha256 {str(starting.get('sha256'))[:12]}…), pretrained on "
@@ -293,7 +295,11 @@ def summary_section(records: RunRecords, epsilon: Epsilon, after_round: int | No
         blocks += _comparison_blocks(records, EvaluationResults(records.evaluation))
     else:
         blocks.append(_last_evaluation_line(records, after_round))
-    blocks += [dp_line(records, epsilon), _dp_comparison_line(records, epsilon), _starting_model_line(records)]
+    blocks += [
+        dp_line(records, epsilon),
+        _dp_comparison_line(records, epsilon),
+        _starting_model_line(records),
+    ]
     blocks += _sites_blocks(records, epsilon)
     blocks.append(_run_line(records))
     return Section("Summary", blocks, anchor="summary")
