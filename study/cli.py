@@ -215,6 +215,8 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from contract.run_config import RunConfig
+    from models.postprocessing import POSTPROCESSING_MODES
+
     p = add_command(sub, "train", _run_train, defaults_in_help=True)
     p.add_argument("data_dirs", type=Path, nargs="+", metavar="DATA_DIR", help="site data folder(s)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL.pt", help="model file to write")
@@ -234,6 +236,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=run.initial_model,
         metavar="builtin|none|PATH",
         help="weights to start from: the built-in public starting model, random weights, or a model file",
+    )
+    p.add_argument(
+        "--postprocessing",
+        default=run.postprocessing,
+        choices=POSTPROCESSING_MODES,
+        help="label-map post-processing in validation, recorded in the model file for `neurofed segment`",
     )
     p.add_argument("--validation-fraction", type=float, default=0.25, help="share of subjects held out")
     p.add_argument("--validate-every", type=int, default=100, help="steps between validation passes")
@@ -277,6 +285,7 @@ def _run_train(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction,
         validate_every=args.validate_every,
         seed=args.seed,
+        postprocessing=args.postprocessing,
     )
     plan = PreprocessingPlan(target_spacing_mm=(args.spacing,) * 3)
     network = NetworkConfig.preset(args.preset, len(plan.input_contrasts), protocol.num_classes)
@@ -321,6 +330,7 @@ def _run_train(args: argparse.Namespace) -> int:
         protocol=protocol,
         plan=plan.to_dict(),
         training=provenance,
+        postprocessing=setup.postprocessing,
     )
     final = provenance["final_validation_mean_dice"]
     print(f"wrote {args.output} ({provenance['kind']}, {args.steps} steps, validation mean Dice {final})")

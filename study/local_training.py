@@ -21,8 +21,10 @@ from client.preprocessing import PreprocessedSubject, PreprocessingPlan
 from client.site_data import prepare_split_site
 from client.site_split import seed_key
 from common.progress import SHORT_STEPS_LINES, Progress
+from contract.run_config import RunConfig
 from models.errors import NeurofedError
 from models.label_protocols import LabelProtocol
+from models.postprocessing import check_postprocessing
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,15 @@ class LocalTrainingSetup:
         validation_fraction: share of each site's subjects held out for validation.
         validate_every: steps between two validation passes (0: only at the end).
         seed: seed of the split, the initial weights, patch sampling and augmentation.
+        postprocessing: the label maps' post-processing (models/postprocessing.py) in validation, recorded in
+            the model file for segmentation; a federated run's default.
     """
 
     steps: int = 300
     validation_fraction: float = 0.25
     validate_every: int = 100
     seed: int = 0
+    postprocessing: str = RunConfig.postprocessing
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -48,6 +53,7 @@ class LocalTrainingSetup:
             raise NeurofedError(f"validation fraction must be in [0, 1), got {self.validation_fraction}")
         if self.validate_every < 0:
             raise NeurofedError(f"validate_every must be >= 0, got {self.validate_every}")
+        check_postprocessing(self.postprocessing, "--postprocessing")
 
 
 @dataclass
@@ -161,6 +167,7 @@ def train_centralised(
                         protocol.class_names,
                         training_config.patch_size,
                         spacing_mm=plan.target_spacing_mm,
+                        postprocessing=setup.postprocessing,
                     )
                 dice = mean_foreground_dice(per_subject)
                 history.validation.append({"step": done, "mean_dice": dice})
@@ -189,6 +196,7 @@ def training_provenance(
             "validation_fraction": setup.validation_fraction,
             "validate_every": setup.validate_every,
             "seed": setup.seed,
+            "postprocessing": setup.postprocessing,
         },
         "final_validation_mean_dice": history.validation[-1]["mean_dice"] if history.validation else None,
     }

@@ -97,6 +97,9 @@ def test_report_has_every_site_the_unseen_section_the_matrix_and_the_tests(study
         assert site in text
     sections = re.split(r"\n## ", text)
     assert sections[1].startswith("Summary") and "Differential privacy: OFF" in sections[1]
+    (run_section,) = [s for s in sections if s.startswith("Run\n")]
+    postprocessing = json.loads((run / "config.json").read_text())["run_config"]["postprocessing"]
+    assert f"label-map post-processing {postprocessing} " in run_section
     (unseen_section,) = [s for s in sections if s.startswith(f"Unseen site {unseen[0]}")]
     assert "better" in unseen_section and "Wilcoxon signed-rank test" in unseen_section
     # The per-site section covers training sites only; the unseen one is reported apart.

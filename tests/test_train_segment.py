@@ -203,3 +203,20 @@ def test_segment_applies_the_post_processing_the_model_file_records(
         assert f"post-processing {mode}" in capsys.readouterr().out
         found[mode] = set(np.unique(np.asarray(nib.load(out).dataobj)))
     assert found == {"none": {0, 2, 3}, "largest-brain": {0, 3}}
+
+
+def test_train_command_records_the_post_processing_its_validation_used(synth_sites, tmp_path) -> None:
+    """`neurofed train` validates with the post-processing it is given and records it in the model file, so
+    `neurofed segment` applies to its label maps what its validation Dice was measured with."""
+    from models.model_file import load_model
+    from study.cli import main
+
+    common = [str(synth_sites / "site-01"), "--steps", "2", "--preset", "tiny", "--patch-size", str(PATCH)]
+    common += ["--spacing", str(SPACING_MM), "--initial-model", "none", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", *common, "-o", str(tmp_path / "default.pt")]) == 0
+    assert load_model(tmp_path / "default.pt").postprocessing == "largest-brain"  # a federated run's default
+    out = tmp_path / "per-class.pt"
+    assert main(["train", *common, "--postprocessing", "largest-per-class", "-o", str(out)]) == 0
+    loaded = load_model(out)
+    assert loaded.postprocessing == "largest-per-class"
+    assert loaded.training["setup"]["postprocessing"] == "largest-per-class"

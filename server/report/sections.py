@@ -41,7 +41,8 @@ def _settings_line(records: RunRecords) -> str:
         f"({', '.join(unseen) or 'none'}); label protocol {c.get('protocol')}; network "
         f"{c.get('architecture')} ({c.get('network_preset')}); patch {c.get('patch_size')}^3 voxels, batch "
         f"{c.get('batch_size')}, learning rate {c.get('learning_rate')}; {c.get('spacing_mm')} mm voxels; "
-        f"test fraction {c.get('test_fraction')}; seed {c.get('seed')}."
+        f"test fraction {c.get('test_fraction')}; seed {c.get('seed')}; label-map post-processing "
+        f"{c.get('postprocessing', 'none')} (every model's Dice is measured after it)."
     )
 
 
