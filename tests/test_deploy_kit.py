@@ -547,6 +547,47 @@ def test_compose_paths_in_commands_are_mounted(compose: dict) -> None:
                 )
 
 
+def _option(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_each_compose_site_forwards_to_its_own_worker_with_the_same_site_options(compose: dict) -> None:
+    """A site's SuperNode (``--worker external``) and its worker service share the socket's volume, the
+    worker runs with the site's own options (the ones it enforces), and the SuperNode waits for it."""
+    stages = dockerfile_stages()
+    argvs = {name: service_argv(s, stages) for name, s in neurofed_services(compose).items()}
+    sites = {name: argv for name, argv in argvs.items() if argv[:2] == ["neurofed-site", "start"]}
+    workers = {name: argv for name, argv in argvs.items() if argv[:2] == ["neurofed-site", "worker"]}
+    assert sites and len(workers) == len(sites)
+    for name, argv in sites.items():
+        assert _option(argv, "--worker") == "external", name
+        worker_name = f"{name}-worker"
+        worker, service = workers[worker_name], compose["services"][name]
+        for option in ("--data", "--site-id", "--budget", "--delta", "--state-dir", "--worker-dir", "--role"):
+            assert _option(worker, option) == _option(argv, option), (name, option)
+        folder = _option(argv, "--worker-dir")
+        mounts = [set(compose["services"][n]["volumes"]) for n in (name, worker_name)]
+        shared = {m for m in mounts[0] & mounts[1] if m.split(":")[1] == folder}
+        assert shared, f"{name} and {worker_name} share no volume at {folder}"
+        assert service["depends_on"][worker_name] == {"condition": "service_healthy"}
+        assert folder + "/worker.sock" in compose["services"][worker_name]["healthcheck"]["test"]
+
+
+def test_every_named_volume_of_a_neurofed_service_is_a_folder_the_image_gives_its_user(compose: dict) -> None:
+    """Docker fills a new named volume from the image's folder, owner included: one the image lacks would
+    be root's, and the unprivileged user could not write its ledger or socket there."""
+    made = set()
+    for line in (DOCKER / "Dockerfile").read_text().replace("\\\n", " ").splitlines():
+        words = line.split()
+        if "install" in words and "-d" in words and "neurofed" in words:
+            made.update(w for w in words if w.startswith("/var/lib/neurofed/"))
+    for name, service in neurofed_services(compose).items():
+        for mount in service.get("volumes", []):
+            source, target, *_ = interpolate(mount).split(":")
+            if not source.startswith(("/", ".")):
+                assert target in made, f"{name}: the image does not make {target} for its user"
+
+
 def test_compose_sites_are_approved_in_their_state_volume(compose: dict) -> None:
     """The README's `docker compose run ... approve` writes where the site's `start` reads its approvals."""
     stages = dockerfile_stages()
