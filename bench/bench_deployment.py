@@ -1,26 +1,35 @@
-"""Deployment vs simulation: wall time of one round of the same job, and start-up time of coordinator and site.
+"""Deployment vs simulation: what a message costs, and a round of the same job in both engines.
 
-Runs, in one process tree on this machine:
+Prints, each on its own line (issue 14):
 
-1. The job in Flower's simulation engine (`neurofed simulate`'s code path).
-2. The same job on Flower's deployment engine over loopback: a real coordinator (`neurofed coordinator
-   start`, TLS + SuperNode authentication, certificates from deploy/make-certs.sh), the sites enrolled and
-   started with `neurofed-site start`, the job submitted with `neurofed run`.
+- ``message floor: F s``: query round trips from a ServerApp to an empty ClientApp
+  (bench/empty_flower_app) through a real ``flower-superlink`` and ``flower-supernode`` (insecure,
+  loopback): what Flower itself costs per message, whatever the app does;
+- ``message overhead over the floor: S s``: what neurofed adds above that floor per message: a round of a
+  one-site job with one local step deployed (below) minus the same round simulated minus the floor;
+- ``deployment / simulation: R x``: a round of the main job (``--sites``, ``--local-steps``: by default
+  enough for about 30 s of local training) deployed vs simulated.
 
-"One round" is round 2's training (the time between the aggregates of rounds 1 and 2 in metrics.jsonl;
-the job evaluates only after its last round), so data preparation and process start-up of round 1 are
-not in it. Coordinator start-up: from the command to its port accepting connections. Site start-up: from
-`neurofed-site start` (data check included) to the SuperNode being admitted by the coordinator.
+Deployed: a real coordinator (`neurofed coordinator start`, TLS + SuperNode authentication, certificates
+from deploy/make-certs.sh), the sites enrolled and started with `neurofed-site start` (``--worker``), the job
+submitted with `neurofed run`. Simulated: Flower's simulation engine (`neurofed simulate`'s code path). A
+round's time is between the aggregates of consecutive rounds in metrics.jsonl, from round 2 on (round 1
+also prepares the data and starts processes); figures are means over rounds. Also printed: coordinator
+start-up (command to port open) and site start-up (`neurofed-site start`, data check included, to the
+SuperNode admitted).
 
-Usage: .venv/bin/python bench/bench_deployment.py [--sites 3] [--local-steps 5]
+Usage: .venv/bin/python bench/bench_deployment.py [--sites 3] [--local-steps 600] [--rounds 3]
+    [--floor-messages 10] [--overhead-rounds 8] [--worker supervised|off]
 Prints the figures; writes nothing outside a temporary folder; stops every process it starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,10 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def job_settings(n_sites: int, local_steps: int, run_dir: str) -> dict:
+def job_settings(n_sites: int, local_steps: int, rounds: int, run_dir: str) -> dict:
+    """The benchmark job: tiny sites and network, no DP, evaluated only after its last round."""
     return {
-        "num-server-rounds": 2,
+        "num-server-rounds": rounds,
         "local-steps": local_steps,
+        "network-preset": "tiny",
+        "initial-model": "none",
         "patch-size": 16,
         "batch-size": 1,
         "num-sites": n_sites,
@@ -42,20 +54,22 @@ def job_settings(n_sites: int, local_steps: int, run_dir: str) -> dict:
         "spacing-mm": 4.0,
         "field-of-view-mm": "64,64,64",
         "test-fraction": 0.34,
-        "eval-every": 2,
+        "eval-every": rounds,
         "dp": False,
         "round-timeout-s": 900.0,
         "run-dir": run_dir,
     }
 
 
-def round_two_seconds(run_dir: Path) -> float:
+def round_seconds(run_dir: Path) -> list[float]:
+    """Wall seconds of the training of rounds 2, 3, ... (between consecutive aggregates in metrics.jsonl):
+    round 1 also prepares the data and starts the processes."""
     from server.run_directory import RunDirectory
 
     times = {
         e["round"]: e["time"] for e in RunDirectory(run_dir).read_events() if e["event"] == "aggregate-train"
     }
-    return times[2] - times[1]
+    return [times[r] - times[r - 1] for r in sorted(times) if r - 1 in times]
 
 
 def wait_until(condition, what: str, timeout_s: float = 600.0) -> float:
@@ -79,18 +93,70 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def simulate(root: Path, n_sites: int, local_steps: int) -> float:
+def simulate(root: Path, settings: dict, name: str) -> list[float]:
+    """The job in Flower's simulation engine; its rounds' seconds (`round_seconds`)."""
     import client.app as site_app
     from contract.run_config import RunConfig
     from study.simulation import run_simulation
 
-    settings = job_settings(n_sites, local_steps, str(root / "simulation"))
-    config = RunConfig.from_flower({**settings, "data-root": str(root / "data")})
+    run_dir = root / f"simulation-{name}"
+    config = RunConfig.from_flower({**settings, "run-dir": str(run_dir), "data-root": str(root / "data")})
     run_simulation(config, site_app.app, progress=False)
-    return round_two_seconds(root / "simulation")
+    return round_seconds(run_dir)
 
 
-def deploy(root: Path, n_sites: int, local_steps: int) -> dict[str, float]:
+EMPTY_APP = ROOT / "bench" / "empty_flower_app"
+
+
+def message_floor(root: Path, messages: int) -> list[float]:
+    """Seconds of each of ``messages`` query round trips from a ServerApp to an empty ClientApp through a
+    real SuperLink and SuperNode (insecure, loopback): what Flower itself costs per message."""
+    from bench.process_tree import stop_process_tree
+    from server.flower_control import flower_environment, flower_executable
+
+    home, timings = root / "floor-flwr-home", root / "floor-timings.json"
+    home.mkdir(parents=True)
+    link_port, node_port = free_port(), free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "floor"\n\n[superlink.floor]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    env = flower_environment(home)
+    processes = []
+    try:
+        for command, log in (
+            (
+                [flower_executable("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation"]
+                + ["--database", ":flwr-in-memory:", "--host", "127.0.0.1", "--port", str(link_port)],
+                "floor-superlink.log",
+            ),
+            (
+                [flower_executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}"]
+                + ["--port", str(node_port)],
+                "floor-supernode.log",
+            ),
+        ):
+            processes.append(
+                subprocess.Popen(
+                    command, stdout=(root / log).open("wb"), stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True,
+                )
+            )
+            if log == "floor-superlink.log":
+                wait_until(lambda: port_open(link_port), "the empty app's SuperLink", 120)
+        settings = f"messages={messages} timings-file={json.dumps(str(timings))}"
+        subprocess.run(
+            [flower_executable("flwr"), "run", str(EMPTY_APP), "floor", "--run-config", settings],
+            env=env, cwd=root, check=True, capture_output=True,
+        )
+        wait_until(timings.is_file, "the empty app's timings", 600)
+        return json.loads(timings.read_text())
+    finally:
+        for process in reversed(processes):
+            stop_process_tree(process)
+
+
+def deploy(root: Path, settings: dict, label: str, worker: str = "supervised") -> dict:
+    """The job on the deployment engine over loopback; its rounds' seconds and the start-up times."""
     from bench.process_tree import stop_process_tree
     from client.site_keys import generate_site_keys
     from server.coordinator_state import CoordinatorState
@@ -102,6 +168,9 @@ def deploy(root: Path, n_sites: int, local_steps: int) -> dict[str, float]:
         "FLWR_TELEMETRY_ENABLED": "0",
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
+    data, root = root / "data", root / f"deployment-{label}"
+    root.mkdir()
+    n_sites = int(settings["num-sites"])
     certs = root / "certs"
     subprocess.run(
         ["bash", str(ROOT / "deploy" / "make-certs.sh"), str(certs)], check=True, capture_output=True
@@ -165,12 +234,8 @@ def deploy(root: Path, n_sites: int, local_steps: int) -> dict[str, float]:
             launched[log] = time.perf_counter()
             launch(
                 ["client.cli", "start", "--coordinator", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt")]
-                + ["--key", str(keys.private_key), "--data", str(root / "data" / name), "--budget", "10"]
-                + [
-                    "--allow-no-dp",
-                    "--approved-apps",
-                    str(approved),
-                ]  # the job compares with simulation without DP
+                + ["--key", str(keys.private_key), "--data", str(data / name), "--budget", "10"]
+                + ["--allow-no-dp", "--approved-apps", str(approved), "--worker", worker]  # the job has no DP
                 + [
                     "--state-dir",
                     str(root / "sites" / name),
@@ -191,8 +256,7 @@ def deploy(root: Path, n_sites: int, local_steps: int) -> dict[str, float]:
             return len(admitted) == len(launched)
 
         wait_until(all_admitted, "the sites to be admitted")
-        settings = job_settings(n_sites, local_steps, "runs/bench")
-        args = [a for k, v in settings.items() for a in ("--set", f"{k}={_toml(v)}")]
+        args = [a for k, v in {**settings, "run-dir": "runs/bench"}.items() for a in ("--set", f"{k}={_toml(v)}")]
         done = subprocess.run(
             [sys.executable, "-m", "server.cli", "run", "--state-dir", str(state.root), "--no-stream", *args],
             env=env,
@@ -203,7 +267,7 @@ def deploy(root: Path, n_sites: int, local_steps: int) -> dict[str, float]:
         if done.returncode != 0:
             raise RuntimeError(f"the deployed run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
         return {
-            "round_s": round_two_seconds(state.runs_dir / "bench"),
+            "rounds_s": round_seconds(state.runs_dir / "bench"),
             "coordinator_start_s": coordinator_s,
             "site_start_s": max(admitted.values()),
             "site_start_min_s": min(admitted.values()),
@@ -227,8 +291,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--sites", type=int, default=3, help="sites of the main job")
+    parser.add_argument(
+        "--local-steps", type=int, default=600, help="main job: local steps (enough for 30 s of training)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="main job: rounds (round 1 is not timed)")
+    parser.add_argument("--floor-messages", type=int, default=10, help="messages to the empty app")
+    parser.add_argument("--overhead-rounds", type=int, default=8, help="rounds of the one-site, one-step job")
+    parser.add_argument("--worker", default="supervised", choices=("supervised", "off"), help="the sites' --worker")
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -237,16 +307,37 @@ def main() -> None:
         os.environ.setdefault("FLWR_HOME", str(root / "flwr-home-sim"))
         for i in range(args.sites):
             write_tiny_site(root / "data" / f"site-{i + 1:02d}", 3, 1.0 + 0.3 * i, i)
-        simulated = simulate(root, args.sites, args.local_steps)
-        deployed = deploy(root, args.sites, args.local_steps)
+        floor = message_floor(root, args.floor_messages)
+        # One site, one local step: a round is one training message and next to no computation.
+        small = job_settings(1, 1, args.overhead_rounds, "")
+        small_simulated = simulate(root, small, "one-step")
+        small_deployed = deploy(root, small, "one-step", args.worker)
+        job = job_settings(args.sites, args.local_steps, args.rounds, "")
+        simulated = simulate(root, job, "job")
+        deployed = deploy(root, job, "job", args.worker)
+    mean = statistics.mean
+    overhead = mean(small_deployed["rounds_s"]) - mean(small_simulated) - mean(floor)
     load = os.getloadavg()[0]
-    print(f"job: {args.sites} sites, tiny U-Net, 16^3 patches, {args.local_steps} local steps, no DP")
-    print(f"one round (round 2 training), simulation:  {simulated:7.1f} s")
-    print(f"one round (round 2 training), deployment:  {deployed['round_s']:7.1f} s")
-    print(f"deployment / simulation:                   {deployed['round_s'] / simulated:7.2f} x")
-    print(f"coordinator start-up (to port open):       {deployed['coordinator_start_s']:7.1f} s")
+    print(f"message floor: {mean(floor):.2f} s")
+    print(f"message overhead over the floor: {overhead:.2f} s")
+    print(f"deployment / simulation: {mean(deployed['rounds_s']) / mean(simulated):.2f} x")
     print(
-        f"site start-up (check + SuperNode admitted): {deployed['site_start_min_s']:6.1f} s fastest, "
+        f"  floor: mean of {len(floor)} query round trips to an empty Flower app through a real SuperLink and "
+        f"SuperNode ({min(floor):.1f}..{max(floor):.1f} s; the idle SuperNode polls its SuperLink every 3 s)"
+    )
+    print(
+        f"  overhead: a one-site, one-step round deployed ({mean(small_deployed['rounds_s']):.2f} s, mean of "
+        f"{len(small_simulated)} rounds) minus simulated ({mean(small_simulated):.2f} s) minus the floor; "
+        f"sites with --worker {args.worker}"
+    )
+    print(
+        f"  job: {args.sites} sites, tiny U-Net, 16^3 patches, {args.local_steps} local steps, no DP; a round "
+        f"(mean of rounds 2..{args.rounds}) {mean(simulated):.1f} s simulated, "
+        f"{mean(deployed['rounds_s']):.1f} s deployed"
+    )
+    print(f"coordinator start-up (to port open): {deployed['coordinator_start_s']:.1f} s")
+    print(
+        f"site start-up (check + SuperNode admitted): {deployed['site_start_min_s']:.1f} s fastest, "
         f"{deployed['site_start_s']:.1f} s slowest of {args.sites} started together"
     )
     print(f"(1-minute load average at the end: {load:.1f} on {os.cpu_count()} cores)")
