@@ -3,7 +3,7 @@
 Prints, each on its own line (issue 14):
 
 - ``message floor: F s``: query round trips from a ServerApp to an empty ClientApp
-  (bench/empty_flower_app) through a real ``flower-superlink`` and ``flower-supernode`` (insecure,
+  (bench/empty-flower-app) through a real ``flower-superlink`` and ``flower-supernode`` (insecure,
   loopback): what Flower itself costs per message, whatever the app does;
 - ``message overhead over the floor: S s``: what neurofed adds above that floor per message: a round of a
   one-site job with one local step deployed (below) minus the same round simulated minus the floor;
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -105,7 +106,7 @@ def simulate(root: Path, settings: dict, name: str) -> list[float]:
     return round_seconds(run_dir)
 
 
-EMPTY_APP = ROOT / "bench" / "empty_flower_app"
+EMPTY_APP = ROOT / "bench" / "empty-flower-app"
 
 
 def message_floor(root: Path, messages: int) -> list[float]:
@@ -143,23 +144,65 @@ def message_floor(root: Path, messages: int) -> list[float]:
             )
             if log == "floor-superlink.log":
                 wait_until(lambda: port_open(link_port), "the empty app's SuperLink", 120)
-        settings = f"messages={messages} timings-file={json.dumps(str(timings))}"
-        subprocess.run(
-            [flower_executable("flwr"), "run", str(EMPTY_APP), "floor", "--run-config", settings],
-            env=env, cwd=root, check=True, capture_output=True,
-        )
-        wait_until(timings.is_file, "the empty app's timings", 600)
-        return json.loads(timings.read_text())
+        return run_empty_app("floor", env, timings, messages)
     finally:
         for process in reversed(processes):
             stop_process_tree(process)
 
 
-def deploy(root: Path, settings: dict, label: str, worker: str = "supervised") -> dict:
-    """The job on the deployment engine over loopback; its rounds' seconds and the start-up times."""
+def empty_app(root: Path) -> Path:
+    """A copy of the empty app with this checkout's contract/version.py: a site runs only bundles that
+    speak its contract version (client/approved_apps.py), whatever else they hold."""
+    from contract.version import VERSION_FILE
+
+    app = root / EMPTY_APP.name
+    if not app.is_dir():
+        shutil.copytree(EMPTY_APP, app)
+        (app / VERSION_FILE).parent.mkdir(parents=True)
+        shutil.copy(ROOT / VERSION_FILE, app / VERSION_FILE)
+    return app
+
+
+def run_empty_app(connection: str, env: dict[str, str], timings: Path, messages: int) -> list[float]:
+    """Submit the empty app to the SuperLink ``connection`` names; the seconds of its query round trips."""
+    from server.flower_control import flower_executable
+
+    settings = f"messages={messages} timings-file={json.dumps(str(timings))}"
+    app = empty_app(timings.parent)
+    subprocess.run(
+        [flower_executable("flwr"), "run", str(app), connection, "--run-config", settings],
+        env=env, cwd=timings.parent, check=True, capture_output=True,
+    )
+    wait_until(timings.is_file, "the empty app's timings", 600)
+    return json.loads(timings.read_text())
+
+
+def deployed_floor(root: Path, connection, approved: Path, messages: int) -> list[float]:
+    """The empty app's round trips through the deployed coordinator and sites themselves (TLS, SuperNode
+    authentication, the sites' approval check and worker setup): the floor neurofed's messages stand on."""
+    from server.flower_control import CONNECTION_NAME, FlowerControl, flower_executable
+
+    with FlowerControl(connection) as control:
+        built = root / "empty-app-bundle"
+        built.mkdir()
+        subprocess.run(
+            [flower_executable("flwr"), "build", "--app", str(empty_app(root))],
+            env=control.environment, cwd=built, check=True, capture_output=True,
+        )
+        (bundle,) = built.glob("*.fab")
+        subprocess.run(
+            [sys.executable, "-m", "client.cli", "approve", str(bundle), "--approved-apps", str(approved)],
+            env=control.environment, cwd=ROOT, check=True, capture_output=True,
+        )
+        return run_empty_app(CONNECTION_NAME, control.environment, root / "deployed-floor.json", messages)
+
+
+def deploy(root: Path, settings: dict, label: str, worker: str = "supervised", floor_messages: int = 0) -> dict:
+    """The job on the deployment engine over loopback; its rounds' seconds, the start-up times and, with
+    ``floor_messages``, the empty app's round trips through the same coordinator and sites."""
     from bench.process_tree import stop_process_tree
     from client.site_keys import generate_site_keys
-    from server.coordinator_state import CoordinatorState
+    from server.coordinator_state import Connection, CoordinatorState
     from server.site_registry import SiteRegistry
 
     env = {
@@ -256,6 +299,10 @@ def deploy(root: Path, settings: dict, label: str, worker: str = "supervised") -
             return len(admitted) == len(launched)
 
         wait_until(all_admitted, "the sites to be admitted")
+        floor = []
+        if floor_messages:
+            connection = Connection(f"127.0.0.1:{port}", certs / "ca.crt")
+            floor = deployed_floor(root, connection, approved, floor_messages)
         args = [a for k, v in {**settings, "run-dir": "runs/bench"}.items() for a in ("--set", f"{k}={_toml(v)}")]
         done = subprocess.run(
             [sys.executable, "-m", "server.cli", "run", "--state-dir", str(state.root), "--no-stream", *args],
@@ -268,6 +315,7 @@ def deploy(root: Path, settings: dict, label: str, worker: str = "supervised") -
             raise RuntimeError(f"the deployed run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
         return {
             "rounds_s": round_seconds(state.runs_dir / "bench"),
+            "floor_s": floor,
             "coordinator_start_s": coordinator_s,
             "site_start_s": max(admitted.values()),
             "site_start_min_s": min(admitted.values()),
@@ -307,11 +355,12 @@ def main() -> None:
         os.environ.setdefault("FLWR_HOME", str(root / "flwr-home-sim"))
         for i in range(args.sites):
             write_tiny_site(root / "data" / f"site-{i + 1:02d}", 3, 1.0 + 0.3 * i, i)
-        floor = message_floor(root, args.floor_messages)
+        bare_floor = message_floor(root, args.floor_messages)
         # One site, one local step: a round is one training message and next to no computation.
         small = job_settings(1, 1, args.overhead_rounds, "")
         small_simulated = simulate(root, small, "one-step")
-        small_deployed = deploy(root, small, "one-step", args.worker)
+        small_deployed = deploy(root, small, "one-step", args.worker, args.floor_messages)
+        floor = small_deployed["floor_s"]
         job = job_settings(args.sites, args.local_steps, args.rounds, "")
         simulated = simulate(root, job, "job")
         deployed = deploy(root, job, "job", args.worker)
@@ -322,8 +371,11 @@ def main() -> None:
     print(f"message overhead over the floor: {overhead:.2f} s")
     print(f"deployment / simulation: {mean(deployed['rounds_s']) / mean(simulated):.2f} x")
     print(
-        f"  floor: mean of {len(floor)} query round trips to an empty Flower app through a real SuperLink and "
-        f"SuperNode ({min(floor):.1f}..{max(floor):.1f} s; the idle SuperNode polls its SuperLink every 3 s)"
+        f"  floor: mean of {len(floor)} query round trips to an empty Flower app (bench/empty-flower-app) "
+        f"through the deployed coordinator and site below (TLS, SuperNode authentication, the site's approval "
+        f"check; {min(floor):.1f}..{max(floor):.1f} s); the same through a bare insecure SuperLink and SuperNode: "
+        f"{mean(bare_floor):.2f} s ({min(bare_floor):.1f}..{max(bare_floor):.1f} s; an idle SuperNode polls "
+        "every 3 s)"
     )
     print(
         f"  overhead: a one-site, one-step round deployed ({mean(small_deployed['rounds_s']):.2f} s, mean of "
