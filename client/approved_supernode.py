@@ -26,6 +26,7 @@ import functools
 import inspect
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from logging import ERROR, INFO
 from pathlib import Path
@@ -131,6 +132,35 @@ def install_approval_check(approval: AppApproval) -> None:
     setattr(loop, HOOK_FUNCTION, pull_and_store_message)
 
 
+FLOWER_IDLE_WAIT = "time.sleep(3)"
+"""What Flower 1.41's SuperNode loop (``start_client_internal``) does after a pull that brought no message."""
+IDLE_POLL_S = 0.5
+"""How long this site's SuperNode waits instead before it asks the SuperLink again: Flower's 3 s adds up
+to 3 s to every message a site receives (bench/bench_deployment.py, "message floor")."""
+
+
+class _ShortIdleWaitTime:
+    """The ``time`` module as Flower's SuperNode loop sees it, its idle wait cut to `IDLE_POLL_S`."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(IDLE_POLL_S if seconds == 3 else seconds)
+
+
+def shorten_idle_wait() -> bool:
+    """Make Flower's SuperNode ask for messages every `IDLE_POLL_S` when idle; False (nothing changed)
+    where its loop no longer waits as `FLOWER_IDLE_WAIT` says."""
+    from flwr.supernode import start_client_internal as loop
+
+    if FLOWER_IDLE_WAIT not in inspect.getsource(loop.start_client_internal):
+        return False
+    loop.time = _ShortIdleWaitTime()  # type: ignore[assignment]
+    return True
+
+
 # --- the command -------------------------------------------------------------------------------------
 
 
@@ -180,6 +210,7 @@ def main(argv: Sequence[str] | None = None, run_supernode: Callable[[], None] | 
         print(f"neurofed-site start: error: {exc}", file=sys.stderr)
         return 2
     install_approval_check(AppApproval(args.approved_apps, args.audit_log))
+    shorten_idle_wait()
     print(
         f"neurofed-site: runs only the app bundles approved in {args.approved_apps} "
         f"({', '.join(approved) or 'none yet'}); audit log {args.audit_log}",

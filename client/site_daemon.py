@@ -28,6 +28,7 @@ from client.approved_apps import APPROVE_COMMAND, AUDIT_LOG_FILE, approved_apps_
 from client.site_keys import check_private_key
 from client.site_policy import parse_policy_options
 from client.worker_link import SOCKET_KEY, TOKEN_KEY, check_socket_path, worker_paths
+from common.flower_environment import flower_process_environment
 from contract.version import CONTRACT_VERSION, CONTRACT_VERSION_KEY
 from models.errors import NeurofedError
 
@@ -235,14 +236,8 @@ def supernode_arguments(config: SiteDaemonConfig) -> list[str]:
 
 
 def supernode_environment(telemetry: bool = False) -> dict[str, str]:
-    """This environment for the SuperNode: no runtime installs, no update checks, telemetry off."""
-    env = dict(os.environ)
-    # The SuperNode starts its helper processes (flower-superexec, flwr-clientapp) by name.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["FLWR_TELEMETRY_ENABLED"] = "1" if telemetry else "0"
-    return env
+    """The SuperNode's environment (common/flower_environment.py)."""
+    return flower_process_environment(telemetry)
 
 
 def _executable(name: str) -> str:

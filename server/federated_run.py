@@ -28,7 +28,7 @@ from server.global_model import read_model_state, starting_point, starting_weigh
 from server.run_directory import RunDirectory
 from server.site_admission import Enrolment, enrolled_nodes
 from server.site_discovery import Site, compatible_replies, site_summaries, sites_from_replies
-from server.site_replies import NodeView, lost_nodes, no_contributor_reason
+from server.site_replies import NodeView, lost_nodes, no_contributor_reason, send_and_wait
 from server.strategies import (
     FALLBACK_STRATEGY,
     make_strategy,
@@ -134,7 +134,7 @@ class FederatedRun:
         if self.on_message is not None:
             for m in messages:
                 self.on_message("to-site", m)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout_s))
+        replies = send_and_wait(self.grid, messages, self.config.round_timeout_s)
         if self.on_message is not None:
             for r in replies:
                 self.on_message("from-site", r)

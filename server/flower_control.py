@@ -8,7 +8,6 @@ each use, so nothing of the operator's own Flower setup is read or changed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from common.flower_environment import flower_process_environment
 from models.errors import NeurofedError
 from server.coordinator_state import Connection
 
@@ -25,17 +25,8 @@ CONNECTION_NAME = "neurofed"
 
 
 def flower_environment(flwr_home: Path | None = None, telemetry: bool = False) -> dict[str, str]:
-    """This process's environment for a Flower command: offline, no runtime installs, no telemetry.
-
-    The folder of this Python's scripts goes first on ``PATH``: Flower starts its helper processes
-    (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``) by name.
-    """
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    # Air-gapped sites: Flower would otherwise `uv sync` the app's dependencies (GBs of CUDA torch).
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["FLWR_TELEMETRY_ENABLED"] = "1" if telemetry else "0"
+    """The environment of a Flower command (common/flower_environment.py), with ``FLWR_HOME`` if given."""
+    env = flower_process_environment(telemetry)
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env

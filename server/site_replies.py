@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import Message
+from flwr.serverapp import Grid
+
+REPLY_POLL_S = 0.2
+"""Seconds between two checks for the sites' replies. Flower 1.41's deployment grid waits 3 s between its
+checks (``send_and_receive``), which adds up to 3 s to every message of a deployed run."""
+
+
+def send_and_wait(grid: Any, messages: Sequence[Message], timeout_s: float) -> list[Message]:
+    """Send ``messages`` and collect their replies until all came or ``timeout_s`` passed, checking every
+    `REPLY_POLL_S` through the grid's own push / pull calls. A grid that is not a Flower `Grid` (the test
+    grids, which answer at once) is asked through its ``send_and_receive``."""
+    if not isinstance(grid, Grid):
+        return list(grid.send_and_receive(messages, timeout=timeout_s))
+    waiting = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while waiting:
+        pulled = list(grid.pull_messages(waiting))
+        replies += pulled
+        waiting -= {m.metadata.reply_to_message_id for m in pulled}
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(REPLY_POLL_S)
+    return replies
 
 
 def short_reason(reason: str) -> str:

@@ -9,6 +9,7 @@ tests/test_deployment.py checks the same with real processes.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import os
 import sys
@@ -237,6 +238,7 @@ def test_the_launcher_installs_the_check_then_runs_flowers_supernode(tmp_path, m
     from client.approved_supernode import HOOK_FUNCTION, main
 
     monkeypatch.setattr(loop, HOOK_FUNCTION, getattr(loop, HOOK_FUNCTION))
+    monkeypatch.setattr(loop, "time", loop.time)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     approved = tmp_path / "approved-apps.txt"
     approve(approved, "b" * 64, "test")
@@ -250,6 +252,25 @@ def test_the_launcher_installs_the_check_then_runs_flowers_supernode(tmp_path, m
     assert main([*args, "--superlink", "h:1"], run_supernode=flower_supernode) == 0
     assert seen == {"argv": ["flower-supernode", "--superlink", "h:1"], "checked": True}
     assert "b" * 64 in capsys.readouterr().out
+
+
+def test_an_idle_supernode_asks_for_messages_every_half_second_not_every_three(monkeypatch) -> None:
+    """Flower 1.41's SuperNode waits 3 s after a pull that brought nothing; the site's waits IDLE_POLL_S.
+    Every other wait and clock of its loop is the time module's own."""
+    import time
+
+    from flwr.supernode import start_client_internal as loop
+
+    from client.approved_supernode import FLOWER_IDLE_WAIT, IDLE_POLL_S, shorten_idle_wait
+
+    monkeypatch.setattr(loop, "time", loop.time)
+    assert FLOWER_IDLE_WAIT in inspect.getsource(loop.start_client_internal)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert shorten_idle_wait()
+    loop.time.sleep(3)
+    loop.time.sleep(0.5)  # the wait for a reply to push
+    assert slept == [IDLE_POLL_S, 0.5] and loop.time.time is time.time
 
 
 def test_the_launcher_explains_a_refused_key_with_its_fingerprint(tmp_path, monkeypatch, capsys) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from flwr.serverapp import Grid
 
 from bench.process_tree import stop_process_tree
 from bench.tiny_sites import write_tiny_site
@@ -723,3 +724,75 @@ def test_a_round_in_which_no_site_contributed_stops_the_run_naming_each_site(tmp
     reply.metadata.__dict__["_src_node_id"] = 11
     with pytest.raises(NeurofedError, match=r"round 3: no site's update could be used \(site-1 refused: privacy budget: spent; site-2 dropped: gone\).*start the run again"):
         run._screen_updates(3, [reply], arrays, training_schemas(run.config, arrays), [{"site": "site-2", "reason": "gone"}])
+
+
+class _SlowSiteGrid(Grid):
+    """A Flower Grid whose sites reply ``ready_after`` pulls after the push (``None``: never)."""
+
+    def __init__(self, ready_after: dict[int, int | None]) -> None:
+        self.ready_after, self.pulls, self.sent = ready_after, 0, {}
+
+    run = None  # type: ignore[assignment]
+
+    def set_run(self, run_id: int) -> None:  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def get_node_ids(self):  # pragma: no cover - not used
+        return list(self.ready_after)
+
+    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover - must not be used
+        raise AssertionError("send_and_wait polls through push_messages / pull_messages")
+
+    def push_messages(self, messages):
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            self.sent[m.metadata.message_id] = m
+        return list(self.sent)
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        self.pulls += 1
+        ready = []
+        for mid in message_ids:
+            after = self.ready_after[self.sent[mid].metadata.dst_node_id]
+            if after is not None and self.pulls > after:
+                ready.append(Message(RecordDict({"m": MetricRecord({"ok": 1})}), reply_to=self.sent[mid]))
+        return ready
+
+
+def test_replies_are_collected_every_fraction_of_a_second_and_a_silent_site_times_out(
+    monkeypatch, task_identity
+) -> None:
+    """Flower's deployment grid checks for replies every 3 s; the run checks every REPLY_POLL_S, returns as
+    soon as every site answered, and gives up on a silent one at the timeout."""
+    from flwr.app import Message, RecordDict
+
+    from server import site_replies
+
+    slept: list[float] = []
+    monkeypatch.setattr(site_replies.time, "sleep", slept.append)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in (1, 2)]
+    grid = _SlowSiteGrid({1: 0, 2: 2})
+    replies = site_replies.send_and_wait(grid, messages, timeout_s=60)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(grid.sent)
+    assert grid.pulls == 3 and slept == [site_replies.REPLY_POLL_S] * 2
+
+    clock = iter(range(0, 1000, 10))  # every check for replies takes 10 s
+    monkeypatch.setattr(site_replies.time, "monotonic", lambda: next(clock))
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in (1, 2)]
+    replies = site_replies.send_and_wait(_SlowSiteGrid({1: 0, 2: None}), messages, timeout_s=25)
+    assert [r.metadata.reply_to_message_id for r in replies] == [messages[0].metadata.message_id]
+
+
+def test_flower_processes_check_for_new_tasks_every_tenth_of_a_second() -> None:
+    from client.site_daemon import supernode_environment
+    from common.flower_environment import SUPEREXEC_TASK_POLL_S
+    from server.flower_control import flower_environment
+
+    for env in (supernode_environment(), flower_environment()):
+        assert float(env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]) == SUPEREXEC_TASK_POLL_S
+        assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
