@@ -148,7 +148,7 @@ _new_release "$R/release-2"
 neurofed-site approve "$R"/neurofed.neurofed.*post1*.fab --replace --approved-apps "$R/approved-apps.txt"
 
 _say "A second job with the new release; hospital-b is revoked while it runs, and the run goes on"
-neurofed run deploy/job.toml --app "$R/release-2" --state-dir "$R/coordinator" --set run-dir=runs/second --set num-server-rounds=1 --set local-steps=2 --set patch-size=16 --set spacing-mm=4.0 --set field-of-view-mm=128,128,128 --set network-preset=tiny --set initial-model=none --no-stream >"$R/logs/job-2.log" 2>&1 &
+neurofed run deploy/job.toml --app "$R/release-2" --state-dir "$R/coordinator" --set run-dir=runs/second --set num-server-rounds=3 --set local-steps=2 --set patch-size=16 --set spacing-mm=4.0 --set field-of-view-mm=128,128,128 --set network-preset=tiny --set initial-model=none --no-stream >"$R/logs/job-2.log" 2>&1 &
 JOB_2=$!
 _wait_for "the second job's site discovery" 900 _discovered second
 neurofed coordinator revoke hospital-b --state-dir "$R/coordinator"
