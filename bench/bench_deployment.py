@@ -210,6 +210,9 @@ def deploy(root: Path, settings: dict, label: str, worker: str = "supervised", f
         "FLWR_HOME": str(root / "flwr-home"),
         "FLWR_TELEMETRY_ENABLED": "0",
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        # One torch thread per site, as each simulated site gets: several sites each using every core of
+        # this one machine would oversubscribe it (a hospital's site has its machine to itself).
+        "OMP_NUM_THREADS": "1",
     }
     data, root = root / "data", root / f"deployment-{label}"
     root.mkdir()
@@ -371,11 +374,12 @@ def main() -> None:
     print(f"message overhead over the floor: {overhead:.2f} s")
     print(f"deployment / simulation: {mean(deployed['rounds_s']) / mean(simulated):.2f} x")
     print(
-        f"  floor: mean of {len(floor)} query round trips to an empty Flower app (bench/empty-flower-app) "
-        f"through the deployed coordinator and site below (TLS, SuperNode authentication, the site's approval "
-        f"check; {min(floor):.1f}..{max(floor):.1f} s); the same through a bare insecure SuperLink and SuperNode: "
-        f"{mean(bare_floor):.2f} s ({min(bare_floor):.1f}..{max(bare_floor):.1f} s; an idle SuperNode polls "
-        "every 3 s)"
+        f"  floor: mean of {len(floor)} query round trips to an empty Flower app (bench/empty-flower-app, its "
+        f"ServerApp checking for the reply every 50 ms) through the deployed coordinator and site below (TLS, "
+        f"SuperNode authentication, the site's approval check; {min(floor):.1f}..{max(floor):.1f} s); the same "
+        f"through a bare insecure SuperLink and SuperNode: {mean(bare_floor):.2f} s "
+        f"({min(bare_floor):.1f}..{max(bare_floor):.1f} s; Flower's idle SuperNode asks every 3 s, a neurofed "
+        "site's every 0.5 s)"
     )
     print(
         f"  overhead: a one-site, one-step round deployed ({mean(small_deployed['rounds_s']):.2f} s, mean of "
