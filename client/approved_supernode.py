@@ -132,7 +132,8 @@ def install_approval_check(approval: AppApproval) -> None:
     setattr(loop, HOOK_FUNCTION, pull_and_store_message)
 
 
-FLOWER_IDLE_WAIT = "time.sleep(3)"
+FLOWER_IDLE_WAIT_S = 3
+FLOWER_IDLE_WAIT = f"time.sleep({FLOWER_IDLE_WAIT_S})"
 """What Flower 1.41's SuperNode loop (``start_client_internal``) does after a pull that brought no message."""
 IDLE_POLL_S = 0.5
 """How long this site's SuperNode waits instead before it asks the SuperLink again: Flower's 3 s adds up
@@ -147,7 +148,7 @@ class _ShortIdleWaitTime:
 
     @staticmethod
     def sleep(seconds: float) -> None:
-        time.sleep(IDLE_POLL_S if seconds == 3 else seconds)
+        time.sleep(IDLE_POLL_S if seconds == FLOWER_IDLE_WAIT_S else seconds)
 
 
 def shorten_idle_wait() -> bool:
