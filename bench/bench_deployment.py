@@ -109,6 +109,17 @@ def simulate(root: Path, settings: dict, name: str) -> list[float]:
 EMPTY_APP = ROOT / "bench" / "empty-flower-app"
 
 
+def start_logged(
+    command: list[str], log: Path, env: dict[str, str], processes: list[subprocess.Popen]
+) -> subprocess.Popen:
+    """Start ``command`` in its own session, its output into ``log``; remember it in ``processes``."""
+    process = subprocess.Popen(
+        command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+    )
+    processes.append(process)
+    return process
+
+
 def message_floor(root: Path, messages: int) -> list[float]:
     """Seconds of each of ``messages`` query round trips from a ServerApp to an empty ClientApp through a
     real SuperLink and SuperNode (insecure, loopback): what Flower itself costs per message."""
@@ -122,28 +133,23 @@ def message_floor(root: Path, messages: int) -> list[float]:
         f'[superlink]\ndefault = "floor"\n\n[superlink.floor]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
     )
     env = flower_environment(home)
-    processes = []
+    processes: list[subprocess.Popen] = []
     try:
-        for command, log in (
-            (
-                [flower_executable("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation"]
-                + ["--database", ":flwr-in-memory:", "--host", "127.0.0.1", "--port", str(link_port)],
-                "floor-superlink.log",
-            ),
-            (
-                [flower_executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}"]
-                + ["--port", str(node_port)],
-                "floor-supernode.log",
-            ),
-        ):
-            processes.append(
-                subprocess.Popen(
-                    command, stdout=(root / log).open("wb"), stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True,
-                )
-            )
-            if log == "floor-superlink.log":
-                wait_until(lambda: port_open(link_port), "the empty app's SuperLink", 120)
+        start_logged(
+            [flower_executable("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation"]
+            + ["--database", ":flwr-in-memory:", "--host", "127.0.0.1", "--port", str(link_port)],
+            root / "floor-superlink.log",
+            env,
+            processes,
+        )
+        wait_until(lambda: port_open(link_port), "the empty app's SuperLink", 120)
+        start_logged(
+            [flower_executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}"]
+            + ["--port", str(node_port)],
+            root / "floor-supernode.log",
+            env,
+            processes,
+        )
         return run_empty_app("floor", env, timings, messages)
     finally:
         for process in reversed(processes):
@@ -179,7 +185,8 @@ def run_empty_app(connection: str, env: dict[str, str], timings: Path, messages:
 
 def deployed_floor(root: Path, connection, approved: Path, messages: int) -> list[float]:
     """The empty app's round trips through the deployed coordinator and sites themselves (TLS, SuperNode
-    authentication, the sites' approval check and worker setup): the floor neurofed's messages stand on."""
+    authentication, the sites' approval check and idle poll; its ClientApp does not use the site worker):
+    the floor neurofed's messages stand on."""
     from server.flower_control import CONNECTION_NAME, FlowerControl, flower_executable
 
     with FlowerControl(connection) as control:
@@ -203,13 +210,11 @@ def deploy(root: Path, settings: dict, label: str, worker: str = "supervised", f
     from bench.process_tree import stop_process_tree
     from client.site_keys import generate_site_keys
     from server.coordinator_state import Connection, CoordinatorState
+    from server.flower_control import flower_environment
     from server.site_registry import SiteRegistry
 
     env = {
-        **os.environ,
-        "FLWR_HOME": str(root / "flwr-home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        **flower_environment(root / "flwr-home"),
         # One torch thread per site, as each simulated site gets: several sites each using every core of
         # this one machine would oversubscribe it (a hospital's site has its machine to itself).
         "OMP_NUM_THREADS": "1",
@@ -225,16 +230,7 @@ def deploy(root: Path, settings: dict, label: str, worker: str = "supervised", f
     processes: list[subprocess.Popen] = []
 
     def launch(args: list[str], log: Path) -> subprocess.Popen:
-        process = subprocess.Popen(
-            [sys.executable, "-m", *args],
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        processes.append(process)
-        return process
+        return start_logged([sys.executable, "-m", *args], log, env, processes)
 
     try:
         launch(
