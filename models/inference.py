@@ -14,13 +14,17 @@ import torch
 
 from models.patch_sampling import pad_image, padding_to
 
+# Windows per forward pass. On CPU, torch 2.13, one window per pass takes 3.2-3.6x as long as 4 per pass,
+# on 1 thread as on 2; more than 4 gains nothing (bench/bench_inference.py, BENCHMARKS.md).
+WINDOWS_PER_PASS = 4
+
 
 def predict_volume(
     model: torch.nn.Module,
     image: np.ndarray,
     roi_size: Sequence[int],
     overlap: float = 0.5,
-    sw_batch_size: int = 1,
+    sw_batch_size: int = WINDOWS_PER_PASS,
     *,
     progress: bool = False,
 ) -> np.ndarray:

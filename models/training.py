@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.plain_records import from_known_dict
 from models.augmentation import AugmentationConfig, augment_patch, left_right_permutation
 from models.errors import NeurofedError
+from models.inference import WINDOWS_PER_PASS
 from models.label_protocols import LabelProtocol
 from models.patch_sampling import check_subject, choose_patch_start, class_locations, crop_patch, pad_to_patch
 from models.postprocessing import NO_POSTPROCESSING
@@ -389,7 +390,7 @@ def evaluate_subjects(
     *,
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
     overlap: float = 0.5,
-    sw_batch_size: int = 1,
+    sw_batch_size: int = WINDOWS_PER_PASS,
     postprocessing: str = NO_POSTPROCESSING,
 ) -> list[dict[str, dict[str, float]]]:
     """Segment each subject by sliding-window inference and score it against its label.
