@@ -7,7 +7,8 @@ and for benchmarks of many short runs (bench/bench_poisoning.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
@@ -21,26 +22,29 @@ Tamper = Callable[[int, Message, Message], Message]
 
 
 class InProcessGrid:
-    """``n_sites`` simulated sites of the run's data root.
+    """``n_sites`` simulated sites of the run's data root, or the sites of ``node_configs``.
 
     Args:
         tamper: may replace a site's training reply.
         evaluating: the sites (indices) that answer evaluations; the others decline them at once
             (default: every site evaluates).
+        node_configs: each site's node config, as a deployed site's SuperNode hands it to the ClientApp
+            (client/site_daemon.py `node_config_values`); default: the simulation's partition of site i.
     """
 
     def __init__(
-        self, n_sites: int, tamper: Tamper | None = None, evaluating: Collection[int] | None = None
+        self,
+        n_sites: int,
+        tamper: Tamper | None = None,
+        evaluating: Collection[int] | None = None,
+        node_configs: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
+        configs = node_configs or [{"partition-id": i, "num-partitions": n_sites} for i in range(n_sites)]
         self.contexts = {
             FIRST_NODE + i: Context(
-                run_id=1,
-                node_id=FIRST_NODE + i,
-                node_config={"partition-id": i, "num-partitions": n_sites},
-                state=RecordDict(),
-                run_config={},
+                run_id=1, node_id=FIRST_NODE + i, node_config=dict(config), state=RecordDict(), run_config={}
             )
-            for i in range(n_sites)
+            for i, config in enumerate(configs)
         }
         self.tamper = tamper
         self.evaluating = set(range(n_sites) if evaluating is None else evaluating)

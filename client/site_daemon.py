@@ -112,8 +112,8 @@ class SiteDaemonConfig:
         return self.state_dir.expanduser() / AUDIT_LOG_FILE
 
 
-def node_config(config: SiteDaemonConfig) -> str:
-    """The SuperNode's ``--node-config`` string (read by client/site_setup.py's ``site_setup``)."""
+def node_config_values(config: SiteDaemonConfig) -> dict[str, str | float | int]:
+    """What the site's ClientApp gets as its node config (read by client/site_setup.py's ``site_setup``)."""
     values: dict[str, str | float | int] = {
         "data-dir": str(config.data_dir.expanduser().resolve()),
         "site-id": config.site_id or config.data_dir.expanduser().resolve().name,
@@ -131,8 +131,13 @@ def node_config(config: SiteDaemonConfig) -> str:
     if config.worker != "off":
         sock, token = config.worker_socket
         values.update({SOCKET_KEY: str(sock), TOKEN_KEY: str(token)})
+    return values
+
+
+def node_config(config: SiteDaemonConfig) -> str:
+    """The SuperNode's ``--node-config`` string of `node_config_values`."""
     parts = []
-    for key, value in values.items():
+    for key, value in node_config_values(config).items():
         if isinstance(value, str):
             if "'" in value or '"' in value:
                 raise NeurofedError(

@@ -93,6 +93,7 @@ class SiteWorker:
         )
         with self._one_at_a_time:
             started = time.monotonic()
+            log(f"{kind} of run {msg.metadata.run_id}: handling")
             reply = HANDLERS[kind](msg, context)
             log(f"{kind} of run {msg.metadata.run_id}: answered in {time.monotonic() - started:.1f} s")
         return recorddict_to_proto(reply.content).SerializeToString()

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,6 +40,7 @@ from bench.tiny_sites import write_tiny_site
 from client.approved_apps import ACCEPTED_EVENT, AUDIT_LOG_FILE, REFUSED_EVENT, read_audit_events
 from client.site_keys import check_private_key, generate_site_keys
 from client.site_setup import LEDGER_FILE
+from contract.wire import TRAIN_LOSS_KEY
 from models.errors import NeurofedError
 from models.model_file import weights_sha256
 from server.audit_log import AuditLog
@@ -70,6 +72,19 @@ JOB = [
     "dp=true",
     f"run-dir='runs/{RUN_NAME}'",
 ]
+
+
+def job_with(**changes: str) -> list[str]:
+    """JOB with some settings changed (keys with ``_`` for ``-``)."""
+    changed = {k.replace("_", "-"): v for k, v in changes.items()}
+    return [s for s in JOB if s.split("=")[0] not in changed] + [f"{k}={v}" for k, v in changed.items()]
+
+
+def as_options(job: list[str]) -> list[str]:
+    """A job's settings as `neurofed run` options."""
+    return [a for s in job for a in ("--set", s)]
+
+
 SITE_BUDGET = "50"
 """Every site's lifetime ε."""
 WAIT_S = 420.0
@@ -216,6 +231,8 @@ class Federation:
             str(_free_port()),
             "--approved-apps",
             str(self.approved_apps),
+            # The study runs with DP; the comparison with the in-process run needs a job without.
+            "--allow-no-dp",
         )
         # Each site keeps Flower's files in its own state folder, as deployed (apps it installed: flwr-home/apps).
         env = {k: v for k, v in self.env.items() if k != "FLWR_HOME"}
@@ -298,8 +315,7 @@ def interrupted_study(federation):
     for name in SITES:
         fed.start_site(name, fed.keys[name].private_key, fed.root / "data" / name)
     run_dir = RunDirectory(fed.state.runs_dir / RUN_NAME)
-    settings = [a for s in JOB for a in ("--set", s)]
-    first = Daemon(fed.run(*settings), fed.logs / "run-1.log", fed.env)
+    first = Daemon(fed.run(*as_options(JOB)), fed.logs / "run-1.log", fed.env)
     fed.daemons.append(first)
     logs = [first.log, fed.coordinator.log, *(d.log for d in fed.sites.values())]
     _wait_for(lambda: 1 in run_dir.completed_rounds(), "round 1's checkpoint", logs=logs)
@@ -416,10 +432,7 @@ def test_sites_ran_only_the_approved_bundle(federation, interrupted_study) -> No
         assert installed and all(p.endswith(fed.approved_hash[:8]) for p in installed), installed
 
 
-TAMPERED_JOB = [s for s in JOB if not s.startswith(("num-server-rounds=", "run-dir="))] + [
-    "num-server-rounds=1",
-    "run-dir='runs/tampered'",
-]
+TAMPERED_JOB = job_with(num_server_rounds="1", run_dir="'runs/tampered'")
 
 
 @pytest.mark.slow
@@ -434,9 +447,8 @@ def test_a_bundle_changed_after_approval_never_runs_at_any_site(federation) -> N
     client_app.write_bytes(client_app.read_bytes() + b"#")  # one byte more in the ClientApp's code
     tampered_hash = hashlib.sha256(build_fab_from_disk(tampered)).hexdigest()
     assert tampered_hash != fed.approved_hash
-    settings = [a for s in TAMPERED_JOB for a in ("--set", s)]
     done = subprocess.run(
-        fed.run(*settings, "--no-stream", app=tampered),
+        fed.run(*as_options(TAMPERED_JOB), "--no-stream", app=tampered),
         env=fed.env,
         cwd=ROOT,
         capture_output=True,
@@ -470,6 +482,99 @@ def test_a_bundle_changed_after_approval_never_runs_at_any_site(federation) -> N
         assert not [p for p in installed if p.endswith(tampered_hash[:8])], (
             f"{name} installed it: {installed}"
         )
+
+
+EQUAL_JOB = job_with(num_server_rounds="1", dp="false", seed="3", eval_every="1", run_dir="'runs/equal'")
+
+
+@pytest.mark.slow
+def test_a_job_through_warm_workers_gives_the_model_of_the_same_job_run_in_process(
+    federation, interrupted_study, tmp_path, task_identity
+) -> None:
+    """Deployment changes where the site handlers run, not what they compute: the same job (DP off, same
+    seed) run by the deployed sites' workers and run with the same sites' handlers in this process."""
+    from bench.in_process_grid import InProcessGrid
+    from client.site_daemon import SiteDaemonConfig, node_config_values
+    from models.networks import build_network
+    from server.federated_run import FederatedRun
+
+    fed = federation
+    fed.start_missing_sites()
+    done = subprocess.run(
+        fed.run(*as_options(EQUAL_JOB), "--no-stream"), env=fed.env, cwd=ROOT, capture_output=True, text=True,
+        timeout=WAIT_S,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    deployed = RunDirectory(fed.state.runs_dir / "equal")
+    for name in SITES:
+        assert "train of run" in fed.sites[name].text(), f"{name}'s worker did not train"
+
+    # The same three sites in this process: their node config without a worker, on copies of their state
+    # (the split's secret, the ledger, the preprocessed cache).
+    node_configs = []
+    for name in SITES:
+        state = tmp_path / "site-state" / name
+        shutil.copytree(fed.site_state(name), state, ignore=shutil.ignore_patterns("worker", "flwr-home"))
+        site = SiteDaemonConfig(
+            data_dir=fed.root / "data" / name, budget_epsilon=float(SITE_BUDGET), state_dir=state, site_id=name,
+            allow_no_dp=True, worker="off",
+        )
+        node_configs.append(node_config_values(site))
+    in_process = RunDirectory(tmp_path / "in-process")
+    in_process.root.mkdir()
+    config = deployed.read_config().replace(run_dir=str(in_process.root))
+    FederatedRun(config, InProcessGrid(len(SITES), node_configs=node_configs)).execute()
+
+    expected, got = read_model_state(in_process.final_model_path), read_model_state(deployed.final_model_path)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    # Training moved the weights: the comparison is not of two untouched starting networks.
+    initial = build_network(config.network_config(), seed=config.seed).state_dict()
+    assert any(not np.allclose(got[k], initial[k].numpy()) for k in got)
+
+    # Each site trained on the same patches: the same loss and update size (the sites' test splits are too
+    # small for their policy to report an evaluation).
+    def trained(run: RunDirectory) -> dict[str, tuple[float, float]]:
+        events = [e for e in run.read_events() if e["event"] == "train"]
+        return {e["site"]: (e["metrics"][TRAIN_LOSS_KEY], e["update_norm"]) for e in events}
+
+    deployed_sites, in_process_sites = trained(deployed), trained(in_process)
+    assert set(deployed_sites) == set(in_process_sites) == set(SITES)
+    for site in SITES:
+        assert deployed_sites[site] == pytest.approx(in_process_sites[site], rel=1e-4), site
+
+
+KILLED_WORKER_JOB = job_with(local_steps="30", run_dir="'runs/worker-killed'")
+KILLED_SITE = SITES[2]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_round_is_restarted_and_its_site_drops_out_of_that_round_only(
+    federation, interrupted_study
+) -> None:
+    fed = federation
+    fed.start_missing_sites()
+    site = fed.sites[KILLED_SITE]
+    before = len(site.text())
+    job = Daemon(fed.run(*as_options(KILLED_WORKER_JOB), "--no-stream"), fed.logs / "run-killed.log", fed.env)
+    fed.daemons.append(job)
+    logs = [job.log, site.log, fed.coordinator.log]
+    _wait_for(lambda: "train of run" in site.text()[before:], f"{KILLED_SITE}'s worker to train", every_s=0.1, logs=logs)
+    killed = int(re.findall(r"site worker (\d+) is ready", site.text())[-1])
+    os.kill(killed, signal.SIGKILL)
+    assert job.process.wait(timeout=2 * WAIT_S) == 0, job.text()[-3000:]
+
+    restarted = [int(p) for p in re.findall(r"site worker (\d+) is ready", site.text()[before:])]
+    assert restarted and killed not in restarted, site.text()[-3000:]
+    events = RunDirectory(fed.state.runs_dir / "worker-killed").read_events()
+    trained = {r: {e["site"] for e in events if e["event"] == "train" and e["round"] == r} for r in (1, 2)}
+    dropped = [e for e in events if e["event"] == "dropped"]
+    # The killed site's round-1 update is lost (the others carry the round), and it is back for round 2.
+    assert trained[1] == set(SITES) - {KILLED_SITE}, events
+    assert [(e["site"], e["round"]) for e in dropped] == [(KILLED_SITE, 1)]
+    assert "site worker" in dropped[0]["reason"] and "stopped while handling" in dropped[0]["reason"]
+    assert trained[2] == set(SITES)
 
 
 # --- fast checks of the commands' inputs ----------------------------------------------------------------
