@@ -24,6 +24,11 @@ REFUSAL_RECORD = "refusal"
 """ConfigRecord of a declined training round; its ``reason`` says why."""
 REFUSAL_REASON = "reason"
 
+# The two arrays an ArrayRecord is packed into on the way between the coordinator and a site's ClientApp
+# (contract/packed_arrays.py): the tensors' bytes back to back, and their names, dtypes and shapes (JSON).
+PACKED_DATA = "neurofed-packed-data"
+PACKED_LAYOUT = "neurofed-packed-layout"
+
 # Per-message keys of the ``config`` record, beside the run settings.
 SERVER_ROUND_KEY = "server-round"
 RUN_ID_KEY = "run-id"

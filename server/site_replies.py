@@ -9,6 +9,8 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from contract.packed_arrays import any_packed, packed_content, unpacked_content
+
 REPLY_POLL_S = 0.2
 """Seconds between two checks for the sites' replies. Flower 1.41's deployment grid waits 3 s between its
 checks (``send_and_receive``), which adds up to 3 s to every message of a deployed run."""
@@ -17,20 +19,37 @@ checks (``send_and_receive``), which adds up to 3 s to every message of a deploy
 def send_and_wait(grid: Any, messages: Sequence[Message], timeout_s: float) -> list[Message]:
     """Send ``messages`` and collect their replies until all came or ``timeout_s`` passed, checking every
     `REPLY_POLL_S` through the grid's own push / pull calls. A grid that is not a Flower `Grid` (the test
-    grids, which answer at once) is asked through its ``send_and_receive``."""
+    grids, which answer at once) is asked through its ``send_and_receive``.
+
+    Through a Flower Grid the messages' arrays travel packed (contract/packed_arrays.py): packed here,
+    and the replies unpacked before they are returned."""
     if not isinstance(grid, Grid):
         return list(grid.send_and_receive(messages, timeout=timeout_s))
+    for message in messages:
+        if message.has_content():
+            message.content = packed_content(message.content)
     waiting = set(grid.push_messages(messages))
     replies: list[Message] = []
     deadline = time.monotonic() + timeout_s
     while waiting:
         pulled = list(grid.pull_messages(waiting))
-        replies += pulled
+        replies += [_unpacked(reply) for reply in pulled]
         waiting -= {m.metadata.reply_to_message_id for m in pulled}
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(REPLY_POLL_S)
     return replies
+
+
+def _unpacked(reply: Message) -> Message:
+    """``reply`` with its arrays unpacked; a reply whose packing is malformed stays as it came, and the
+    screening refuses its arrays (server/update_screening.py: their names are not the model's)."""
+    if reply.has_content() and any_packed(reply.content):
+        try:
+            reply.content = unpacked_content(reply.content)
+        except ValueError:
+            pass
+    return reply
 
 
 def short_reason(reason: str) -> str:
