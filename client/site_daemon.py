@@ -167,7 +167,10 @@ def check_site_config(config: SiteDaemonConfig) -> None:
         raise NeurofedError(f"--trusted-entities {config.trusted_entities}: file not found")
     if config.worker not in WORKER_MODES:
         raise NeurofedError(f"--worker {config.worker!r}: use one of {', '.join(WORKER_MODES)}")
-    check_site_options(config)
+    if config.worker != "external":
+        # An external worker checks its own options and the data (`neurofed-site worker`): the SuperNode's
+        # user need not be able to read the scans, and the worker's options are the ones enforced.
+        check_site_options(config)
 
 
 def check_site_options(config: SiteDaemonConfig) -> None:
@@ -290,9 +293,11 @@ def worker_command_of(config: SiteDaemonConfig) -> list[str]:
 
 def start_site(config: SiteDaemonConfig, telemetry: bool = False) -> int:
     """Check the options and the data, then run the site: the SuperNode, and its worker unless
-    ``worker`` is off (then this process becomes the SuperNode: ``exec``, never returns)."""
+    ``worker`` is off (then this process becomes the SuperNode: ``exec``, never returns). With an
+    external worker the data is the worker's to check: this process (the SuperNode's user) never reads it."""
     check_site_config(config)
-    check_site_data(config)
+    if config.worker != "external":
+        check_site_data(config)
     check_approved_apps(config)
     check_runtime_port(config.runtime_port)
     state_dir = _make_state_dir(config)

@@ -276,3 +276,45 @@ def test_a_socket_path_too_long_for_unix_is_refused_naming_what_to_change(tmp_pa
     check_socket_path(tmp_path / "worker.sock")  # a usual path is fine
     with pytest.raises(NeurofedError, match=r"more than the 107 a Unix socket allows: give a shorter --worker-dir"):
         check_socket_path(tmp_path / ("d" * 120) / "worker.sock")
+
+
+@pytest.mark.parametrize("worker", ["external", "supervised"])
+def test_with_an_external_worker_start_never_reads_the_scans(tmp_path, monkeypatch, worker) -> None:
+    """The SuperNode may run as a user that cannot read the scans: with ``--worker external`` the worker (the
+    data's user) checks the data, and `start` neither looks at nor needs the data folder."""
+    import client.site_check
+    import client.site_daemon as daemon
+    from client.approved_apps import approve
+    from client.site_keys import generate_site_keys
+
+    keys = generate_site_keys(tmp_path / "keys")
+    (tmp_path / "ca.crt").write_text("a CA certificate")
+    approved = tmp_path / "approved-apps.txt"
+    approve(approved, "a" * 64, "test")
+    config = daemon.SiteDaemonConfig(
+        coordinator="127.0.0.1:9092",
+        ca_cert=tmp_path / "ca.crt",
+        private_key=keys.private_key,
+        data_dir=tmp_path / "scans-this-user-cannot-read",
+        budget_epsilon=8.0,
+        state_dir=tmp_path / "state",
+        runtime_port=_free_port(),
+        approved_apps=approved,
+        worker=worker,
+    )
+    read: list[Path] = []
+    monkeypatch.setattr(client.site_check, "run_site_check", lambda folder, **_: read.append(folder) or 1)
+    started: list[list[str]] = []
+    monkeypatch.setattr(daemon.os, "execve", lambda path, args, env: started.append(args))
+    if worker == "external":
+        daemon.start_site(config)
+        assert read == [] and started, "start read the data, or did not start the SuperNode"
+    else:
+        with pytest.raises(NeurofedError, match="--data .*not a folder"):
+            daemon.start_site(config)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
