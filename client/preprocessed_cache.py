@@ -7,8 +7,9 @@ preprocessing's output changes for the same inputs, so stale entries are never r
 
 Each entry is one uncompressed ``<key>.npz`` holding the arrays and a JSON ``meta`` record (key, subject,
 transform, SHA-256 of each array). It is written to a temporary name in the cache folder and renamed into
-place, so readers never see half an entry. An entry that fails to load or verify is logged, deleted and
-rebuilt. The cache lives outside the site's data folder, which it never writes to.
+place, so readers never see half an entry. A hit maps the image and label read-only from the entry
+(`mapped_member`) instead of loading them, so a site's worker can hold hundreds of scans. An entry that
+fails to load or verify is logged, deleted and rebuilt. The cache lives outside the site's data folder, which it never writes to.
 """
 
 from __future__ import annotations
@@ -72,6 +73,41 @@ class CacheStats:
 
 class _BadEntry(Exception):
     """An entry on disk that must not be trusted."""
+
+
+def mapped_member(path: Path, name: str) -> np.ndarray:
+    """Array ``name`` of the uncompressed ``.npz`` at ``path``, memory-mapped read-only.
+
+    `np.savez` stores each array uncompressed as ``name.npy`` inside the zip, so its data lies in the file
+    as it is: mapping it lets a site worker hold hundreds of preprocessed scans without their size in
+    memory (the kernel pages in what training touches, and may drop it again).
+    """
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _BadEntry(f"{name} is compressed")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local_header = f.read(30)
+        if local_header[:4] != b"PK\x03\x04":
+            raise _BadEntry(f"{name}: no zip member header at its offset")
+        name_length, extra_length = (
+            int.from_bytes(local_header[26:28], "little"),
+            int.from_bytes(local_header[28:30], "little"),
+        )
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(f)
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise _BadEntry(f"{name} holds Python objects")
+    mapped = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
+    return mapped.view(np.ndarray)  # a plain read-only array on the mapping (memmap's subclass quirks left out)
 
 
 class PreprocessedCache:
@@ -139,8 +175,9 @@ class PreprocessedCache:
             meta = json.loads(str(entry["meta"][()]))
             if meta.get("format") != CACHE_FORMAT_VERSION or meta.get("key") != key:
                 raise _BadEntry("its key or format does not match its name")
-            image = entry["image"]
-            label = entry["label"] if "label" in entry.files else None
+            members = set(entry.files)
+        image = mapped_member(path, "image")
+        label = mapped_member(path, "label") if "label" in members else None
         expected = (len(plan.input_contrasts), *plan.grid_shape)
         if image.dtype != np.float32 or image.shape != expected:
             raise _BadEntry(f"image is {image.dtype} {image.shape}, expected float32 {expected}")

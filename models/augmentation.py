@@ -163,7 +163,7 @@ def _random_affine(
     # Reflection padding: the few voxels the rotation pulls in from outside the patch mirror its edge,
     # identically in image and label.
     common = dict(rotate_params=rotation, scale_params=scale, padding_mode="reflection", image_only=True)
-    moved_image = Affine(mode="bilinear", **common)(torch.from_numpy(np.ascontiguousarray(image)))
+    moved_image = Affine(mode="bilinear", **common)(torch.from_numpy(np.require(image, requirements="CW")))
     moved_label = Affine(mode="nearest", **common)(
         torch.from_numpy(np.ascontiguousarray(label[None], np.float32))
     )

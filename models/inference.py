@@ -56,7 +56,8 @@ def predict_volume(
     device = next(model.parameters()).device
     model.eval()
     with torch.inference_mode():
-        inputs = torch.from_numpy(np.ascontiguousarray(padded))[None].to(device)
+        # Writable and contiguous: the image may be a read-only map of the preprocessed cache.
+        inputs = torch.from_numpy(np.require(padded, requirements="CW"))[None].to(device)
         probabilities = sliding_window_inference(
             inputs,
             roi_size=tuple(int(r) for r in roi_size),

@@ -63,6 +63,18 @@ def test_second_call_is_a_hit_with_identical_arrays(tmp_path, subject, builds):
     assert [p.suffix for p in entries(cache.root)] == [".npz"]
 
 
+def test_a_hit_maps_the_arrays_read_only_from_the_entry_instead_of_loading_them(tmp_path, subject):
+    import mmap
+
+    cache = PreprocessedCache(tmp_path / "cache")
+    built = cache.get_or_build(subject, PLAN, TISSUE)
+    hit = cache.get_or_build(subject, PLAN, TISSUE)
+    for array in (hit.image, hit.label):
+        assert isinstance(array.base, mmap.mmap) or isinstance(getattr(array.base, "base", None), mmap.mmap)
+        assert not array.flags.writeable  # nothing downstream can change the cache through it
+    assert_same(hit, built)
+
+
 def test_touching_a_file_without_changing_it_still_hits(tmp_path, subject, builds):
     cache = PreprocessedCache(tmp_path / "cache")
     cache.get_or_build(subject, PLAN, TISSUE)
