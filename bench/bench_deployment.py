@@ -18,8 +18,11 @@ also prepares the data and starts processes); figures are means over rounds. Als
 start-up (command to port open) and site start-up (`neurofed-site start`, data check included, to the
 SuperNode admitted).
 
+With ``--scale 3,10`` it runs instead the job on 3, then 10 real site daemons and prints, per count, the
+time per round and the coordinator's peak memory (RSS of its process tree: SuperLink, SuperExec, ServerApp).
+
 Usage: .venv/bin/python bench/bench_deployment.py [--sites 3] [--local-steps 600] [--rounds 3]
-    [--floor-messages 10] [--overhead-rounds 8] [--worker supervised|off]
+    [--floor-messages 10] [--overhead-rounds 8] [--worker supervised|off] [--scale 3,10]
 Prints the figures; writes nothing outside a temporary folder; stops every process it starts.
 """
 
@@ -303,13 +306,14 @@ def deploy(root: Path, settings: dict, label: str, worker: str = "supervised", f
             connection = Connection(f"127.0.0.1:{port}", certs / "ca.crt")
             floor = deployed_floor(root, connection, approved, floor_messages)
         args = [a for k, v in {**settings, "run-dir": "runs/bench"}.items() for a in ("--set", f"{k}={_toml(v)}")]
-        done = subprocess.run(
-            [sys.executable, "-m", "server.cli", "run", "--state-dir", str(state.root), "--no-stream", *args],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
+        with PeakMemory(processes[0].pid) as coordinator_memory:
+            done = subprocess.run(
+                [sys.executable, "-m", "server.cli", "run", "--state-dir", str(state.root), "--no-stream", *args],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
         if done.returncode != 0:
             raise RuntimeError(f"the deployed run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
         return {
@@ -318,10 +322,50 @@ def deploy(root: Path, settings: dict, label: str, worker: str = "supervised", f
             "coordinator_start_s": coordinator_s,
             "site_start_s": max(admitted.values()),
             "site_start_min_s": min(admitted.values()),
+            "coordinator_peak_bytes": coordinator_memory.peak_bytes,
         }
     finally:
         for process in reversed(processes):
             stop_process_tree(process)
+
+
+class PeakMemory:
+    """The largest resident memory (RSS) of a process and its descendants (the coordinator: its SuperLink,
+    SuperExec and the run's ServerApp), sampled every 0.25 s while the ``with`` block runs."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.peak_bytes = pid, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        from bench.process_tree import tree_rss_bytes
+
+        while not self._done.wait(0.25):
+            self.peak_bytes = max(self.peak_bytes, tree_rss_bytes(self.pid))
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def scale(root: Path, counts: list[int], local_steps: int, rounds: int, worker: str) -> None:
+    """Real site daemons on loopback, ``counts`` of them in turn, completing the same job: time per round
+    and the coordinator's peak memory."""
+    print(f"sites | round s (mean of rounds 2..{rounds}) | coordinator peak RSS MiB | slowest site start-up s")
+    for n in counts:
+        result = deploy(root, job_settings(n, local_steps, rounds, ""), f"scale-{n}", worker)
+        print(
+            f"{n:5d} | {statistics.mean(result['rounds_s']):.1f} | "
+            f"{result['coordinator_peak_bytes'] / 2**20:.0f} | {result['site_start_s']:.1f}",
+            flush=True,
+        )
 
 
 def _toml(value) -> str:
@@ -346,14 +390,25 @@ def main() -> None:
     parser.add_argument("--floor-messages", type=int, default=10, help="messages to the empty app")
     parser.add_argument("--overhead-rounds", type=int, default=8, help="rounds of the one-site, one-step job")
     parser.add_argument("--worker", default="supervised", choices=("supervised", "off"), help="the sites' --worker")
+    parser.add_argument(
+        "--scale",
+        default="",
+        metavar="N,N,...",
+        help="instead of the lines above: a job with --local-steps and --rounds on N real site daemons in turn, "
+        "e.g. 3,10 (time per round, coordinator memory)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory(prefix="neurofed-bench-deploy-") as tmp:
         root = Path(tmp)
         os.environ.setdefault("FLWR_HOME", str(root / "flwr-home-sim"))
-        for i in range(args.sites):
+        counts = [int(n) for n in args.scale.split(",") if n]
+        for i in range(max([args.sites, *counts])):
             write_tiny_site(root / "data" / f"site-{i + 1:02d}", 3, 1.0 + 0.3 * i, i)
+        if counts:
+            scale(root, counts, args.local_steps, args.rounds, args.worker)
+            return
         bare_floor = message_floor(root, args.floor_messages)
         # One site, one local step: a round is one training message and next to no computation.
         small = job_settings(1, 1, args.overhead_rounds, "")

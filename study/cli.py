@@ -108,6 +108,14 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         help="after a DP run, train the same configuration without DP (RUN_DIR/without-dp, same sites and "
         "splits) and show it beside the DP model in the report: what DP costs",
     )
+    p.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        default=None,
+        help="run the sites on this existing Ray cluster (its head's address, or auto) instead of a private "
+        "Ray on this machine; every node needs this neurofed installed and the data and run folders at the "
+        "same paths (deploy/README.md: Simulations on a Ray cluster)",
+    )
     add_run_config_options(p, exclude=("data_root", "run_dir"))
 
 
@@ -154,6 +162,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         resume=args.resume is not None,
         verbose=args.verbose,
         site_secrets_seed=args.fixed_site_secrets,
+        ray_address=args.ray_address,
     )
     from study.simulated_run import evaluate_and_report
 
@@ -163,7 +172,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         from study.comparison_arm import run_without_dp_arm
 
         print("training the same configuration without DP, for comparison", flush=True)
-        run_without_dp_arm(stored, client_app)
+        run_without_dp_arm(stored, client_app, ray_address=args.ray_address)
     # A resumed run may have added rounds: its evaluation is always rebuilt.
     evaluate_and_report(run_dir.root)
     return 0

@@ -39,8 +39,11 @@ def _share_site_state(run_dir: Path, arm_dir: Path) -> None:
         shutil.copytree(cache, arm_dir / SITE_CACHE_DIR, copy_function=os.link)
 
 
-def run_without_dp_arm(config: RunConfig, client_app: ClientApp, *, progress: bool = True) -> Path:
-    """Run (or finish) the without-DP arm of the DP run ``config`` (already finished); returns its folder."""
+def run_without_dp_arm(
+    config: RunConfig, client_app: ClientApp, *, progress: bool = True, ray_address: str | None = None
+) -> Path:
+    """Run (or finish) the without-DP arm of the DP run ``config`` (already finished) on this machine or
+    the Ray cluster at ``ray_address``; returns its folder."""
     from server.run_directory import RunDirectory
     from study.simulation import run_simulation
 
@@ -51,5 +54,5 @@ def run_without_dp_arm(config: RunConfig, client_app: ClientApp, *, progress: bo
     resume = RunDirectory(arm_dir).config_path.is_file()
     if not resume:
         _share_site_state(Path(config.run_dir), arm_dir)
-    run_simulation(arm, client_app, resume=resume, progress=progress)
+    run_simulation(arm, client_app, resume=resume, progress=progress, ray_address=ray_address)
     return arm_dir

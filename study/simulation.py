@@ -28,19 +28,22 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-def backend_config(num_sites: int, cpus: int | None = None) -> dict[str, Any]:
+def backend_config(num_sites: int, cpus: int | None = None, ray_address: str | None = None) -> dict[str, Any]:
     """Ray settings: one CPU per concurrently running site, so sites run in parallel up to the core count
-    and never oversubscribe (each site trains with one torch thread)."""
+    and never oversubscribe (each site trains with one torch thread).
+
+    Args:
+        ray_address: an existing Ray cluster (``HOST:PORT`` of its head, or ``auto``) to run the sites on,
+            whose nodes' CPUs it then uses; None starts a private Ray instance on this machine.
+    """
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if ray_address:
+        # Ray refuses CPU counts or a dashboard from a driver that joins a cluster: its nodes say what they have.
+        return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"address": ray_address, **quiet}}
     cpus = cpus or os.cpu_count() or 1
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": max(1, min(cpus, num_sites)),
-            "num_gpus": 0,
-            "include_dashboard": False,
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
-        },
+        "init_args": {"num_cpus": max(1, min(cpus, num_sites)), "num_gpus": 0, "include_dashboard": False, **quiet},
     }
 
 
@@ -54,6 +57,7 @@ def run_simulation(
     progress: bool = True,
     verbose: bool = False,
     site_secrets_seed: int | None = None,
+    ray_address: str | None = None,
 ) -> RunDirectory:
     """Run (or resume) a federated run with ``config.num_sites`` simulated sites; returns its run directory.
 
@@ -69,6 +73,8 @@ def run_simulation(
         verbose: keep Flower's INFO log.
         site_secrets_seed: derive every site's secret from this seed (`fix_site_secrets`), for a
             benchmark that must repeat exactly; None (default): each site makes its own random secret.
+        ray_address: run the sites on this existing Ray cluster (`backend_config`); every node needs this
+            neurofed installed and ``config.data_root`` and ``config.run_dir`` at the same paths.
     """
     run_dir = RunDirectory(config.run_dir)
     if resume:
@@ -103,7 +109,7 @@ def run_simulation(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=config.num_sites,
-            backend_config=backend_config(config.num_sites),
+            backend_config=backend_config(config.num_sites, ray_address=ray_address),
         )
     if not run_dir.final_model_path.is_file():
         raise NeurofedError(
