@@ -129,6 +129,8 @@ def main() -> None:
 
         cpus = str(args.cpus_per_node)
         temp = str(root / "ray")
+        # A cluster's workers get the environment of its nodes' `ray start`, not the driver's.
+        os.environ[NODES_FILE_ENV] = str(root / "nodes-cluster.jsonl")
         _ray("start", "--head", "--port", str(port), "--num-cpus", cpus, "--temp-dir", temp, "--disable-usage-stats")
         _ray("start", "--address", f"127.0.0.1:{port}", "--num-cpus", cpus)
         import ray
@@ -136,7 +138,6 @@ def main() -> None:
         ray.init(address=f"127.0.0.1:{port}", logging_level="ERROR", log_to_driver=False)
         nodes = [n for n in ray.nodes() if n["Alive"]]
         ray.shutdown()
-        os.environ[NODES_FILE_ENV] = str(root / "nodes-cluster.jsonl")
         cluster_s, cluster_dice = _run(root, "cluster", settings, f"127.0.0.1:{port}")
         handled = Counter(json.loads(line)["node"] for line in (root / "nodes-cluster.jsonl").read_text().splitlines())
     finally:
