@@ -9,6 +9,8 @@ SIGTERM / SIGINT stop both.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -91,9 +93,74 @@ class WorkerSupervisor:
                 self.process.wait()
 
 
+PR_SET_CHILD_SUBREAPER = 36
+"""Linux prctl option: orphaned descendants are re-parented to this process instead of to init."""
+
+
+def adopt_orphans() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux; False elsewhere or when refused).
+
+    Flower's SuperNode starts its SuperExec, and that a ClientApp process per message, in sessions of
+    their own: when the SuperNode dies in the middle of a message they would live on, blocked on a reply
+    nobody takes. Adopted, they come back to `neurofed-site start`, which ends them with the site.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _children(keep: set[int]) -> list[int]:
+    """This process's children (from /proc), but those in ``keep``."""
+    me, found = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in keep:
+            continue
+        try:
+            # Fields after the command name (which may hold spaces): state, ppid, ...
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            found.append(int(entry.name))
+    return found
+
+
+def end_adopted(keep: set[int], grace_s: float = 10.0) -> list[int]:
+    """End (SIGTERM, then SIGKILL after ``grace_s``) and reap every child of this process not in ``keep``:
+    the SuperNode's helpers it adopted. Returns their pids."""
+    adopted = _children(keep)
+    for pid in adopted:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    waiting = set(adopted)
+    while waiting:
+        for pid in list(waiting):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                waiting.discard(pid)
+        if waiting and time.monotonic() > deadline:
+            for pid in waiting:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
+        if waiting:
+            time.sleep(0.1)
+    return adopted
+
+
 def supervise(worker: WorkerSupervisor, supernode_command: Sequence[str], env: dict[str, str]) -> int:
-    """Run the worker, then the SuperNode; keep the worker up until the SuperNode exits or a signal."""
+    """Run the worker, then the SuperNode; keep the worker up until the SuperNode exits or a signal. The
+    SuperNode's helper processes left when it ends are ended too (`adopt_orphans`)."""
     stopping: list[int] = []
+    adopt_orphans()
 
     def stop(signum: int, _frame: Any) -> None:
         stopping.append(signum)
@@ -117,6 +184,9 @@ def supervise(worker: WorkerSupervisor, supernode_command: Sequence[str], env: d
         if supernode is not None and supernode.poll() is None:
             supernode.kill()
         worker.stop()
+        keep = {p.pid for p in (supernode, worker.process) if p is not None}
+        if ended := end_adopted(keep):
+            _say(f"ended {len(ended)} process(es) the SuperNode left behind: {', '.join(map(str, ended))}")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

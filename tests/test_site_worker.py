@@ -318,3 +318,34 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+FAKE_WORKER = "import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); time.sleep(300)"
+DYING_SUPERNODE = (
+    "import subprocess, sys, time; "
+    "helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True); "
+    "open(sys.argv[1], 'w').write(str(helper.pid)); time.sleep(1); sys.exit(3)"
+)
+SUPERVISE = (
+    "import sys; from pathlib import Path; from client.worker_supervisor import WorkerSupervisor, supervise; "
+    "sock, pidfile = Path(sys.argv[1]), sys.argv[2]; "
+    "worker = WorkerSupervisor([sys.executable, '-c', sys.argv[3], str(sock)], None, sock); "
+    "sys.exit(supervise(worker, [sys.executable, '-c', sys.argv[4], pidfile], None))"
+)
+
+
+def test_helpers_a_dying_supernode_leaves_in_their_own_session_are_ended_with_the_site(tmp_path) -> None:
+    """Flower's SuperNode starts its SuperExec and a message's ClientApp in sessions of their own: killed in
+    the middle of a message, it would leave them blocked on a reply. `neurofed-site start` adopts them
+    (Linux child subreaper) and ends them when the SuperNode is gone; here a stand-in SuperNode starts such a
+    helper and dies."""
+    pidfile = tmp_path / "helper.pid"
+    done = subprocess.run(
+        [sys.executable, "-c", SUPERVISE, str(tmp_path / "w.sock"), str(pidfile), FAKE_WORKER, DYING_SUPERNODE],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 3, done.stdout + done.stderr  # the SuperNode's exit code is the site's
+    helper = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(helper, 0)
+    assert f"the SuperNode left behind: {helper}" in done.stdout, done.stdout
