@@ -11,11 +11,9 @@ from flwr.serverapp import Grid
 
 from contract.packed_arrays import any_packed, packed_content, unpacked_content
 
-REPLY_POLL_S = 0.05
+REPLY_POLL_S = 0.2
 """Seconds between two checks for the sites' replies. Flower 1.41's deployment grid waits 3 s between its
-checks (``send_and_receive``), which adds up to 3 s to every message of a deployed run; 0.2 s added 0.1 s
-on average. A check is one local request to the SuperLink (bench/bench_deployment.py: no slower round
-with it)."""
+checks (``send_and_receive``), which adds up to 3 s to every message of a deployed run."""
 
 
 def send_and_wait(grid: Any, messages: Sequence[Message], timeout_s: float) -> list[Message]:
