@@ -53,7 +53,9 @@ class Workload:
         """The RunConfig of one run, with ``sites_and_folders`` (``num_sites``, ``data_root``, ``run_dir``)."""
         from contract.run_config import RunConfig
 
+        # Random weights: the built-in starting model is of the default network, not the tiny one.
         fixed = {"spacing_mm": self.spacing_mm, "unseen_sites": 1, "network_preset": "tiny", "dp": False}
+        fixed["initial_model"] = "none"
         return RunConfig(**self.run, **fixed, eval_every=self.run["num_rounds"], **sites_and_folders)
 
     def synthesize(self, data_root: Path, n_sites: int) -> Path:
