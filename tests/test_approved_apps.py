@@ -384,3 +384,24 @@ def test_site_start_needs_an_approved_bundle_and_runs_the_launcher(tmp_path) -> 
     assert flower[flower.index("--trusted-entities") + 1] == str(tmp_path / "trusted.yaml")
     assert command[command.index("--approved-apps") + 1] == str(tmp_path / "state" / "approved-apps.txt")
     assert command[command.index("--audit-log") + 1] == str(tmp_path / "state" / "audit.jsonl")
+
+
+def test_a_site_retries_a_failed_heartbeat_at_most_two_seconds_apart(monkeypatch) -> None:
+    """Flower 1.41's SuperNode backs off up to 20 s between heartbeat retries while its coordinator is down;
+    the site's waits at most HEARTBEAT_RETRY_MAX_S, so it is not taken for gone after a restart."""
+    from flwr.supercore import heartbeat
+
+    from client.approved_supernode import (
+        FLOWER_HEARTBEAT_RETRY,
+        HEARTBEAT_RETRY_MAX_S,
+        prompt_heartbeat_retry,
+    )
+
+    monkeypatch.setattr(heartbeat, "exponential", heartbeat.exponential)  # undone after the test
+    assert FLOWER_HEARTBEAT_RETRY in inspect.getsource(heartbeat.HeartbeatSender.__init__)
+    flower = heartbeat.HeartbeatSender(lambda: True)._retry_invoker.wait_gen_factory()
+    assert max(next(flower) for _ in range(8)) == 20
+    assert prompt_heartbeat_retry()
+    site = heartbeat.HeartbeatSender(lambda: True)._retry_invoker.wait_gen_factory()
+    waits = [next(site) for _ in range(8)]
+    assert waits[0] == 1 and max(waits) == HEARTBEAT_RETRY_MAX_S
