@@ -390,6 +390,7 @@ def test_a_site_retries_a_failed_heartbeat_at_most_two_seconds_apart(monkeypatch
     """Flower 1.41's SuperNode backs off up to 20 s between heartbeat retries while its coordinator is down;
     the site's waits at most HEARTBEAT_RETRY_MAX_S, so it is not taken for gone after a restart."""
     from flwr.supercore import heartbeat
+    from flwr.supercore.retry import exponential
 
     from client.approved_supernode import (
         FLOWER_HEARTBEAT_RETRY,
@@ -397,7 +398,8 @@ def test_a_site_retries_a_failed_heartbeat_at_most_two_seconds_apart(monkeypatch
         prompt_heartbeat_retry,
     )
 
-    monkeypatch.setattr(heartbeat, "exponential", heartbeat.exponential)  # undone after the test
+    # Flower's own back-off (an earlier test may have run the launcher in this process), undone after the test.
+    monkeypatch.setattr(heartbeat, "exponential", exponential)
     assert FLOWER_HEARTBEAT_RETRY in inspect.getsource(heartbeat.HeartbeatSender.__init__)
     flower = heartbeat.HeartbeatSender(lambda: True)._retry_invoker.wait_gen_factory()
     assert max(next(flower) for _ in range(8)) == 20
