@@ -22,7 +22,7 @@ With ``--scale 3,10`` it runs instead the job on 3, then 10 real site daemons an
 time per round and the coordinator's peak memory (RSS of its process tree: SuperLink, SuperExec, ServerApp).
 
 Usage: .venv/bin/python bench/bench_deployment.py [--sites 3] [--local-steps 600] [--rounds 3]
-    [--floor-messages 10] [--overhead-rounds 8] [--worker supervised|off] [--scale 3,10]
+    [--floor-messages 30] [--overhead-rounds 20] [--worker supervised|off] [--scale 3,10]
 Prints the figures; writes nothing outside a temporary folder; stops every process it starts.
 """
 
@@ -387,8 +387,10 @@ def main() -> None:
         "--local-steps", type=int, default=600, help="main job: local steps (enough for 30 s of training)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="main job: rounds (round 1 is not timed)")
-    parser.add_argument("--floor-messages", type=int, default=10, help="messages to the empty app")
-    parser.add_argument("--overhead-rounds", type=int, default=8, help="rounds of the one-site, one-step job")
+    # The floor's messages range over 1.1..2.8 s: 10 of them (and 8 rounds) left the overhead uncertain by
+    # about 0.25 s, 30 (and 20 rounds) by about 0.1 s (BENCHMARKS.md, "Seconds per message, deployed").
+    parser.add_argument("--floor-messages", type=int, default=30, help="messages to the empty app")
+    parser.add_argument("--overhead-rounds", type=int, default=20, help="rounds of the one-site, one-step job")
     parser.add_argument("--worker", default="supervised", choices=("supervised", "off"), help="the sites' --worker")
     parser.add_argument(
         "--scale",
