@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+
+from bench.bench_deployment import free_port  # noqa: E402
 
 NODES_FILE_ENV = "NEUROFED_BENCH_NODES_FILE"
 """Where the wrapped ClientApp notes the node of each message (a Ray worker inherits the environment)."""
@@ -62,12 +63,6 @@ def train(msg: Message, context: Context) -> Message:
 @noting_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return _noted("evaluate", msg, context)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray(*args: str) -> None:
@@ -105,7 +100,7 @@ def main() -> None:
 
     # A short folder: Ray's Unix sockets live under its temp folder (107 characters at most).
     root = Path(tempfile.mkdtemp(prefix="nf-ray-", dir="/tmp"))
-    port = _free_port()
+    port = free_port()
     try:
         for i in range(args.sites):
             write_tiny_site(root / "data" / f"site-{i + 1:02d}", 6, 1.0 + 0.2 * i, i)

@@ -18,7 +18,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.worker_link import forwarding_target
-from contract.packed_arrays import any_packed, packed_content, unpacked_content
+from contract.packed_arrays import answer_as_sent
 
 app = ClientApp()
 
@@ -26,13 +26,7 @@ app = ClientApp()
 def _handle(kind: str, msg: Message, context: Context) -> Message:
     # The coordinator packs the model's arrays for the trip (contract/packed_arrays.py): the handler and
     # the worker see them unpacked, and the reply goes back packed the same way.
-    packed = msg.has_content() and any_packed(msg.content)
-    if packed:
-        msg.content = unpacked_content(msg.content)
-    reply = _reply(kind, msg, context)
-    if packed and reply.has_content():
-        reply.content = packed_content(reply.content)
-    return reply
+    return answer_as_sent(msg, lambda unpacked: _reply(kind, unpacked, context))
 
 
 def _reply(kind: str, msg: Message, context: Context) -> Message:

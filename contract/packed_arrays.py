@@ -15,9 +15,10 @@ handlers, the screening and every strategy see the ordinary ArrayRecord, tensor 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from contract.wire import PACKED_DATA, PACKED_LAYOUT
 
@@ -77,3 +78,15 @@ def unpacked_content(content: RecordDict) -> RecordDict:
             for k, r in content.items()
         }
     )
+
+
+def answer_as_sent(msg: Message, answer: Callable[[Message], Message]) -> Message:
+    """``answer(msg)`` with ``msg``'s arrays unpacked first, and the reply's packed when ``msg``'s were:
+    a site's side of the packed transport."""
+    packed = msg.has_content() and any_packed(msg.content)
+    if packed:
+        msg.content = unpacked_content(msg.content)
+    reply = answer(msg)
+    if packed and reply.has_content():
+        reply.content = packed_content(reply.content)
+    return reply

@@ -22,6 +22,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 import client.app as site_app
+from bench.bench_deployment import free_port
 from bench.process_tree import stop_process_tree
 from bench.tiny_sites import write_tiny_site
 from client.site_worker import worker_command
@@ -298,7 +299,7 @@ def test_with_an_external_worker_start_never_reads_the_scans(tmp_path, monkeypat
         data_dir=tmp_path / "scans-this-user-cannot-read",
         budget_epsilon=8.0,
         state_dir=tmp_path / "state",
-        runtime_port=_free_port(),
+        runtime_port=free_port(),
         approved_apps=approved,
         worker=worker,
     )
@@ -312,12 +313,6 @@ def test_with_an_external_worker_start_never_reads_the_scans(tmp_path, monkeypat
     else:
         with pytest.raises(NeurofedError, match="--data .*not a folder"):
             daemon.start_site(config)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 FAKE_WORKER = "import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); time.sleep(300)"

@@ -61,20 +61,18 @@ def _malicious_client_app(module) -> None:
             # The app bundle is importable once Flower loaded it. The site speaks the bundle's transport: the
             # model arrives packed, and the malformed reply goes back packed, so the coordinator's screening
             # (not the unpacking) judges what the site did.
-            from contract.packed_arrays import any_packed, packed_content, unpacked_content
+            from contract.packed_arrays import answer_as_sent
 
-            packed = any_packed(message.content)
-            if packed:
-                message.content = unpacked_content(message.content)
             sent = int(counter.read_text()) if counter.is_file() else 0
             counter.write_text(str(sent + 1))
             chosen = kinds.split(",")[sent % len(kinds.split(","))]
-            server_round = int(message.content["config"]["server-round"])
-            print(f"faulty site: round {server_round} answered with {chosen!r}", flush=True)
-            reply = malformed_training_reply(chosen, message, honest_training_content(message))
-            if packed and reply.has_content():
-                reply.content = packed_content(reply.content)
-            return reply
+
+            def malformed(unpacked):
+                server_round = int(unpacked.content["config"]["server-round"])
+                print(f"faulty site: round {server_round} answered with {chosen!r}", flush=True)
+                return malformed_training_reply(chosen, unpacked, honest_training_content(unpacked))
+
+            return answer_as_sent(message, malformed)
         if kind == "evaluate":
             metrics = MetricRecord({"num-examples": 2, "dice-mean": 7.0})
             return Message(RecordDict({"metrics": metrics}), reply_to=message)
