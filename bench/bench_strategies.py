@@ -6,7 +6,9 @@ unseen site that never trains. Tissue protocol (CSF, grey matter, white matter),
 per site the 15 maps give 16 subjects: the unseen site's last subject reuses the first map (with its own
 deformation and the unseen site's scanner). Arms:
 
-- FedAvg, FedProx, FedBN: each a `neurofed simulate`-equivalent run (Flower's simulation engine) on
+- FedAvg, FedProx, FedBN (and FedAvgM, FedAdam, FedYogi with ``--arms``; ``fedadam:0.003`` sets the
+  server learning rate, ``fedavgm:1:0.7`` the server learning rate and momentum): each a
+  `neurofed simulate`-equivalent run (Flower's simulation engine) on
   the same data, seed, network and settings; every site evaluates the global model (and, for FedBN,
   its personalised model: its own normalization layers + the global rest) after every ``eval-every``
   rounds, so the Dice per round shows whether the run converged;
@@ -21,7 +23,7 @@ are those the sites reported for the final round (the study evaluation reproduce
 tests/test_report.py). Figures are printed, never asserted::
 
     .venv/bin/python bench/bench_strategies.py [--out /tmp/neurofed-bench-strategies] [--rounds 10]
-        [--local-steps 25] [--label-maps DIR] [--reuse]
+        [--local-steps 25] [--label-maps DIR] [--reuse] [--arms fedavg,fedprox,fedbn,fedavgm,fedadam:0.003]
 
 ``--reuse`` keeps finished arm runs (and the baselines) of an earlier call with the same settings.
 """
@@ -48,6 +50,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 TRAINING_SITES, UNSEEN_SITES = 3, 1
 FEDERATED_ARMS: tuple[str, ...] = ("fedavg", "fedprox", "fedbn")
+"""The arms run by default."""
+ARM_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedavgm", "fedadam", "fedyogi")
+"""The strategies an arm may use (``--arms``)."""
 BASELINE_ARM = "fedavg"
 """The arm whose study evaluation trains and scores the local-only and pooled models (once)."""
 
@@ -93,18 +98,42 @@ def _finished_with(run_dir: Path, config) -> bool:
         return False
 
 
-def run_arm(strategy: str, data_root: Path, out: Path, settings: RunConfig, reuse: bool = False):
-    """One federated run of ``strategy``; returns its RunDirectory (``reuse``: a finished identical one)."""
+def arm_settings(arm: str, settings: RunConfig) -> RunConfig:
+    """``settings`` for the arm ``strategy[:server-learning-rate[:server-momentum]]``, e.g. ``fedavgm:1:0.7``."""
+    strategy, *server = arm.split(":")
+    changes: dict[str, Any] = {"strategy": strategy}
+    for name, value in zip(("server_learning_rate", "server_momentum"), server, strict=False):
+        changes[name] = float(value)
+    return settings.replace(**changes)
+
+
+def arm_label(arm: str, settings: RunConfig) -> str:
+    """How the tables name an arm: the strategy and the settings it alone uses."""
+    config = arm_settings(arm, settings)
+    names = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedbn": "FedBN", "fedavgm": "FedAvgM"}
+    name = names.get(config.strategy) or {"fedadam": "FedAdam", "fedyogi": "FedYogi"}[config.strategy]
+    if config.strategy == "fedprox":
+        return f"{name} (mu={config.proximal_mu:g})"
+    if config.strategy == "fedavgm":
+        return f"{name} (server lr {config.server_step_size():g}, momentum {config.server_momentum:g})"
+    if config.strategy in ("fedadam", "fedyogi"):
+        return f"{name} (server lr {config.server_step_size():g})"
+    return name
+
+
+def run_arm(arm: str, data_root: Path, out: Path, settings: RunConfig, reuse: bool = False):
+    """One federated run of ``arm`` (`arm_settings`); returns its RunDirectory (``reuse``: a finished
+    identical one)."""
     from client.app import app as client_app
     from server.run_directory import RunDirectory
     from study.simulation import run_simulation
 
-    config = settings.replace(
-        strategy=strategy, data_root=str(data_root), run_dir=str(out / f"run-{strategy}")
+    config = arm_settings(arm, settings).replace(
+        data_root=str(data_root), run_dir=str(out / f"run-{arm.replace(':', '-')}")
     )
     run_dir = Path(config.run_dir)
     if reuse and _finished_with(run_dir, config):
-        print(f"\n== {strategy}: reusing the finished run in {run_dir}", flush=True)
+        print(f"\n== {arm}: reusing the finished run in {run_dir}", flush=True)
         return RunDirectory(run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished or differently configured run of an earlier benchmark
@@ -114,10 +143,10 @@ def run_arm(strategy: str, data_root: Path, out: Path, settings: RunConfig, reus
     shared_cache.mkdir(exist_ok=True)
     if not (run_dir / "cache").exists():
         (run_dir / "cache").symlink_to(shared_cache, target_is_directory=True)
-    print(f"\n== {strategy}: {settings.num_rounds} rounds x {settings.local_steps} local steps", flush=True)
+    print(f"\n== {arm}: {settings.num_rounds} rounds x {settings.local_steps} local steps", flush=True)
     started = time.perf_counter()
     result = run_simulation(config, client_app)
-    print(f"== {strategy} finished in {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"== {arm} finished in {time.perf_counter() - started:.0f} s", flush=True)
     return result
 
 
@@ -168,7 +197,10 @@ def main() -> int:
         help="reuse finished arm runs with the same settings (and the FedAvg run's baselines) in --out",
     )
     parser.add_argument(
-        "--arms", default=",".join(FEDERATED_ARMS), help=f"federated arms, from {','.join(FEDERATED_ARMS)}"
+        "--arms",
+        default=",".join(FEDERATED_ARMS),
+        help="federated arms, each strategy[:server-lr[:server-momentum]], the strategy one of "
+        + ",".join(ARM_STRATEGIES),
     )
     args = parser.parse_args()
     if not args.label_maps.is_dir() or not any(args.label_maps.glob("*.nii*")):
@@ -178,8 +210,8 @@ def main() -> int:
         )
         return 0
     arms = [a for a in args.arms.split(",") if a]
-    if BASELINE_ARM not in arms or set(arms) - set(FEDERATED_ARMS):
-        parser.error(f"--arms must include {BASELINE_ARM} and only name {', '.join(FEDERATED_ARMS)}")
+    if BASELINE_ARM not in arms or {a.split(":")[0] for a in arms} - set(ARM_STRATEGIES):
+        parser.error(f"--arms must include {BASELINE_ARM} and only name {', '.join(ARM_STRATEGIES)}")
     settings = SETTINGS.replace(**{setting: getattr(args, setting) for _, setting, _ in OPTIONS})
     out = args.out.resolve()
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
@@ -238,13 +270,11 @@ def main() -> int:
             {s: baseline(f"local-only:{s}", s) for s in trainers} | {u: float("nan") for u in unseen},
         )
     )
-    names = {"fedavg": "FedAvg", "fedprox": f"FedProx (mu={settings.proximal_mu:g})", "fedbn": "FedBN"}
     for arm in arms:
-        rows.append((f"{names[arm]} global", {s: final(arm, "global", s) for s in trainers + unseen}))
+        label = arm_label(arm, settings)
+        rows.append((f"{label} global", {s: final(arm, "global", s) for s in trainers + unseen}))
         if arm == "fedbn":
-            rows.append(
-                (f"{names[arm]} personalised", {s: final(arm, "personal", s) for s in trainers + unseen})
-            )
+            rows.append((f"{label} personalised", {s: final(arm, "personal", s) for s in trainers + unseen}))
 
     budget = evaluation["budget"]
     print(
@@ -265,6 +295,12 @@ def main() -> int:
         train_mean = _mean([values[s] for s in trainers])
         cells = [*(values[s] for s in trainers), train_mean, *(values[u] for u in unseen)]
         print("| " + " | ".join([name, *("—" if v != v else f"{v:.3f}" for v in cells)]) + " |")
+    pooled = rows[0][1]
+    print("\nEach model against pooled training (the same compute), unseen site | training sites' mean:")
+    for name, values in rows[1:]:
+        ratios = [_mean([values[u] for u in unseen]) / _mean([pooled[u] for u in unseen])]
+        ratios.append(_mean([values[s] for s in trainers]) / _mean([pooled[s] for s in trainers]))
+        print(f"  {name}: " + " | ".join("—" if r != r else f"{r:.2f}x" for r in ratios))
     chance = _mean([v for s in sites for v in s["chance_mean_dice"].values()])
     tests = {s["site"]: len(s["test_subjects"]) for s in sites}
     print(

@@ -20,6 +20,7 @@ from contract.run_choices import (  # re-exported: the settings' choices
     GRAD_SAMPLE_MODES,
     ROBUST_STRATEGIES,
     SERVER_DP_MODES,
+    SERVER_LEARNING_RATE_DEFAULTS,
     STRATEGIES,
     min_training_sites,
 )
@@ -43,7 +44,10 @@ class RunConfig:
         num_rounds: federated rounds (each: local training at every training site, aggregation).
         strategy: one of `STRATEGIES`.
         proximal_mu: weight of FedProx's proximal term ``mu/2 * ||w - w_global||^2`` (fedprox only).
-        server_learning_rate: server optimizer step size eta (fedadam / fedyogi only).
+        server_learning_rate: server optimizer step size eta (fedavgm, fedadam, fedyogi); 0: the strategy's
+            default (`SERVER_LEARNING_RATE_DEFAULTS`); see `server_step_size`.
+        server_momentum: FedAvgM's server momentum beta: the server steps along ``v = beta * v + mean
+            update`` (fedavgm only; 0 is FedAvg with a server step size).
         local_steps: optimizer steps each training site runs per round.
         protocol: label protocol name (``tissue`` or ``aseg``).
         network_preset: network preset of models/networks.py (``tiny`` or ``default``).
@@ -126,7 +130,8 @@ class RunConfig:
     num_rounds: int = 5
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
-    server_learning_rate: float = 0.01
+    server_learning_rate: float = 0.0
+    server_momentum: float = 0.9
     local_steps: int = 10
     protocol: str = "tissue"
     network_preset: str = "default"
@@ -200,9 +205,16 @@ class RunConfig:
             raise bad("simulated_min_test_subjects", f"must be >= 1, got {self.simulated_min_test_subjects}")
         if not 0.0 < self.test_fraction < 1.0:
             raise bad("test_fraction", f"must be between 0 and 1 (exclusive), got {self.test_fraction}")
-        for name in ("learning_rate", "server_learning_rate", "spacing_mm", "round_timeout_s"):
+        for name in ("learning_rate", "spacing_mm", "round_timeout_s"):
             if not getattr(self, name) > 0:
                 raise bad(name, f"must be positive, got {getattr(self, name)}")
+        if self.server_learning_rate < 0:
+            raise bad(
+                "server_learning_rate",
+                f"must be >= 0 (0: the strategy's default), got {self.server_learning_rate}",
+            )
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise bad("server_momentum", f"must be in [0, 1), got {self.server_momentum}")
         if self.proximal_mu < 0:
             raise bad("proximal_mu", f"must be >= 0, got {self.proximal_mu}")
         if self.field_of_view_mm:
@@ -274,7 +286,7 @@ class RunConfig:
             raise bad(
                 "server_dp",
                 f"site-level DP averages the clipped updates itself; {self.strategy} cannot aggregate after "
-                "it: use fedavg, fedprox, fedadam or fedyogi",
+                "it: use fedavg, fedprox, fedavgm, fedadam or fedyogi",
             )
         needed = min_training_sites(self.strategy, self.byzantine_sites)
         if self.num_training_sites < needed:
@@ -306,6 +318,11 @@ class RunConfig:
     def evaluates_after(self, server_round: int) -> bool:
         """Whether sites evaluate the global model after ``server_round`` (1-based)."""
         return server_round % self.eval_every == 0 or server_round == self.num_rounds
+
+    def server_step_size(self) -> float:
+        """The server optimizer's step size: ``server-learning-rate``, or where that is 0 the strategy's
+        default (`SERVER_LEARNING_RATE_DEFAULTS`; 1.0 for a strategy without a server optimizer)."""
+        return self.server_learning_rate or SERVER_LEARNING_RATE_DEFAULTS.get(self.strategy, 1.0)
 
     def network_config(self) -> NetworkConfig:
         """The network the run trains: the preset, one input channel, one output per protocol class."""
@@ -363,6 +380,7 @@ SERVER_ONLY_SETTINGS = frozenset(
     {
         "proximal-mu",
         "server-learning-rate",
+        "server-momentum",
         "round-timeout-s",
         "server-dp",
         "server-dp-noise-multiplier",

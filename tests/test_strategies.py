@@ -107,8 +107,38 @@ def test_fedbn_aggregates_shared_arrays_and_keeps_global_norm_layers(node_grid) 
     assert evaluate[0].content["config"]["evaluate-personal"] is True
 
 
-@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
-def test_adaptive_server_state_round_trips_through_a_checkpoint(name: str, tmp_path, node_grid) -> None:
+def test_fedavgm_steps_along_the_momentum_of_the_mean_updates(node_grid) -> None:
+    rng = np.random.default_rng(5)
+    lr, beta = 0.5, 0.9
+    strategy = make_strategy(_config(strategy="fedavgm", server_learning_rate=lr, server_momentum=beta))
+    start = _arrays(rng)
+    arrays, momentum = _record(start), None
+    expected = {k: v.astype(np.float64) for k, v in start.items()}
+    for server_round in (1, 2, 3):
+        list(strategy.configure_train(server_round, arrays, ConfigRecord(), node_grid([1, 2])))
+        site_a, site_b = _arrays(rng), _arrays(rng)
+        arrays, _ = strategy.aggregate_train(server_round, [_reply(1, site_a, 1), _reply(2, site_b, 3)])
+        # By hand: the pseudo-gradient is the global model minus the weighted mean of the sites' models.
+        step = {k: expected[k] - (0.25 * site_a[k] + 0.75 * site_b[k]) for k in start}
+        momentum = step if momentum is None else {k: beta * momentum[k] + step[k] for k in start}
+        expected = {k: expected[k] - lr * momentum[k] for k in start}
+        for key in start:
+            np.testing.assert_allclose(arrays[key].numpy(), expected[key], rtol=1e-4, atol=1e-5)
+
+
+def test_the_server_step_size_defaults_to_the_strategys_own() -> None:
+    assert _config(strategy="fedavgm").server_step_size() == 1.0
+    assert _config(strategy="fedadam").server_step_size() == 0.01
+    assert _config(strategy="fedadam", server_learning_rate=0.1).server_step_size() == 0.1
+
+
+@pytest.mark.parametrize(
+    ("name", "state_keys"),
+    [("fedadam", {"m_t", "v_t"}), ("fedyogi", {"m_t", "v_t"}), ("fedavgm", {"momentum"})],
+)
+def test_server_optimizer_state_round_trips_through_a_checkpoint(
+    name: str, state_keys: set[str], tmp_path, node_grid
+) -> None:
     rng = np.random.default_rng(4)
     config = _config(strategy=name, server_learning_rate=0.05)
     start = _arrays(rng)
@@ -135,7 +165,7 @@ def test_adaptive_server_state_round_trips_through_a_checkpoint(name: str, tmp_p
     run_dir.save_checkpoint(1, after_one.to_torch_state_dict(), strategy_state(first), write_model)
     checkpoint = run_dir.latest_checkpoint(lambda p: torch.load(p, weights_only=True)["state_dict"])
     assert checkpoint is not None and checkpoint.server_round == 1
-    assert set(checkpoint.strategy_state) == {"m_t", "v_t"}
+    assert set(checkpoint.strategy_state) == state_keys
     resumed = make_strategy(config)
     restore_strategy_state(resumed, checkpoint.strategy_state)
     arrays_resumed = ArrayRecord({k: Array(v.numpy()) for k, v in checkpoint.state_dict.items()})
@@ -175,6 +205,8 @@ def test_run_config_round_trips_through_flower_keys_and_json() -> None:
         ({"server-dp": "local"}, "server-dp"),
         ({"server-dp": "fixed", "strategy": "fedbn"}, "server-dp"),
         ({"field-of-view-mm": "64,64"}, "field-of-view-mm"),
+        ({"server-momentum": 1.0}, "server-momentum"),
+        ({"server-learning-rate": -0.1}, "server-learning-rate"),
     ],
 )
 def test_bad_run_settings_are_refused_naming_the_setting(settings: dict, named: str) -> None:
