@@ -124,11 +124,16 @@ def cosine_basis(coords_mm: np.ndarray, center_mm: float, order: int) -> np.ndar
 
 
 def separable(coefficients: np.ndarray, bases: Sequence[np.ndarray]) -> np.ndarray:
-    """``sum_abc C[a,b,c] B0[a,i] B1[b,j] B2[c,k]`` as an (i, j, k) float64 array."""
+    """``sum_abc C[a,b,c] B0[a,i] B1[b,j] B2[c,k]`` as an (i, j, k) float64 array.
+
+    Plain ``einsum`` (no BLAS), as fast here as a matrix product: in `flwr run`'s simulation the sites are
+    synthesized while Flower starts Ray in another thread, and OpenBLAS's fork handler shuts its worker
+    threads down under a running threaded product, which then waits for them forever (a hang seen in CI).
+    """
     b0, b1, b2 = bases
-    t = np.tensordot(coefficients, b2, axes=(2, 0))  # (a, b, k)
-    u = np.einsum("abk,bj->ajk", t, b1)  # (a, j, k)
-    return (b0.T @ u.reshape(u.shape[0], -1)).reshape(b0.shape[1], b1.shape[1], b2.shape[1])
+    t = np.einsum("abc,ck->abk", coefficients, b2)
+    u = np.einsum("abk,bj->ajk", t, b1)
+    return np.einsum("ajk,ai->ijk", u, b0)
 
 
 def index_coefficients(deformation: Deformation, label_affine: np.ndarray) -> np.ndarray:

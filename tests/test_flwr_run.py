@@ -42,9 +42,9 @@ TINY = {
 }
 
 
-# Seconds for the ServerApp's first log line (about 5-40 s on a 2-core machine; Ray starts first), and for
-# the whole run (20-70 s).
-RUN_START_S = 150
+# Seconds until the run's first log line (5-40 s on a 2-core machine: the SuperLink, then Ray, start first),
+# and for the whole run (20-70 s).
+RUN_SILENT_S = 150
 RUN_S = 300
 
 
@@ -58,21 +58,28 @@ def _toml(value: object) -> str:
     return json.dumps(value) if isinstance(value, str) else str(value).lower()
 
 
-def _stream(command: list[str], env: dict[str, str], flwr_home: Path) -> tuple[int | None, str]:
-    """Run ``flwr run ... --stream``; its exit code and output, or ``None`` and the output so far where the
-    submitted run never started. Stops the local SuperLink (and its SuperExec, simulation and Ray) after."""
+def _flwr_run(command: list[str], flwr_home: Path) -> tuple[int, str]:
+    """Run ``flwr run ... --stream`` on a local SuperLink of its own; its exit code and output. Fails, with
+    the output and the SuperLink's log, when the run logs nothing within `RUN_SILENT_S` or does not end
+    within `RUN_S`. Stops the SuperLink (and its SuperExec, simulation and Ray) after."""
     lines: list[str] = []
+    env = flower_environment(flwr_home) | {
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+    }
     process = subprocess.Popen(
         [*command, "--stream"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     reader = threading.Thread(target=lambda: [lines.append(line) for line in process.stdout], daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + RUN_START_S
-        while process.poll() is None and time.monotonic() < deadline and not _started(lines):
+        started = time.monotonic()
+        while process.poll() is None and time.monotonic() - started < RUN_SILENT_S and not _run_logged(lines):
             time.sleep(0.5)
-        if not _started(lines) and process.poll() is None:
-            return None, "".join(lines) + _superlink_log(flwr_home)
+        if process.poll() is None and not _run_logged(lines):
+            pytest.fail(
+                f"the run logged nothing for {RUN_SILENT_S} s:\n{''.join(lines)}{_superlink_log(flwr_home)}"
+            )
         try:
             process.wait(timeout=RUN_S)
         except subprocess.TimeoutExpired:
@@ -87,8 +94,8 @@ def _stream(command: list[str], env: dict[str, str], flwr_home: Path) -> tuple[i
         stop_processes(processes_naming(str(flwr_home)))
 
 
-def _started(lines: list[str]) -> bool:
-    """Whether the ServerApp wrote anything to the run's log stream (every line after Flower's own)."""
+def _run_logged(lines: list[str]) -> bool:
+    """Whether the run's log stream carried a line (every line after Flower's "Starting logstream")."""
     streaming = [i for i, line in enumerate(lines) if "Starting logstream for run_id" in line]
     return bool(streaming) and len(lines) > streaming[0] + 1
 
@@ -98,36 +105,14 @@ def _superlink_log(flwr_home: Path) -> str:
     return "".join(f"\n--- {log}:\n{log.read_text()}" for log in logs)
 
 
-def _run_until_it_starts(command: list[str], flwr_home: Path) -> tuple[int, str]:
-    """`flwr run`, submitted once more (to a fresh local SuperLink) if Flower never started the first run.
-
-    Flower 1.41's local simulation now and then leaves a submitted run pending: the SuperLink logs that it
-    started the run's task, and the run's log stream stays empty for good (flwrlabs/flower#7953, open; seen
-    once in CI and once in 14 runs here). That is not this app's failure; a second such run is."""
-    for attempt in (1, 2):
-        home = flwr_home.with_name(f"{flwr_home.name}-{attempt}")
-        returncode, output = _stream(command, flower_environment(home) | _local_ports(), home)
-        assert processes_naming(str(home)) == [], "the local SuperLink is still running"
-        if returncode is not None:
-            return returncode, output
-        print(f"attempt {attempt}: Flower never started the submitted run (flwrlabs/flower#7953):\n{output}")
-    pytest.fail(f"Flower did not start the submitted run twice in a row; the second time:\n{output}")
-
-
-def _local_ports() -> dict[str, str]:
-    """Private ports for the local SuperLink `flwr run` starts, so it never meets another one."""
-    return {
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-    }
-
-
 @pytest.mark.skipif(not FLWR.is_file(), reason="Flower's `flwr` command is not installed beside this Python")
 def test_flwr_run_synthesizes_its_sites_and_ends_with_the_full_report(tmp_path):
     run_dir = tmp_path / "run"
     settings = " ".join(f"{k}={_toml(v)}" for k, v in {**TINY, "run-dir": str(run_dir)}.items())
     command = [str(FLWR), "run", ".", "--federation-config", "num-supernodes=2", "--run-config", settings]
-    returncode, output = _run_until_it_starts(command, tmp_path / "flwr-home")
+    flwr_home = tmp_path / "flwr-home"
+    returncode, output = _flwr_run(command, flwr_home)
+    assert processes_naming(str(flwr_home)) == [], "the local SuperLink is still running"
     assert returncode == 0, output
     assert sorted(p.name for p in (run_dir / "data").iterdir()) == ["site-01", "site-02"]
     assert (run_dir / EVALUATION_FILE).is_file(), output

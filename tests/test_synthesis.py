@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -155,6 +157,49 @@ def test_default_sites_are_all_t1w_and_contrasts_cycle_over_sites() -> None:
     assert site_profiles(2, 3)[1] == site_profiles(5, 3)[1]
     with pytest.raises(NeurofedError, match="T3w"):
         site_profiles(2, 0, "T1w,T3w")
+
+
+# A thread samples a subject's deformation on a whole-head chunk over and over while the main thread starts
+# processes with a preexec_fn (a fork, as Ray does on starting); exit 0 once the samples went on for 3 s.
+_SAMPLING_WHILE_FORKING = """
+import subprocess, sys, threading, time
+import numpy as np
+from study.subject_geometry import separable
+rng = np.random.default_rng(0)
+coefficients, bases = rng.normal(size=(5, 5, 5)), [rng.normal(size=(5, n)) for n in (50, 220, 180)]
+done = [0]
+def sample():
+    while True:
+        separable(coefficients, bases)
+        done[0] += 1
+threading.Thread(target=sample, daemon=True).start()
+start = time.monotonic()
+while time.monotonic() - start < 3:
+    before = done[0]
+    for _ in range(20):
+        subprocess.Popen(["true"], preexec_fn=lambda: None).wait()
+    deadline = time.monotonic() + 5
+    while done[0] == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == before:
+        print(f"sampling stopped after {done[0]} chunks"); sys.exit(1)
+"""
+
+
+def test_sampling_goes_on_while_another_thread_starts_processes() -> None:
+    # In `flwr run` the ServerApp synthesizes the sites while Flower starts Ray in another thread: a
+    # threaded OpenBLAS product there hung forever (OpenBLAS's fork handler stops its worker threads).
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _SAMPLING_WHILE_FORKING],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("sampling (or the process starts beside it) hung for 60 s")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_existing_site_is_kept_unless_overwrite(tmp_path: Path) -> None:
