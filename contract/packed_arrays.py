@@ -63,11 +63,24 @@ def any_packed(content: RecordDict) -> bool:
     return any(isinstance(r, ArrayRecord) and is_packed(r) for r in content.values())
 
 
-def packed_content(content: RecordDict) -> RecordDict:
-    """A new RecordDict: ``content`` with every ArrayRecord packed (the other records as they are)."""
-    return RecordDict(
-        {k: pack_arrays(r) if isinstance(r, ArrayRecord) and len(r) else r for k, r in content.items()}
-    )
+PackedRecords = dict[int, tuple[ArrayRecord, ArrayRecord]]
+"""ArrayRecords already packed: ``id(original) -> (original, packed)`` (the original kept, so its id stays its)."""
+
+
+def packed_content(content: RecordDict, packed: PackedRecords | None = None) -> RecordDict:
+    """A new RecordDict: ``content`` with every ArrayRecord packed (the other records as they are).
+
+    ``packed``: records packed before, filled in here: the messages of one round all carry the same global
+    model, which is then packed once, not once per site."""
+    packed = {} if packed is None else packed
+    out = RecordDict()
+    for key, record in content.items():
+        if isinstance(record, ArrayRecord) and len(record):
+            if id(record) not in packed:
+                packed[id(record)] = (record, pack_arrays(record))
+            record = packed[id(record)][1]
+        out[key] = record
+    return out
 
 
 def unpacked_content(content: RecordDict) -> RecordDict:

@@ -9,7 +9,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from contract.packed_arrays import any_packed, packed_content, unpacked_content
+from contract.packed_arrays import PackedRecords, any_packed, packed_content, unpacked_content
 
 REPLY_POLL_S = 0.2
 """Seconds between two checks for the sites' replies. Flower 1.41's deployment grid waits 3 s between its
@@ -25,9 +25,10 @@ def send_and_wait(grid: Any, messages: Sequence[Message], timeout_s: float) -> l
     and the replies unpacked before they are returned."""
     if not isinstance(grid, Grid):
         return list(grid.send_and_receive(messages, timeout=timeout_s))
+    packed: PackedRecords = {}  # the global model, packed once for every site
     for message in messages:
         if message.has_content():
-            message.content = packed_content(message.content)
+            message.content = packed_content(message.content, packed)
     waiting = set(grid.push_messages(messages))
     replies: list[Message] = []
     deadline = time.monotonic() + timeout_s

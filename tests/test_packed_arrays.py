@@ -171,6 +171,24 @@ def test_the_coordinator_sends_packed_and_reads_replies_unpacked() -> None:
     _assert_same(reply.content[ARRAYS_RECORD], arrays)
 
 
+def test_the_global_model_every_site_gets_is_packed_once(monkeypatch) -> None:
+    import contract.packed_arrays as packing
+
+    packs: list[int] = []
+    pack = packing.pack_arrays
+    monkeypatch.setattr(packing, "pack_arrays", lambda record: packs.append(id(record)) or pack(record))
+    shared, own = (
+        ArrayRecord({"w": Array(np.ones((2, 3), np.float32))}),
+        ArrayRecord({"w": Array(np.zeros(3))}),
+    )
+    grid = _RecordingGrid(lambda m: Message(RecordDict({}), reply_to=m))
+    send_and_wait(grid, [_instruction(shared), _instruction(shared), _instruction(own)], timeout_s=5)
+    assert packs == [id(shared), id(own)]
+    pushed = [m.content[ARRAYS_RECORD] for m in grid.pushed]
+    assert pushed[0] is pushed[1] and pushed[2] is not pushed[0]
+    _assert_same(unpacked_content(grid.pushed[2].content)[ARRAYS_RECORD], own)
+
+
 def test_a_reply_with_broken_packing_reaches_the_screening_as_it_came_and_is_rejected() -> None:
     arrays = ArrayRecord({"w": Array(np.ones((2, 3), np.float32))})
 
