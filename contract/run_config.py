@@ -45,7 +45,7 @@ class RunConfig:
         strategy: one of `STRATEGIES`.
         proximal_mu: weight of FedProx's proximal term ``mu/2 * ||w - w_global||^2`` (fedprox only).
         server_learning_rate: server optimizer step size eta (fedavgm, fedadam, fedyogi); 0: the strategy's
-            default (`SERVER_LEARNING_RATE_DEFAULTS`); see `server_step_size`.
+            own (fedavgm 1, fedadam and fedyogi 0.01: `SERVER_LEARNING_RATE_DEFAULTS`).
         server_momentum: FedAvgM's server momentum beta: the server steps along ``v = beta * v + mean
             update`` (fedavgm only; 0 is FedAvg with a server step size).
         local_steps: optimizer steps each training site runs per round.
