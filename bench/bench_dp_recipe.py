@@ -15,7 +15,9 @@ Arms (``--arms``, comma-separated groups):
 - ``epsilon``: without DP and at each ``--epsilons``, from the starting model and from random weights;
 - ``recipe``: at ε = 8 from the starting model, the default recipe (every layer trained, one augmented
   view per person, no weight averaging, the clipping norm from the starting model's public gradient norms,
-  learning rate 2e-3) with one part changed at a time.
+  learning rate 2e-3) with one part changed at a time;
+- ``strategy``: from the starting model, FedAvg and FedAvgM (server momentum 0.5, 0.9), each at ε = 8 and
+  without DP.
 
 Usage::
 
@@ -73,7 +75,20 @@ def arms(group: str, epsilons: list[float], starts: tuple[str, ...] = ("start", 
             ("DP ε=8, lr 5e-4", {"dp": True, "learning_rate": 5e-4}),
             ("DP ε=8, lr 5e-3", {"dp": True, "learning_rate": 5e-3}),
         ]
-    raise SystemExit(f"unknown arm group {group!r}: choose epsilon, recipe")
+    if group == "strategy":
+        # The server's optimizer at ε = 8 and without DP (issue 15: the federated recipe, DP beside no DP).
+        # FedAvg last: it is the "epsilon" group's "no DP, start" and "DP ε=8, start" again.
+        servers = [
+            ("FedAvgM lr 1 momentum 0.9", {"strategy": "fedavgm", "server_momentum": 0.9}),
+            ("FedAvgM lr 1 momentum 0.5", {"strategy": "fedavgm", "server_momentum": 0.5}),
+            ("FedAvg", {"strategy": "fedavg"}),
+        ]
+        return [
+            (f"{privacy}, {name}", {"dp": dp, **server})
+            for name, server in servers
+            for privacy, dp in (("DP ε=8", True), ("no DP", False))
+        ]
+    raise SystemExit(f"unknown arm group {group!r}: choose epsilon, recipe, strategy")
 
 
 def run_arm(name: str, config, secrets_seed: int) -> dict:
