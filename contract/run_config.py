@@ -131,7 +131,7 @@ class RunConfig:
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.0
-    server_momentum: float = 0.9
+    server_momentum: float = 0.5
     local_steps: int = 10
     protocol: str = "tissue"
     network_preset: str = "default"
