@@ -17,7 +17,9 @@ Arms (``--arms``, comma-separated groups):
   view per person, no weight averaging, the clipping norm from the starting model's public gradient norms,
   learning rate 2e-3) with one part changed at a time;
 - ``strategy``: from the starting model, FedAvg and FedAvgM (server momentum 0.5, 0.9), each at ε = 8 and
-  without DP.
+  without DP;
+- ``diagnostic``: the DP training path with a noise multiplier of 0.001 (no privacy), without clipping and
+  with the default clipping: what DP-SGD's noise costs apart from what its path and its clipping cost.
 
 Usage::
 
@@ -88,7 +90,32 @@ def arms(group: str, epsilons: list[float], starts: tuple[str, ...] = ("start", 
             for name, server in servers
             for privacy, dp in (("DP ε=8", True), ("no DP", False))
         ]
-    raise SystemExit(f"unknown arm group {group!r}: choose epsilon, recipe, strategy")
+    if group == "diagnostic":
+        # The private training path with (almost) no noise: what its sampling and per-person steps cost
+        # without noise, then with the default clipping; "no DP, start" and "DP ε=8, start" beside them.
+        # The sites' ledgers get a `DIAGNOSTIC_BUDGET` first (`run_arm`), or they would refuse such an ε.
+        return [
+            ("DP path, noise 0.001, no clipping", {"dp": True, "dp_noise_multiplier": 1e-3, "dp_max_grad_norm": 1e4}),
+            ("DP path, noise 0.001, default clipping", {"dp": True, "dp_noise_multiplier": 1e-3}),
+        ]
+    raise SystemExit(f"unknown arm group {group!r}: choose epsilon, recipe, strategy, diagnostic")
+
+
+DIAGNOSTIC_BUDGET = (1e300, 1e-3)
+"""Lifetime (ε, δ) of the simulated sites' ledgers in a diagnostic arm (noise multiplier below 0.1): no
+privacy at all, which only a benchmark may ask of a simulated site."""
+
+
+def give_sites_budget(config, budget: tuple[float, float]) -> None:
+    """Set up each simulated site's ledger in the run's folder with ``budget`` before the run starts."""
+    from client.site_setup import LEDGER_FILE
+    from contract.run_layout import SITE_STATE_DIR, site_folders
+    from privacy.privacy_ledger import PrivacyLedger
+
+    for folder in site_folders(Path(config.data_root)):
+        ledger = PrivacyLedger(Path(config.run_dir) / SITE_STATE_DIR / folder.name / LEDGER_FILE)
+        ledger.path.parent.mkdir(parents=True, exist_ok=True)
+        ledger.set_budget(*budget)
 
 
 def run_arm(name: str, config, secrets_seed: int) -> dict:
@@ -97,6 +124,8 @@ def run_arm(name: str, config, secrets_seed: int) -> dict:
     from study.simulation import run_simulation
 
     started = time.perf_counter()
+    if config.dp and 0 < config.dp_noise_multiplier < 0.1:
+        give_sites_budget(config, DIAGNOSTIC_BUDGET)
     run_dir = run_simulation(config, client_app, progress=False, site_secrets_seed=secrets_seed)
     events = run_dir.read_events()
     epsilon = {e["site"]: float(e["epsilon"]) for e in events if e.get("event") == "train" and "epsilon" in e}
