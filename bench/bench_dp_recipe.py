@@ -18,6 +18,7 @@ Arms (``--arms``, comma-separated groups):
   learning rate 2e-3) with one part changed at a time;
 - ``strategy``: from the starting model, FedAvg and FedAvgM (server momentum 0.5, 0.9), each at ε = 8 and
   without DP;
+- ``steps``: at ε = 8, batches of 8 and 16 persons, 4 and 20 local steps per round;
 - ``diagnostic``: the DP training path with a noise multiplier of 0.001 (no privacy), without clipping and
   with the default clipping: what DP-SGD's noise costs apart from what its path and its clipping cost.
 
@@ -90,6 +91,15 @@ def arms(group: str, epsilons: list[float], starts: tuple[str, ...] = ("start", 
             for name, server in servers
             for privacy, dp in (("DP ε=8", True), ("no DP", False))
         ]
+    if group == "steps":
+        # At ε = 8: fewer and larger noisy steps (De et al., 2022), or more and smaller ones.
+        return [
+            ("DP ε=8, batch 8", {"dp": True, "batch_size": 8}),
+            ("DP ε=8, batch 16 (every person, every step)", {"dp": True, "batch_size": 16}),
+            ("DP ε=8, 4 local steps", {"dp": True, "local_steps": 4}),
+            ("DP ε=8, 20 local steps", {"dp": True, "local_steps": 20}),
+            ("DP ε=8, batch 8, lr 5e-3", {"dp": True, "batch_size": 8, "learning_rate": 5e-3}),
+        ]
     if group == "diagnostic":
         # The private training path with (almost) no noise: what its sampling and per-person steps cost
         # without clipping, then with the default clipping; "no DP, start" and "DP ε=8, start" beside them.
@@ -100,7 +110,7 @@ def arms(group: str, epsilons: list[float], starts: tuple[str, ...] = ("start", 
             ("DP path, no noise, no clipping", {"dp": True, "dp_noise_multiplier": 1e-7, "dp_max_grad_norm": 1e4}),
             ("DP path, no noise, default clipping", {"dp": True, "dp_noise_multiplier": 1e-3}),
         ]
-    raise SystemExit(f"unknown arm group {group!r}: choose epsilon, recipe, strategy, diagnostic")
+    raise SystemExit(f"unknown arm group {group!r}: choose epsilon, recipe, strategy, steps, diagnostic")
 
 
 DIAGNOSTIC_BUDGET = (1e300, 1e-3)
