@@ -147,7 +147,8 @@ def run_arm(arm: str, data_root: Path, out: Path, settings: RunConfig, reuse: bo
         (run_dir / "cache").symlink_to(shared_cache, target_is_directory=True)
     print(f"\n== {arm}: {settings.num_rounds} rounds x {settings.local_steps} local steps", flush=True)
     started = time.perf_counter()
-    result = run_simulation(config, client_app)
+    # Every arm's sites draw the same secrets, hence the same test splits: the arms score the same persons.
+    result = run_simulation(config, client_app, site_secrets_seed=config.seed)
     print(f"== {arm} finished in {time.perf_counter() - started:.0f} s", flush=True)
     return result
 
