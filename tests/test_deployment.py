@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 from flwr.serverapp import Grid
 
+from bench.bench_deployment import free_port
 from bench.process_tree import stop_process_tree
 from bench.tiny_sites import write_tiny_site
 from client.approved_apps import ACCEPTED_EVENT, AUDIT_LOG_FILE, REFUSED_EVENT, read_audit_events
@@ -113,12 +114,6 @@ class Daemon:
         return self.log.read_text(errors="replace")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(condition, what: str, timeout_s: float = WAIT_S, every_s: float = 0.5, logs=()):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -165,7 +160,7 @@ class Federation:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.state = CoordinatorState(root / "coordinator")
         self.ca, self.cert, self.key = _make_certs(root / "certs")
         self.env = {
@@ -228,7 +223,7 @@ class Federation:
             "--site-id",
             name,
             "--runtime-port",
-            str(_free_port()),
+            str(free_port()),
             "--approved-apps",
             str(self.approved_apps),
             # The study runs with DP; the comparison with the in-process run needs a job without.

@@ -6,7 +6,6 @@ command left running."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.bench_deployment import free_port
 from bench.process_tree import processes_naming, stop_processes
 from contract.run_layout import EVALUATION_FILE, REPORT_HTML, REPORT_MD
 from server.flower_control import flower_environment
@@ -48,12 +48,6 @@ RUN_SILENT_S = 150
 RUN_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _toml(value: object) -> str:
     return json.dumps(value) if isinstance(value, str) else str(value).lower()
 
@@ -64,8 +58,8 @@ def _flwr_run(command: list[str], flwr_home: Path) -> tuple[int, str]:
     within `RUN_S`. Stops the SuperLink (and its SuperExec, simulation and Ray) after."""
     lines: list[str] = []
     env = flower_environment(flwr_home) | {
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
     }
     process = subprocess.Popen(
         [*command, "--stream"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
