@@ -51,8 +51,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 TRAINING_SITES, UNSEEN_SITES = 3, 1
 FEDERATED_ARMS: tuple[str, ...] = ("fedavg", "fedprox", "fedbn")
 """The arms run by default."""
-ARM_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedbn", "fedavgm", "fedadam", "fedyogi")
-"""The strategies an arm may use (``--arms``)."""
+ARM_NAMES: dict[str, str] = {
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "fedbn": "FedBN",
+    "fedavgm": "FedAvgM",
+    "fedadam": "FedAdam",
+    "fedyogi": "FedYogi",
+}
+"""The strategies an arm may use (``--arms``), and how the tables name them."""
 BASELINE_ARM = "fedavg"
 """The arm whose study evaluation trains and scores the local-only and pooled models (once)."""
 
@@ -112,8 +119,7 @@ def arm_settings(arm: str, settings: RunConfig) -> RunConfig:
 def arm_label(arm: str, settings: RunConfig) -> str:
     """How the tables name an arm: the strategy and the settings it alone uses."""
     config = arm_settings(arm, settings)
-    names = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedbn": "FedBN", "fedavgm": "FedAvgM"}
-    name = names.get(config.strategy) or {"fedadam": "FedAdam", "fedyogi": "FedYogi"}[config.strategy]
+    name = ARM_NAMES[config.strategy]
     if config.strategy == "fedprox":
         return f"{name} (mu={config.proximal_mu:g})"
     if config.strategy == "fedavgm":
@@ -203,7 +209,7 @@ def main() -> int:
         "--arms",
         default=",".join(FEDERATED_ARMS),
         help="federated arms, each strategy[:server-lr[:server-momentum]], the strategy one of "
-        + ",".join(ARM_STRATEGIES),
+        + ",".join(ARM_NAMES),
     )
     args = parser.parse_args()
     if not args.label_maps.is_dir() or not any(args.label_maps.glob("*.nii*")):
@@ -213,8 +219,8 @@ def main() -> int:
         )
         return 0
     arms = [a for a in args.arms.split(",") if a]
-    if BASELINE_ARM not in arms or {a.split(":")[0] for a in arms} - set(ARM_STRATEGIES):
-        parser.error(f"--arms must include {BASELINE_ARM} and only name {', '.join(ARM_STRATEGIES)}")
+    if BASELINE_ARM not in arms or {a.split(":")[0] for a in arms} - set(ARM_NAMES):
+        parser.error(f"--arms must include {BASELINE_ARM} and only name {', '.join(ARM_NAMES)}")
     settings = SETTINGS.replace(**{setting: getattr(args, setting) for _, setting, _ in OPTIONS})
     out = args.out.resolve()
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
