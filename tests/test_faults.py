@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_deployment import ROOT, WAIT_S, Daemon, Federation, _free_port, _port_open, _wait_for
+from test_deployment import ROOT, WAIT_S, Daemon, Federation, _port_open, _wait_for
 
+from bench.bench_deployment import free_port
 from bench.faulty_site.malformed_replies import KINDS
 from bench.tiny_sites import write_tiny_site
 from client.site_keys import generate_site_keys
@@ -141,7 +142,7 @@ class FaultyFederation(Federation):
         nginx = shutil.which("nginx")
         if nginx is None:
             return
-        self.site_port = _free_port()
+        self.site_port = free_port()
         conf = (
             FLEET_CONF.read_text()
             .replace("listen 9092 ssl;", f"listen 127.0.0.1:{self.site_port} ssl;")
