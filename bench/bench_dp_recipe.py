@@ -20,7 +20,10 @@ Arms (``--arms``, comma-separated groups):
   without DP;
 - ``steps``: at ε = 8, batches of 8 and 16 persons, 4 and 20 local steps per round;
 - ``diagnostic``: the DP training path with a noise multiplier of 0.001 (no privacy), without clipping and
-  with the default clipping: what DP-SGD's noise costs apart from what its path and its clipping cost.
+  with the default clipping: what DP-SGD's noise costs apart from what its path and its clipping cost;
+- ``noise``: the ε = 8 arm's noise multiplier divided by 4, 16, 64 and 256 (no privacy guarantee kept):
+  the noise on each step's mean that a site with that many times the persons would add at ε = 8 and the
+  same sampling rate, so the Dice that realistic site sizes would reach.
 
 Usage::
 
@@ -110,12 +113,35 @@ def arms(group: str, epsilons: list[float], starts: tuple[str, ...] = ("start", 
             ("DP path, no noise, no clipping", {"dp": True, "dp_noise_multiplier": 1e-7, "dp_max_grad_norm": 1e4}),
             ("DP path, no noise, default clipping", {"dp": True, "dp_noise_multiplier": 1e-3}),
         ]
-    raise SystemExit(f"unknown arm group {group!r}: choose epsilon, recipe, strategy, steps, diagnostic")
+    if group == "noise":
+        # At the same sampling rate and ε the noise multiplier is the same for any site size, and the noise's
+        # std on the mean of a step's clipped gradients is multiplier x norm / (persons x rate): dividing
+        # the multiplier by k is a site with k times the persons, as far as the noise goes.
+        return [("DP ε=8, start", {"dp": True})] + [
+            (f"DP ε=8 noise / {k} (as {k}x the persons)", {"dp": True, NOISE_DIVISOR: k}) for k in NOISE_DIVISORS
+        ]
+    raise SystemExit(f"unknown arm group {group!r}: choose epsilon, recipe, strategy, steps, diagnostic, noise")
+
+
+NOISE_DIVISOR = "noise_divisor"
+"""An arm's change that is not a run setting: divide the "DP ε=8, start" arm's noise multiplier by it."""
+NOISE_DIVISORS = (4, 16, 64, 256)
 
 
 DIAGNOSTIC_BUDGET = (1e300, 1e-3)
-"""Lifetime (ε, δ) of the simulated sites' ledgers in a diagnostic arm (noise multiplier below 0.1): no
-privacy at all, which only a benchmark may ask of a simulated site."""
+"""Lifetime (ε, δ) of the simulated sites' ledgers in a diagnostic arm (one that fixes the noise
+multiplier below what ε = 8 needs): no privacy at all, which only a benchmark may ask of a simulated site."""
+
+
+def noise_multiplier(run_dir: Path) -> float | None:
+    """The noise multiplier the sites of a finished run trained with (None without DP)."""
+    from server.run_directory import RunDirectory
+
+    used = {e["metrics"].get("noise-multiplier") for e in RunDirectory(run_dir).read_events() if e.get("event") == "train"}
+    used.discard(None)
+    if len(used) > 1:
+        raise SystemExit(f"{run_dir}: the sites trained with several noise multipliers {sorted(used)}")
+    return used.pop() if used else None
 
 
 def give_sites_budget(config, budget: tuple[float, float]) -> None:
@@ -136,7 +162,7 @@ def run_arm(name: str, config, secrets_seed: int) -> dict:
     from study.simulation import run_simulation
 
     started = time.perf_counter()
-    if config.dp and 0 < config.dp_noise_multiplier < 0.1:
+    if config.dp and config.dp_noise_multiplier > 0:  # only diagnostic arms fix the noise multiplier
         give_sites_budget(config, DIAGNOSTIC_BUDGET)
     run_dir = run_simulation(config, client_app, progress=False, site_secrets_seed=secrets_seed)
     events = run_dir.read_events()
@@ -228,6 +254,10 @@ def main() -> int:
             if name in done:
                 continue
             slug = "".join(c if c.isalnum() else "-" for c in name)
+            if NOISE_DIVISOR in changes:
+                reference = next(r for r in results if r["arm"] == "DP ε=8, start")
+                divisor = changes.pop(NOISE_DIVISOR)
+                changes["dp_noise_multiplier"] = noise_multiplier(Path(reference["run_dir"])) / divisor
             config = base.replace(**changes, run_dir=str((out / "runs" / slug).resolve()))
             result = run_arm(name, config, args.seed)
             print(f"{name}: unseen {result['dice_unseen']:.3f}, training sites {result['dice_train_sites']:.3f}, "
