@@ -6,9 +6,10 @@ site, one simulated scanner each (study/synthesis.py), synthesized once and reus
 site's secret is fixed from ``--seed`` so every arm sees the same splits (`neurofed simulate
 --fixed-site-secrets`). Each arm is a federated run (FedAvg; `study.simulation.run_simulation`) whose sites
 evaluate the final global model; printed per arm: ε spent per site, mean tissue Dice on the training sites'
-test splits and on the unseen site. Beside them, scored on the same subjects: the starting model alone, and
-each training site's local-only model (the run's steps on its own training split, without DP, from the same
-starting weights and trainable layers, as study/study_baselines.py trains it).
+test splits and on the unseen site. Beside them, scored on the same subjects: the starting model alone,
+each training site's local-only model (the run's steps on its own training split) and the pooled model (the
+federation's steps on every training site's split), without DP, from the same starting weights and trainable
+layers, as study/study_baselines.py trains them.
 
 Arms (``--arms``, comma-separated groups):
 
@@ -184,20 +185,23 @@ def run_arm(name: str, config, secrets_seed: int) -> dict:
     }
 
 
-def reference_scores(run_dir: Path, data_root: Path, config) -> list[dict]:
-    """The starting model alone and each local-only model, scored on the run's test subjects."""
+def reference_scores(run_dir: Path, data_root: Path, config, have: set[str]) -> list[dict]:
+    """The starting model alone, each local-only model and the pooled model (all without DP), scored on the
+    run's test subjects; the rows named in ``have`` are skipped (a resumed bench)."""
     import numpy as np
 
     from contract.wire import ROLE_HOLDOUT, ROLE_TRAIN
     from models.label_protocols import get_protocol
     from server.run_directory import RunDirectory
-    from study.study_baselines import starting_network, train_baseline
+    from study.study_baselines import budget_rule, starting_network, train_baseline
     from study.study_evaluation import _score
     from study.study_sites import load_study_sites
 
     document = RunDirectory(run_dir).read_document()
     sites = load_study_sites(run_dir, data_root, config, document["sites"], progress=False)
+    trainers = [s for s in sites if s.role == ROLE_TRAIN]
     names = get_protocol(config.protocol).class_names
+    budget = budget_rule(config.num_rounds, config.local_steps, len(trainers))
 
     def scores(model) -> dict:
         per_role: dict[str, list[float]] = {ROLE_TRAIN: [], ROLE_HOLDOUT: []}
@@ -207,11 +211,23 @@ def reference_scores(run_dir: Path, data_root: Path, config) -> list[dict]:
                 per_role[site.role].append(float(np.mean([v["dice"] for v in s.values()])))
         return {"dice_train_sites": float(np.mean(per_role[ROLE_TRAIN])), "dice_unseen": float(np.mean(per_role[ROLE_HOLDOUT]))}
 
-    out = [{"arm": "starting model alone", **scores(starting_network(config))}]
-    for site in (s for s in sites if s.role == ROLE_TRAIN):
-        model, _ = train_baseline(config, site.train, config.num_rounds * config.local_steps, f"local-{site.site_id}")
-        out.append({"arm": f"local-only {site.site_id} (no DP)", **scores(model)})
+    out = []
+    if STARTING_ROW not in have:
+        out.append({"arm": STARTING_ROW, **scores(starting_network(config))})
+    for site in trainers:
+        name = f"local-only {site.site_id} (no DP)"
+        if name not in have:
+            model, _ = train_baseline(config, site.train, budget["local_only_steps"], f"local-{site.site_id}")
+            out.append({"arm": name, **scores(model)})
+    if POOLED_ROW not in have:
+        pooled = [subject for site in trainers for subject in site.train]
+        model, _ = train_baseline(config, pooled, budget["pooled_steps"], "pooled")
+        out.append({"arm": POOLED_ROW, **scores(model)})
     return out
+
+
+STARTING_ROW = "starting model alone"
+POOLED_ROW = "pooled (no DP, every training site's persons, the federation's steps)"
 
 
 def main() -> int:
@@ -265,9 +281,10 @@ def main() -> int:
             results.append(result)
             done.add(name)
             results_path.write_text(json.dumps(results, indent=1))
-    if not args.no_references and not any(r["arm"] == "starting model alone" for r in results):
+    if not args.no_references:
         first = Path(results[0]["run_dir"])
-        for reference in reference_scores(first, data_root, RunConfig.from_dict(json.loads((first / "config.json").read_text())["run_config"])):
+        first_config = RunConfig.from_dict(json.loads((first / "config.json").read_text())["run_config"])
+        for reference in reference_scores(first, data_root, first_config, {r["arm"] for r in results}):
             print(f"{reference['arm']}: unseen {reference['dice_unseen']:.3f}, training sites {reference['dice_train_sites']:.3f}", flush=True)
             results.append(reference)
         results_path.write_text(json.dumps(results, indent=1))
