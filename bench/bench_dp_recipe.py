@@ -219,15 +219,53 @@ def reference_scores(run_dir: Path, data_root: Path, config, have: set[str]) -> 
         if name not in have:
             model, _ = train_baseline(config, site.train, budget["local_only_steps"], f"local-{site.site_id}")
             out.append({"arm": name, **scores(model)})
+    pooled = [subject for site in trainers for subject in site.train]
     if POOLED_ROW not in have:
-        pooled = [subject for site in trainers for subject in site.train]
         model, _ = train_baseline(config, pooled, budget["pooled_steps"], "pooled")
         out.append({"arm": POOLED_ROW, **scores(model)})
+    if POOLED_DP_ROW not in have:
+        model, epsilon = pooled_private(config, pooled, budget["pooled_steps"], document["dp_clipping"]["norm"])
+        out.append({"arm": POOLED_DP_ROW, "epsilon": {"pooled": epsilon}, **scores(model)})
     return out
+
+
+def pooled_private(config, subjects, steps: int, clipping_norm: float):
+    """The pooled model under person-level DP at ``config``'s target ε and δ and the run's resolved
+    ``clipping_norm``: central DP over
+    every training site's persons (one unit each), the federation's steps, its expected batch of persons per
+    step. Returns the model and the ε spent."""
+    from client.private_round import PersonPatches
+    from client.site_model import run_training_config
+    from models.trainable import freeze_except
+    from models.training import make_loss, make_optimizer, training_step
+    from privacy.dp_sgd import DPConfig, PrivacyUnitDataset, make_private_training
+    from study.study_baselines import starting_network
+
+    model = starting_network(config)
+    freeze_except(model, config.trainable_layers)
+    training = run_training_config(config)
+    dp = DPConfig(target_epsilon=config.dp_target_epsilon, max_grad_norm=clipping_norm, delta=config.dp_delta)
+    persons = [[(image, label)] for _, image, label in subjects]
+    units = PrivacyUnitDataset(PersonPatches(persons, training, steps, config.seed), len(persons))
+    generator = torch_generator(config.seed)
+    with make_private_training(
+        model, make_optimizer(model, training), units, config.batch_size, dp, loss_fn=make_loss(),
+        planned_steps=steps, generator=generator,
+    ) as private:
+        private.run_steps(steps, step_fn=training_step)
+        epsilon = private.spent_epsilon()
+    return model, epsilon
+
+
+def torch_generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
 
 
 STARTING_ROW = "starting model alone"
 POOLED_ROW = "pooled (no DP, every training site's persons, the federation's steps)"
+POOLED_DP_ROW = "pooled, DP ε=8 (central: every training site's persons, the federation's steps)"
 
 
 def main() -> int:
