@@ -19,6 +19,8 @@ Arms (``--arms``, comma-separated groups):
   learning rate 2e-3) with one part changed at a time;
 - ``strategy``: from the starting model, FedAvg and FedAvgM (server momentum 0.5, 0.9), each at ε = 8 and
   without DP;
+- ``server-lr``: FedAvg with a server learning rate of 2 and 3 (FedAvgM without momentum), without DP
+  and at ε = 8: the federation's parallel compute against pooled training's sequential steps;
 - ``steps``: at ε = 8, batches of 8 and 16 persons, 4 and 20 local steps per round;
 - ``diagnostic``: the DP training path with a noise multiplier of 0.001 (no privacy), without clipping and
   with the default clipping: what DP-SGD's noise costs apart from what its path and its clipping cost;
@@ -61,7 +63,9 @@ def reserved_maps(label_maps: Path, folder: Path) -> Path:
     return folder
 
 
-def arms(group: str, epsilons: list[float], starts: tuple[str, ...] = ("start", "scratch")) -> list[tuple[str, dict]]:
+def arms(
+    group: str, epsilons: list[float], starts: tuple[str, ...] = ("start", "scratch")
+) -> list[tuple[str, dict]]:
     """``(name, run-setting changes)`` of each arm of ``group``."""
     if group == "epsilon":
         out = []
@@ -69,7 +73,9 @@ def arms(group: str, epsilons: list[float], starts: tuple[str, ...] = ("start", 
             if start not in starts:
                 continue
             out.append((f"no DP, {start}", {"dp": False, **initial}))
-            out += [(f"DP ε={e:g}, {start}", {"dp": True, "dp_target_epsilon": e, **initial}) for e in epsilons]
+            out += [
+                (f"DP ε={e:g}, {start}", {"dp": True, "dp_target_epsilon": e, **initial}) for e in epsilons
+            ]
         return out
     if group == "recipe":
         return [
@@ -95,6 +101,18 @@ def arms(group: str, epsilons: list[float], starts: tuple[str, ...] = ("start", 
             for name, server in servers
             for privacy, dp in (("DP ε=8", True), ("no DP", False))
         ]
+    if group == "server-lr":
+        # FedAvg's global step is the mean of the sites' steps: where the sites agree, a server learning rate
+        # of up to the number of sites turns their parallel compute into as much progress as pooled training.
+        servers = [
+            (f"server lr {lr:g}", {"strategy": "fedavgm", "server_learning_rate": lr, "server_momentum": 0.0})
+            for lr in (2.0, 3.0)
+        ]
+        return [
+            (f"{privacy}, {name}", {"dp": dp, **server})
+            for name, server in servers
+            for privacy, dp in (("no DP", False), ("DP ε=8", True))
+        ]
     if group == "steps":
         # At ε = 8: fewer and larger noisy steps (De et al., 2022), or more and smaller ones.
         return [
@@ -111,7 +129,10 @@ def arms(group: str, epsilons: list[float], starts: tuple[str, ...] = ("start", 
         # 1e-7: about the same negligible noise as 1e-3 at the default norm (1.14).
         # The sites' ledgers get a `DIAGNOSTIC_BUDGET` first (`run_arm`), or they would refuse such an ε.
         return [
-            ("DP path, no noise, no clipping", {"dp": True, "dp_noise_multiplier": 1e-7, "dp_max_grad_norm": 1e4}),
+            (
+                "DP path, no noise, no clipping",
+                {"dp": True, "dp_noise_multiplier": 1e-7, "dp_max_grad_norm": 1e4},
+            ),
             ("DP path, no noise, default clipping", {"dp": True, "dp_noise_multiplier": 1e-3}),
         ]
     if group == "noise":
@@ -119,9 +140,12 @@ def arms(group: str, epsilons: list[float], starts: tuple[str, ...] = ("start", 
         # std on the mean of a step's clipped gradients is multiplier x norm / (persons x rate): dividing
         # the multiplier by k is a site with k times the persons, as far as the noise goes.
         return [("DP ε=8, start", {"dp": True})] + [
-            (f"DP ε=8 noise / {k} (as {k}x the persons)", {"dp": True, NOISE_DIVISOR: k}) for k in NOISE_DIVISORS
+            (f"DP ε=8 noise / {k} (as {k}x the persons)", {"dp": True, NOISE_DIVISOR: k})
+            for k in NOISE_DIVISORS
         ]
-    raise SystemExit(f"unknown arm group {group!r}: choose epsilon, recipe, strategy, steps, diagnostic, noise")
+    raise SystemExit(
+        f"unknown arm group {group!r}: choose epsilon, recipe, strategy, server-lr, steps, diagnostic, noise"
+    )
 
 
 NOISE_DIVISOR = "noise_divisor"
@@ -138,7 +162,11 @@ def noise_multiplier(run_dir: Path) -> float | None:
     """The noise multiplier the sites of a finished run trained with (None without DP)."""
     from server.run_directory import RunDirectory
 
-    used = {e["metrics"].get("noise-multiplier") for e in RunDirectory(run_dir).read_events() if e.get("event") == "train"}
+    used = {
+        e["metrics"].get("noise-multiplier")
+        for e in RunDirectory(run_dir).read_events()
+        if e.get("event") == "train"
+    }
     used.discard(None)
     if len(used) > 1:
         raise SystemExit(f"{run_dir}: the sites trained with several noise multipliers {sorted(used)}")
@@ -169,7 +197,10 @@ def run_arm(name: str, config, secrets_seed: int) -> dict:
     events = run_dir.read_events()
     epsilon = {e["site"]: float(e["epsilon"]) for e in events if e.get("event") == "train" and "epsilon" in e}
     final = [
-        e for e in events if e.get("event") == "evaluate" and e["round"] == config.num_rounds
+        e
+        for e in events
+        if e.get("event") == "evaluate"
+        and e["round"] == config.num_rounds
         and e.get("model", "global") == "global"
     ]
     train = [e["metrics"]["dice-mean"] for e in final if e["role"] == "train"]
@@ -209,7 +240,10 @@ def reference_scores(run_dir: Path, data_root: Path, config, have: set[str]) -> 
             for _, image, label in site.test:
                 _, s = _score(model, image, label, config, names, (config.spacing_mm,) * 3)
                 per_role[site.role].append(float(np.mean([v["dice"] for v in s.values()])))
-        return {"dice_train_sites": float(np.mean(per_role[ROLE_TRAIN])), "dice_unseen": float(np.mean(per_role[ROLE_HOLDOUT]))}
+        return {
+            "dice_train_sites": float(np.mean(per_role[ROLE_TRAIN])),
+            "dice_unseen": float(np.mean(per_role[ROLE_HOLDOUT])),
+        }
 
     out = []
     if STARTING_ROW not in have:
@@ -224,7 +258,9 @@ def reference_scores(run_dir: Path, data_root: Path, config, have: set[str]) -> 
         model, _ = train_baseline(config, pooled, budget["pooled_steps"], "pooled")
         out.append({"arm": POOLED_ROW, **scores(model)})
     if POOLED_DP_ROW not in have:
-        model, epsilon = pooled_private(config, pooled, budget["pooled_steps"], document["dp_clipping"]["norm"])
+        model, epsilon = pooled_private(
+            config, pooled, budget["pooled_steps"], document["dp_clipping"]["norm"]
+        )
         out.append({"arm": POOLED_DP_ROW, "epsilon": {"pooled": epsilon}, **scores(model)})
     return out
 
@@ -249,8 +285,14 @@ def pooled_private(config, subjects, steps: int, clipping_norm: float):
     units = PrivacyUnitDataset(PersonPatches(persons, training, steps, config.seed), len(persons))
     generator = torch_generator(config.seed)
     with make_private_training(
-        model, make_optimizer(model, training), units, config.batch_size, dp, loss_fn=make_loss(),
-        planned_steps=steps, generator=generator,
+        model,
+        make_optimizer(model, training),
+        units,
+        config.batch_size,
+        dp,
+        loss_fn=make_loss(),
+        planned_steps=steps,
+        generator=generator,
     ) as private:
         private.run_steps(steps, step_fn=training_step)
         epsilon = private.spent_epsilon()
@@ -269,17 +311,27 @@ POOLED_DP_ROW = "pooled, DP ε=8 (central: every training site's persons, the fe
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--label-maps", type=Path, default=DEFAULT_LABEL_MAPS)
     parser.add_argument("--arms", default="epsilon,recipe")
     parser.add_argument("--epsilons", default="1,3,8")
-    parser.add_argument("--starts", default="start,scratch", help="epsilon arms from the starting model and/or random weights")
+    parser.add_argument(
+        "--starts", default="start,scratch", help="epsilon arms from the starting model and/or random weights"
+    )
     parser.add_argument("--seed", type=int, default=0, help="synthesis, splits (site secrets), DP noise")
-    parser.add_argument("--out", type=Path, default=None, help="keep data and runs here (default: a temp dir)")
-    parser.add_argument("--no-references", action="store_true", help="skip the starting-model and local-only rows")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="keep data and runs here (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--no-references", action="store_true", help="skip the starting-model and local-only rows"
+    )
     args, extra = parser.parse_known_args()
     if not all((args.label_maps / n).is_file() for n in UNSEEN_ANATOMY):
-        print(f"skipped: the reserved label maps {UNSEEN_ANATOMY[0]}..{UNSEEN_ANATOMY[-1]} are not in {args.label_maps}")
+        print(
+            f"skipped: the reserved label maps {UNSEEN_ANATOMY[0]}..{UNSEEN_ANATOMY[-1]} are not in {args.label_maps}"
+        )
         return 0
 
     from contract.run_config import RunConfig
@@ -297,7 +349,9 @@ def main() -> int:
     print("command: " + shlex.join([sys.executable, *sys.argv]), flush=True)
     print(f"settings: {json.dumps(base.to_flower())}", flush=True)
     if not data_root.is_dir():
-        synthesize_run_data(base, data_root, label_maps_dir=reserved_maps(args.label_maps, out / "maps"), progress=False)
+        synthesize_run_data(
+            base, data_root, label_maps_dir=reserved_maps(args.label_maps, out / "maps"), progress=False
+        )
 
     epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
     results_path = out / "bench_dp_recipe.json"
@@ -314,8 +368,11 @@ def main() -> int:
                 changes["dp_noise_multiplier"] = noise_multiplier(Path(reference["run_dir"])) / divisor
             config = base.replace(**changes, run_dir=str((out / "runs" / slug).resolve()))
             result = run_arm(name, config, args.seed)
-            print(f"{name}: unseen {result['dice_unseen']:.3f}, training sites {result['dice_train_sites']:.3f}, "
-                  f"ε {max(result['epsilon'].values(), default=0):.2f}, {result['seconds']:.0f} s", flush=True)
+            print(
+                f"{name}: unseen {result['dice_unseen']:.3f}, training sites {result['dice_train_sites']:.3f}, "
+                f"ε {max(result['epsilon'].values(), default=0):.2f}, {result['seconds']:.0f} s",
+                flush=True,
+            )
             results.append(result)
             done.add(name)
             results_path.write_text(json.dumps(results, indent=1))
@@ -323,7 +380,10 @@ def main() -> int:
         first = Path(results[0]["run_dir"])
         first_config = RunConfig.from_dict(json.loads((first / "config.json").read_text())["run_config"])
         for reference in reference_scores(first, data_root, first_config, {r["arm"] for r in results}):
-            print(f"{reference['arm']}: unseen {reference['dice_unseen']:.3f}, training sites {reference['dice_train_sites']:.3f}", flush=True)
+            print(
+                f"{reference['arm']}: unseen {reference['dice_unseen']:.3f}, training sites {reference['dice_train_sites']:.3f}",
+                flush=True,
+            )
             results.append(reference)
         results_path.write_text(json.dumps(results, indent=1))
 
