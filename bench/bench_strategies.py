@@ -2,7 +2,8 @@
 
 Four simulated hospitals (one scanner each) are synthesized once from the real FreeSurfer label maps
 (../shared/data/label_maps, or --label-maps / $NEUROFED_LABEL_MAPS); sites 1-3 train, site 4 is the
-unseen site that never trains. Tissue protocol (CSF, grey matter, white matter), no DP. With 4 subjects
+unseen site that never trains. Tissue protocol (CSF, grey matter, white matter; ``--protocol aseg``: the
+32 FreeSurfer aseg structures), no DP. With 4 subjects
 per site the 15 maps give 16 subjects: the unseen site's last subject reuses the first map (with its own
 deformation and the unseen site's scanner). Arms:
 
@@ -17,8 +18,9 @@ deformation and the unseen site's scanner). Arms:
   optimizer steps (what a site ran in the federation), pooled ``rounds x local_steps x 3`` (the
   federation's total).
 
-Scores are mean Dice over the tissue classes of each test subject, averaged over the test subjects of
-a site: the training sites' held-out test splits and all subjects of the unseen site. Federated scores
+Scores are mean Dice over the protocol's classes of each test subject, averaged over the test subjects of
+a site: the training sites' held-out test splits and all subjects of the unseen site; then each class's
+Dice and HD95, pooled against FedAvg. Federated scores
 are those the sites reported for the final round (the study evaluation reproduces them exactly; see
 tests/test_report.py). Figures are printed, never asserted::
 
@@ -93,6 +95,7 @@ OPTIONS: tuple[tuple[str, str, str | None], ...] = (
     ("--spacing", "spacing_mm", "voxel size, mm"),
     ("--patch-size", "patch_size", "training patch edge, voxels"),
     ("--seed", "seed", None),
+    ("--protocol", "protocol", "label protocol: tissue (CSF, GM, WM) or aseg (32 structures)"),
 )
 """The command-line options that change `SETTINGS`: (option, RunConfig setting, help)."""
 
@@ -287,7 +290,7 @@ def main() -> int:
 
     budget = evaluation["budget"]
     print(
-        f"\nMean tissue Dice (CSF, GM, WM) after {settings.num_rounds} rounds; same budget for every arm: "
+        f"\nMean Dice over the {settings.protocol} classes after {settings.num_rounds} rounds; same budget for every arm: "
         f"federated {budget['federated_steps_per_site']} steps per site ({budget['federated_steps_total']} in "
         f"all), local-only {budget['local_only_steps']} steps, pooled {budget['pooled_steps']} steps; "
         f"patch {settings.patch_size}^3, batch {settings.batch_size}, {settings.network_preset} network."
@@ -317,8 +320,36 @@ def main() -> int:
         "FedBN personalised on the unseen site is its global model (a site that never trained has no "
         "normalization layers of its own)."
     )
+    print_per_structure(evaluation, trainers, unseen)
     print(f"total wall time {time.perf_counter() - wall_started:.0f} s; run folders under {out}")
     return 0
+
+
+def print_per_structure(evaluation: dict[str, Any], trainers: list[str], unseen: list[str]) -> None:
+    """Dice and HD95 of every class of the protocol, pooled against the FedAvg arm's global model (as the
+    study evaluation scored them), on the unseen site and on the training sites' test splits."""
+    models = {"pooled": "pooled", "federated": ARM_NAMES[BASELINE_ARM]}
+
+    def mean(model: str, sites: list[str], name: str, metric: str) -> float:
+        return _mean(
+            [
+                r["metrics"][name][metric]
+                for r in evaluation["results"]
+                if r["model"] == model and r["site"] in sites and r["metrics"][name][metric] is not None
+            ]
+        )
+
+    header = [f"{label} {where}" for where in ("unseen", "training sites") for label in models.values()]
+    print(f"\nPer class: Dice (HD95 mm) of the final models, {evaluation['grid']}:")
+    print("| class | " + " | ".join(header) + " |")
+    print("|" + "---|" * (len(header) + 1))
+    for name in evaluation["classes"]:
+        cells = [
+            f"{mean(model, sites, name, 'dice'):.3f} ({mean(model, sites, name, 'hd95_mm'):.1f})"
+            for sites in (unseen, trainers)
+            for model in models
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
