@@ -21,6 +21,7 @@ Arms (``--arms``, comma-separated groups):
   without DP;
 - ``server-lr``: FedAvg with a server learning rate of 2 and 3 (FedAvgM without momentum), without DP
   and at ε = 8: the federation's parallel compute against pooled training's sequential steps;
+  ``dp-server-lr``: at ε = 8 only, server learning rates 1.5, 2 and 3;
 - ``steps``: at ε = 8, batches of 8 and 16 persons, 4 and 20 local steps per round;
 - ``diagnostic``: the DP training path with a noise multiplier of 0.001 (no privacy), without clipping and
   with the default clipping: what DP-SGD's noise costs apart from what its path and its clipping cost;
@@ -101,17 +102,20 @@ def arms(
             for name, server in servers
             for privacy, dp in (("DP ε=8", True), ("no DP", False))
         ]
-    if group == "server-lr":
+    if group in ("server-lr", "dp-server-lr"):
         # FedAvg's global step is the mean of the sites' steps: where the sites agree, a server learning rate
-        # of up to the number of sites turns their parallel compute into as much progress as pooled training.
-        servers = [
-            (f"server lr {lr:g}", {"strategy": "fedavgm", "server_learning_rate": lr, "server_momentum": 0.0})
-            for lr in (2.0, 3.0)
-        ]
+        # of up to the number of sites turns their parallel compute into as much progress as pooled training;
+        # under DP the mean of the sites' noise is smaller than one site's, which leaves room for the step.
+        rates, privacies = (2.0, 3.0), (("no DP", False), ("DP ε=8", True))
+        if group == "dp-server-lr":
+            rates, privacies = (1.5, 2.0, 3.0), (("DP ε=8", True),)
         return [
-            (f"{privacy}, {name}", {"dp": dp, **server})
-            for name, server in servers
-            for privacy, dp in (("no DP", False), ("DP ε=8", True))
+            (
+                f"{privacy}, server lr {lr:g}",
+                {"dp": dp, "strategy": "fedavgm", "server_learning_rate": lr, "server_momentum": 0.0},
+            )
+            for lr in rates
+            for privacy, dp in privacies
         ]
     if group == "steps":
         # At ε = 8: fewer and larger noisy steps (De et al., 2022), or more and smaller ones.
@@ -144,7 +148,7 @@ def arms(
             for k in NOISE_DIVISORS
         ]
     raise SystemExit(
-        f"unknown arm group {group!r}: choose epsilon, recipe, strategy, server-lr, steps, diagnostic, noise"
+        f"unknown arm group {group!r}: choose epsilon, recipe, strategy, server-lr, dp-server-lr, steps, diagnostic, noise"
     )
 
 
