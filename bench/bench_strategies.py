@@ -96,6 +96,8 @@ OPTIONS: tuple[tuple[str, str, str | None], ...] = (
     ("--patch-size", "patch_size", "training patch edge, voxels"),
     ("--seed", "seed", None),
     ("--protocol", "protocol", "label protocol: tissue (CSF, GM, WM) or aseg (32 structures)"),
+    ("--network-preset", "network_preset", "network size: tiny or default (models/networks.py)"),
+    ("--architecture", "architecture", "unet (MONAI residual UNet), dynunet or segresnet"),
 )
 """The command-line options that change `SETTINGS`: (option, RunConfig setting, help)."""
 
@@ -240,6 +242,10 @@ def main() -> int:
         seed=settings.seed,
     )
 
+    from client.site_model import build_model
+
+    parameters = sum(p.numel() for p in build_model(settings).parameters())
+    print(f"network: {settings.architecture}, {settings.network_preset} preset, {parameters:,} parameters")
     runs = {arm: run_arm(arm, data_root, out, settings, reuse=args.reuse) for arm in arms}
 
     from study.study_evaluation import evaluate_study
