@@ -81,7 +81,7 @@ def arms(
         return out
     if group == "recipe":
         return [
-            ("DP ε=8, start", {"dp": True}),
+            (DP_REFERENCE_ARM, {"dp": True}),
             ("DP ε=8, norm layers only", {"dp": True, "trainable_layers": "norm"}),
             ("DP ε=8, norm layers + head", {"dp": True, "trainable_layers": "norm+head"}),
             ("DP ε=8, multiplicity 4", {"dp": True, "dp_augmentation_multiplicity": 4}),
@@ -155,7 +155,7 @@ def arms(
         # At the same sampling rate and ε the noise multiplier is the same for any site size, and the noise's
         # std on the mean of a step's clipped gradients is multiplier x norm / (persons x rate): dividing
         # the multiplier by k is a site with k times the persons, as far as the noise goes.
-        return [("DP ε=8, start", {"dp": True})] + [
+        return [(DP_REFERENCE_ARM, {"dp": True})] + [
             (f"DP ε=8 noise / {k} (as {k}x the persons)", {"dp": True, NOISE_DIVISOR: k})
             for k in NOISE_DIVISORS
         ]
@@ -164,8 +164,10 @@ def arms(
     )
 
 
+DP_REFERENCE_ARM = "DP ε=8, start"
+"""The app's default DP run (the "epsilon" group's arm at ε = 8 from the starting model)."""
 NOISE_DIVISOR = "noise_divisor"
-"""An arm's change that is not a run setting: divide the "DP ε=8, start" arm's noise multiplier by it."""
+"""An arm's change that is not a run setting: divide `DP_REFERENCE_ARM`'s noise multiplier by it."""
 NOISE_DIVISORS = (4, 16, 64, 256)
 
 
@@ -283,9 +285,10 @@ def reference_scores(run_dir: Path, data_root: Path, config, have: set[str]) -> 
 
 def pooled_private(config, subjects, steps: int, clipping_norm: float):
     """The pooled model under person-level DP at ``config``'s target ε and δ and the run's resolved
-    ``clipping_norm``: central DP over
-    every training site's persons (one unit each), the federation's steps, its expected batch of persons per
-    step. Returns the model and the ε spent."""
+    ``clipping_norm``: central DP over every training site's persons (one unit each), the federation's steps,
+    its expected batch of persons per step. Returns the model and the ε spent."""
+    import torch
+
     from client.private_round import PersonPatches
     from client.site_model import run_training_config
     from models.trainable import freeze_except
@@ -299,7 +302,6 @@ def pooled_private(config, subjects, steps: int, clipping_norm: float):
     dp = DPConfig(target_epsilon=config.dp_target_epsilon, max_grad_norm=clipping_norm, delta=config.dp_delta)
     persons = [[(image, label)] for _, image, label in subjects]
     units = PrivacyUnitDataset(PersonPatches(persons, training, steps, config.seed), len(persons))
-    generator = torch_generator(config.seed)
     with make_private_training(
         model,
         make_optimizer(model, training),
@@ -308,17 +310,11 @@ def pooled_private(config, subjects, steps: int, clipping_norm: float):
         dp,
         loss_fn=make_loss(),
         planned_steps=steps,
-        generator=generator,
+        generator=torch.Generator().manual_seed(config.seed),
     ) as private:
         private.run_steps(steps, step_fn=training_step)
         epsilon = private.spent_epsilon()
     return model, epsilon
-
-
-def torch_generator(seed: int):
-    import torch
-
-    return torch.Generator().manual_seed(seed)
 
 
 STARTING_ROW = "starting model alone"
@@ -341,7 +337,7 @@ def main() -> int:
         "--out", type=Path, default=None, help="keep data and runs here (default: a temp dir)"
     )
     parser.add_argument(
-        "--no-references", action="store_true", help="skip the starting-model and local-only rows"
+        "--no-references", action="store_true", help="skip the starting-model, local-only and pooled rows"
     )
     args, extra = parser.parse_known_args()
     if not all((args.label_maps / n).is_file() for n in UNSEEN_ANATOMY):
@@ -379,7 +375,7 @@ def main() -> int:
                 continue
             slug = "".join(c if c.isalnum() else "-" for c in name)
             if NOISE_DIVISOR in changes:
-                reference = next(r for r in results if r["arm"] == "DP ε=8, start")
+                reference = next(r for r in results if r["arm"] == DP_REFERENCE_ARM)
                 divisor = changes.pop(NOISE_DIVISOR)
                 changes["dp_noise_multiplier"] = noise_multiplier(Path(reference["run_dir"])) / divisor
             config = base.replace(**changes, run_dir=str((out / "runs" / slug).resolve()))

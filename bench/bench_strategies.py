@@ -3,9 +3,8 @@
 Four simulated hospitals (one scanner each) are synthesized once from the real FreeSurfer label maps
 (../shared/data/label_maps, or --label-maps / $NEUROFED_LABEL_MAPS); sites 1-3 train, site 4 is the
 unseen site that never trains. Tissue protocol (CSF, grey matter, white matter; ``--protocol aseg``: the
-32 FreeSurfer aseg structures), no DP. With 4 subjects
-per site the 15 maps give 16 subjects: the unseen site's last subject reuses the first map (with its own
-deformation and the unseen site's scanner). Arms:
+32 FreeSurfer aseg structures), no DP. With 4 subjects per site the 15 maps give 16 subjects: the unseen
+site's last subject reuses the first map (with its own deformation and the unseen site's scanner). Arms:
 
 - FedAvg, FedProx, FedBN (and FedAvgM, FedAdam, FedYogi with ``--arms``; ``fedadam:0.003`` sets the
   server learning rate, ``fedavgm:1:0.7`` the server learning rate and momentum): each a
@@ -20,9 +19,9 @@ deformation and the unseen site's scanner). Arms:
 
 Scores are mean Dice over the protocol's classes of each test subject, averaged over the test subjects of
 a site: the training sites' held-out test splits and all subjects of the unseen site; then each class's
-Dice and HD95, pooled against FedAvg. Federated scores
-are those the sites reported for the final round (the study evaluation reproduces them exactly; see
-tests/test_report.py). Figures are printed, never asserted::
+Dice and HD95, pooled against FedAvg. Federated scores are those the sites reported for the final round
+(the study evaluation reproduces them exactly; see tests/test_report.py). Figures are printed, never
+asserted::
 
     .venv/bin/python bench/bench_strategies.py [--out /tmp/neurofed-bench-strategies] [--rounds 10]
         [--local-steps 25] [--label-maps DIR] [--reuse] [--arms fedavg,fedprox,fedbn,fedavgm,fedadam:0.003]
