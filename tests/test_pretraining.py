@@ -23,12 +23,12 @@ TORCH_THREADS = 1
 RUN = RunConfig(network_preset="tiny", spacing_mm=4.0, patch_size=16, initial_model="none")
 """A small run: tiny network, 4 mm voxels, 16^3 patches (64 mm)."""
 SETUP = PretrainingSetup(
-    steps=80,
+    steps=240,
     batch_size=4,
     workers=0,
     phantoms=2,
     validation_subjects=2,
-    validate_every=80,
+    validate_every=240,
     generator=GeneratorSettings(output_spacings_mm=(4.0,), output_spacing_weights=(1.0,)),
 )
 
@@ -99,23 +99,31 @@ def test_a_dp_fine_tune_from_the_starting_model_moves_the_weights_and_keeps_its_
         scores = evaluate_subjects(model, held_out, protocol.class_names, (16,) * 3, spacing_mm=(4.0,) * 3)
         return float(np.mean([[s[c]["dice"] for c in protocol.class_names[1:]] for s in scores]))
 
-    start = load_model(public_model[0]).model
-    model = load_model(public_model[0]).model
     run = RUN.replace(
-        initial_model=str(public_model[0]), num_sites=2, local_steps=8, num_rounds=1, batch_size=4,
-        trainable_layers="norm+head", dp_augmentation_multiplicity=2, ema_decay=0.5, dp_max_grad_norm=1.0,
+        initial_model=str(public_model[0]), num_sites=2, local_steps=32, learning_rate=1e-2, num_rounds=1,
+        batch_size=4, trainable_layers="norm+head", dp_augmentation_multiplicity=2, ema_decay=0.5, dp_max_grad_norm=1.0,
     )
-    freeze_except(model, run.trainable_layers)
-    setup = SiteSetup("site-01", "train", sites[0], None, tmp_path / "state", simulated=True)
     persons = [[(s.image, s.label)] for s in train]
-    outcome = train_private_round(
-        model, persons, run_training_config(run), SiteTask(run, 1, run_id="fine-tune"), setup, None
-    )
-    assert not isinstance(outcome, Refusal)
-    _, privacy = outcome
-    assert 0 < privacy["epsilon"] <= run.dp_target_epsilon
-    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, start.state_dict()[k])]
+
+    def fine_tune(draw: int) -> torch.nn.Module:
+        """One private round at site-01 with its own site secret, so its own noise."""
+        model = load_model(public_model[0]).model
+        freeze_except(model, run.trainable_layers)
+        setup = SiteSetup("site-01", "train", sites[0], None, tmp_path / f"state-{draw}", simulated=True)
+        outcome = train_private_round(
+            model, persons, run_training_config(run), SiteTask(run, 1, run_id="fine-tune"), setup, None
+        )
+        assert not isinstance(outcome, Refusal)
+        assert 0 < outcome[1]["epsilon"] <= run.dp_target_epsilon
+        return model
+
+    start = load_model(public_model[0]).model
+    tuned = [fine_tune(draw) for draw in range(3)]
+    moved = [k for k, v in tuned[0].state_dict().items() if not torch.equal(v, start.state_dict()[k])]
     assert moved  # the fine-tune changed the trained layers ...
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = {n for n, p in tuned[0].named_parameters() if not p.requires_grad}
     assert frozen and not frozen & set(moved)  # ... and nothing else
-    assert dice(model) >= dice(start)
+    # One fine-tune's Dice is a random draw (its noise is the site's secret): measured over 20 draws it gained
+    # 0.036 +- 0.014 from a start of 0.20, so one draw in a few hundred lands below the start. The median of
+    # three independent draws falls below it only if two do.
+    assert float(np.median([dice(model) for model in tuned])) >= dice(start) > 0.15
