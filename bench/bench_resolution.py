@@ -199,7 +199,7 @@ def evaluate(model, spacing_mm: float, subjects: list[dict], args, protocol) -> 
 
 def print_table(results: dict[str, dict]) -> None:
     print(
-        "\n| spacing, start, network, steps | grid voxels | train s/step | train peak MiB | ceiling at 1 mm | Dice on the grid "
+        "\n| spacing, patch, start, network, steps | grid voxels | train s/step | train peak MiB | ceiling at 1 mm | Dice on the grid "
         "| 1 mm, labels mapped | 1 mm, probabilities mapped (HD95 mm) | inference CPU s \\| wall s per subject "
         "| inference peak MiB |"
     )
@@ -262,7 +262,7 @@ def main() -> int:
     results_path = args.out / "bench_resolution.json"
     results: dict[str, dict] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for spacing in (float(s) for s in args.spacings.split(",")):
-        key = f"{spacing:g} mm, {args.init}, {args.network_preset}, {args.steps} steps"
+        key = f"{spacing:g} mm, patch {args.patch_size}, {args.init}, {args.network_preset}, {args.steps} steps"
         print(
             f"\n{key}: training {args.steps} steps ({args.init}, {args.network_preset} network)", flush=True
         )
