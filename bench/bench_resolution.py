@@ -7,7 +7,7 @@ scanner, never part of the shipped starting model's training). For each working 
 - **ceiling**: each held-out label map taken onto the plan's grid as the sites' preprocessing takes labels
   (one-hot, anti-aliased, linear, argmax) and back onto the native grid (``labels_to_native``): the Dice of a
   segmentation that is perfect on the grid, the partial-volume limit of that spacing;
-- **trained**: the run's network (``--network-preset``) from random weights, or from the shipped starting
+- **trained**: the run's network (``--architecture``, ``--network-preset``) from random weights, or from the shipped starting
   model's weights with ``--init start``, trained ``--steps`` steps on the training subjects preprocessed at
   that spacing, with the run's recipe (patch ``--patch-size`` voxels, batch 2, Adam 2e-3, the run's
   augmentation). The same voxels per patch and the same steps at every spacing: the same training compute,
@@ -23,7 +23,7 @@ scanner, never part of the shipped starting model's training). For each working 
 Usage::
 
     .venv/bin/python bench/bench_resolution.py [--spacings 2,1.5] [--steps 400] [--init scratch|start]
-        [--network-preset default] [--patch-size 48] [--label-maps DIR] [--out DIR] [--seed 0]
+        [--architecture unet] [--network-preset default] [--patch-size 48] [--label-maps DIR] [--out DIR] [--seed 0]
 
 Figures are printed and kept in ``OUT/bench_resolution.json``, never asserted.
 """
@@ -114,6 +114,7 @@ def train(spacing_mm: float, subjects: list[dict], args, protocol) -> tuple[Any,
     run = RunConfig(
         spacing_mm=spacing_mm,
         network_preset=args.network_preset,
+        architecture=args.architecture,
         patch_size=args.patch_size,
         initial_model="none",
         seed=args.seed,
@@ -228,6 +229,11 @@ def main() -> int:
     )
     parser.add_argument("--network-preset", default="default", help="tiny or default (models/networks.py)")
     parser.add_argument(
+        "--architecture",
+        default="unet",
+        help="unet (MONAI residual UNet), dynunet or segresnet (models/networks.py)",
+    )
+    parser.add_argument(
         "--patch-size", type=int, default=48, help="training patch and inference window, voxels"
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -236,6 +242,10 @@ def main() -> int:
         "--out", type=Path, default=Path("/tmp/neurofed-bench-resolution"), help="work folder"
     )
     args = parser.parse_args()
+    if args.init == "start" and (args.architecture, args.network_preset) != ("unet", "default"):
+        parser.error(
+            "--init start needs --architecture unet --network-preset default (the starting model's network)"
+        )
     maps = sorted(args.label_maps.glob("training_seg_*.nii.gz"))
     if len(maps) < TRAINING_MAPS + HELD_OUT_MAPS or not all(
         (args.label_maps / n).is_file() for n in UNSEEN_ANATOMY
@@ -262,7 +272,7 @@ def main() -> int:
     results_path = args.out / "bench_resolution.json"
     results: dict[str, dict] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for spacing in (float(s) for s in args.spacings.split(",")):
-        key = f"{spacing:g} mm, patch {args.patch_size}, {args.init}, {args.network_preset}, {args.steps} steps"
+        key = f"{spacing:g} mm, patch {args.patch_size}, {args.init}, {args.architecture} {args.network_preset}, {args.steps} steps"
         print(
             f"\n{key}: training {args.steps} steps ({args.init}, {args.network_preset} network)", flush=True
         )
