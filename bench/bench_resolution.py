@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import sys
 import threading
 import time
@@ -75,61 +75,60 @@ class PeakMemory:
     @staticmethod
     def _rss_mib() -> float:
         with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * 4096 / 2**20
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def mean_scores(results: list[dict[str, dict[str, float]]], class_names) -> dict[str, float]:
-    """Mean Dice and HD95 (finite ones) over subjects and foreground classes."""
-    dice = [r[c]["dice"] for r in results for c in class_names[1:]]
-    hd95 = [r[c]["hd95_mm"] for r in results for c in class_names[1:] if math.isfinite(r[c]["hd95_mm"])]
-    return {"dice": float(np.mean(dice)), "hd95_mm": float(np.mean(hd95)) if hd95 else math.nan}
+    """Dice and HD95 over the foreground classes of each class's mean over subjects (finite values only,
+    as `models.metrics.summarize` takes them)."""
+    from models.metrics import summarize
+
+    summary = summarize(results)
+    return {
+        metric: float(np.nanmean([summary[c][metric]["mean"] for c in class_names[1:]]))
+        for metric in ("dice", "hd95_mm")
+    }
 
 
-def load_site(site: Path) -> list[dict[str, Any]]:
-    """The subjects of a synthesized site: image and label NIfTI (loaded lazily by nibabel)."""
+def load_site(site: Path, contrast: str) -> list[dict[str, Any]]:
+    """The subjects of a synthesized site, as a site finds them: the ``contrast`` image and the label map
+    (NIfTI, loaded lazily)."""
     import nibabel as nib
 
-    subjects = []
-    for image_path in sorted(site.glob("sub-*/anat/*.nii.gz")):
-        subject = image_path.parts[-3]
-        label_path = site / "derivatives" / "labels" / subject / "anat" / f"{subject}_dseg.nii.gz"
-        subjects.append(
-            {"id": f"{site.name}/{subject}", "image": nib.load(image_path), "label": nib.load(label_path)}
-        )
-    return subjects
+    from client.site_layout import discover_site
+
+    return [
+        {
+            "id": f"{site.name}/{s.subject_id}",
+            "image": nib.load(s.images[contrast]),
+            "label": nib.load(s.label),
+        }
+        for s in discover_site(site).subjects
+    ]
 
 
-def train(spacing_mm: float, subjects: list[dict], args, protocol) -> tuple[Any, dict[str, float]]:
-    """The network trained ``args.steps`` steps on ``subjects`` preprocessed at ``spacing_mm``; its costs."""
+def train(run, subjects: list[dict], args, protocol) -> tuple[Any, dict[str, float]]:
+    """The ``run``'s network trained ``args.steps`` steps on ``subjects`` preprocessed at its spacing; its costs."""
     import torch
 
     from client.preprocessing import preprocess_images
     from client.site_data import run_preprocessing_plan
     from client.site_model import build_model, run_training_config
-    from contract.run_config import RunConfig
     from models.model_file import load_model
     from models.starting_model import resolve
     from models.training import train_steps
 
-    run = RunConfig(
-        spacing_mm=spacing_mm,
-        network_preset=args.network_preset,
-        architecture=args.architecture,
-        patch_size=args.patch_size,
-        initial_model="none",
-        seed=args.seed,
-    )
     plan = run_preprocessing_plan(run)
     prepared = [preprocess_images(s["id"], [s["image"]], plan, protocol, label=s["label"]) for s in subjects]
     model = load_model(resolve("builtin")).model if args.init == "start" else build_model(run)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(run.seed)
     with PeakMemory() as memory:
         result = train_steps(
             model,
             [(p.image, p.label) for p in prepared],
             run_training_config(run),
             args.steps,
-            rng=np.random.default_rng(args.seed),
+            rng=np.random.default_rng(run.seed),
         )
     return model.eval(), {
         "seconds_per_step": result.seconds / max(1, result.steps),
@@ -138,16 +137,16 @@ def train(spacing_mm: float, subjects: list[dict], args, protocol) -> tuple[Any,
     }
 
 
-def evaluate(model, spacing_mm: float, subjects: list[dict], args, protocol) -> dict[str, Any]:
-    """Ceiling, grid and native-grid scores of ``model`` on ``subjects``, and the inference costs."""
+def evaluate(model, run, subjects: list[dict], protocol) -> dict[str, Any]:
+    """Ceiling, grid and native-grid scores of ``model`` on ``subjects`` at the ``run``'s spacing, and the
+    inference costs."""
     from client.preprocessing import labels_to_native, preprocess_images, probabilities_to_native
     from client.site_data import run_preprocessing_plan
-    from contract.run_config import RunConfig
     from models.inference import predict_volume
     from models.metrics import segmentation_metrics
     from models.postprocessing import postprocess_labels, predicted_labels
 
-    plan = run_preprocessing_plan(RunConfig(spacing_mm=spacing_mm, initial_model="none"))
+    plan = run_preprocessing_plan(run)
     names = protocol.class_names
     scores: dict[str, list] = {"ceiling": [], "grid": [], "native hard": [], "native soft": []}
     costs: dict[str, list[float]] = {"cpu_s": [], "wall_s": []}
@@ -160,7 +159,7 @@ def evaluate(model, spacing_mm: float, subjects: list[dict], args, protocol) -> 
             prepared = preprocess_images(
                 subject["id"], [subject["image"]], plan, protocol, label=subject["label"]
             )
-            probabilities = predict_volume(model, prepared.image, (args.patch_size,) * 3)
+            probabilities = predict_volume(model, prepared.image, (run.patch_size,) * 3)
             soft = postprocess_labels(
                 probabilities_to_native(probabilities, prepared.transform),
                 protocol.num_classes,
@@ -253,8 +252,17 @@ def main() -> int:
         print(f"skipped: the 15 real label maps (training_seg_01..15) are not in {args.label_maps}")
         return 0
 
+    from contract.run_config import RunConfig
     from models.label_protocols import get_protocol
 
+    base = RunConfig(
+        network_preset=args.network_preset,
+        architecture=args.architecture,
+        patch_size=args.patch_size,
+        initial_model="none",
+        seed=args.seed,
+    )
+    protocol = get_protocol(base.protocol)
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
     started = time.perf_counter()
     data = synthesize_once(
@@ -267,18 +275,16 @@ def main() -> int:
         contrasts="T1w,T1w",
         progress=False,
     )
-    training, held_out = load_site(data / "site-01"), load_site(data / "site-02")
-    protocol = get_protocol("tissue")
+    training, held_out = (load_site(data / site, base.contrast) for site in ("site-01", "site-02"))
     results_path = args.out / "bench_resolution.json"
     results: dict[str, dict] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for spacing in (float(s) for s in args.spacings.split(",")):
         key = f"{spacing:g} mm, patch {args.patch_size}, {args.init}, {args.architecture} {args.network_preset}, {args.steps} steps"
-        print(
-            f"\n{key}: training {args.steps} steps ({args.init}, {args.network_preset} network)", flush=True
-        )
-        model, training_costs = train(spacing, training, args, protocol)
+        print(f"\n{key}: training", flush=True)
+        run = base.replace(spacing_mm=spacing)
+        model, training_costs = train(run, training, args, protocol)
         print(f"  {training_costs['seconds_per_step']:.2f} s per step", flush=True)
-        results[key] = evaluate(model, spacing, held_out, args, protocol) | {"training": training_costs}
+        results[key] = evaluate(model, run, held_out, protocol) | {"training": training_costs}
         results[key]["settings"] = {k: str(v) for k, v in vars(args).items()}
         results_path.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
