@@ -103,13 +103,16 @@ def arms(
             for name, server in servers
             for privacy, dp in (("DP ε=8", True), ("no DP", False))
         ]
-    if group in ("server-lr", "dp-server-lr"):
+    if group in ("server-lr", "dp-server-lr", "no-dp-server-lr"):
         # FedAvg's global step is the mean of the sites' steps: where the sites agree, a server learning rate
         # of up to the number of sites turns their parallel compute into as much progress as pooled training;
         # under DP the mean of the sites' noise is smaller than one site's, which leaves room for the step.
+        # Without DP a step of 2 overshoots ("server-lr"): "no-dp-server-lr" tries the shorter ones.
         rates, privacies = (2.0, 3.0), (("no DP", False), ("DP ε=8", True))
         if group == "dp-server-lr":
             rates, privacies = (1.5, 2.0, 3.0), (("DP ε=8", True),)
+        if group == "no-dp-server-lr":
+            rates, privacies = (1.25, 1.5), (("no DP", False),)
         return [
             (
                 f"{privacy}, server lr {lr:g}",
@@ -160,7 +163,7 @@ def arms(
             for k in NOISE_DIVISORS
         ]
     raise SystemExit(
-        f"unknown arm group {group!r}: choose epsilon, recipe, strategy, server-lr, dp-server-lr, rounds, steps, diagnostic, noise"
+        f"unknown arm group {group!r}: choose epsilon, recipe, strategy, server-lr, dp-server-lr, no-dp-server-lr, rounds, steps, diagnostic, noise"
     )
 
 
