@@ -16,7 +16,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from client.preprocessing import PreprocessingPlan, native_image, preprocess_volume, probabilities_to_native
+from client.preprocessing import (
+    NativeTransform,
+    PreprocessingPlan,
+    native_image,
+    preprocess_volume,
+    probabilities_to_native,
+)
 from client.site_layout import nifti_stem
 from client.subjects import SubjectFiles
 from client.validation import validate_subject
@@ -113,6 +119,26 @@ def _check_input(path: Path, contrast: str, loaded) -> None:
         raise NeurofedError(f"cannot segment {path}: " + "; ".join(p.reason for p in check.problems))
 
 
+def native_segmentation(
+    probabilities: np.ndarray, transform: NativeTransform, num_classes: int, postprocessing: str
+) -> np.ndarray:
+    """The label map a site gets for a scan: grid probabilities mapped onto the scan's own voxels, then the
+    argmax and ``postprocessing`` there (so partial volumes are resolved at the scan's resolution).
+
+    Args:
+        probabilities: ``(K, X, Y, Z)`` class probabilities on the plan's grid.
+        transform: where that grid sits relative to the scan (`client.preprocessing.NativeTransform`).
+        num_classes: K, the protocol's classes with 0 the background.
+        postprocessing: one of `models.postprocessing.POSTPROCESSING_MODES`.
+
+    Returns:
+        uint8 ``transform.native_shape`` class indices, in the scan file's axis order.
+    """
+    from models.postprocessing import postprocess_labels
+
+    return postprocess_labels(probabilities_to_native(probabilities, transform), num_classes, postprocessing)
+
+
 def segment_file(
     loaded, source: Path, label_map: Path, *, roi_size: Sequence[int] | None = None
 ) -> SegmentationOutputs:
@@ -128,7 +154,6 @@ def segment_file(
         roi_size: sliding-window size, voxels; default the model's training patch size.
     """
     from models.inference import predict_volume
-    from models.postprocessing import postprocess_labels
 
     plan = PreprocessingPlan.from_dict(loaded.plan)
     if len(plan.input_contrasts) != 1:
@@ -139,11 +164,9 @@ def segment_file(
     _check_input(source, plan.input_contrasts[0], loaded)
     image = nib.load(source)
     grid, transform = preprocess_volume([image], plan)
-    roi = tuple(roi_size or loaded.training.get("training_config", {}).get("patch_size") or DEFAULT_ROI)
+    roi = tuple(roi_size or loaded.patch_size() or DEFAULT_ROI)
     probabilities = predict_volume(loaded.model, grid, roi)
-    labels = postprocess_labels(
-        probabilities_to_native(probabilities, transform), loaded.protocol.num_classes, loaded.postprocessing
-    )
+    labels = native_segmentation(probabilities, transform, loaded.protocol.num_classes, loaded.postprocessing)
     out = native_image(labels.astype(np.uint8), transform)
     out.header.set_data_dtype(np.uint8)
     atomic_write(label_map, lambda tmp: nib.save(out, tmp))

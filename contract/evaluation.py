@@ -12,6 +12,12 @@ does). Top-level keys::
     results    [{model, site, role, subject, mean_dice, metrics: {class: {metric: value | null}}}]
     qc         [{site, subject, model, file}]
     membership_audit              study/membership_audit.py's result
+    native_results  `NATIVE_RESULTS`: the unseen sites' subjects scored on each scan's own voxel grid
+                    [{model, site, role, subject, mean_dice, spacing_mm, metrics}] (study/native_scoring.py)
+    native_ceiling  `NATIVE_CEILING`: [{site, role, subject, mean_dice, spacing_mm, metrics}] of a
+                    segmentation perfect on the working grid, mapped onto the scan (the partial-volume limit)
+
+The two native keys are absent from documents written before they existed.
 
 A model is `FEDERATED`, `POOLED`, ``local-only:<site>`` (`local_model_name`), `STARTING` (the starting
 model alone), `FEDERATED_WITHOUT_DP` (the same configuration without DP), `PERSONALISED`, or any other
@@ -35,6 +41,8 @@ PERSONALISED = "personalised"
 that site's test split only."""
 STARTING_KIND = "starting"
 """The ``kind`` of the run's starting model (its initial weights) where evaluation.json scores it."""
+NATIVE_RESULTS = "native_results"
+NATIVE_CEILING = "native_ceiling"
 REPORTED_METRICS: tuple[str, ...] = ("dice", "hd95_mm", "assd_mm", "abs_volume_diff_ml")
 
 

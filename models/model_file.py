@@ -64,6 +64,11 @@ def installed_version() -> str:
         return "unknown"
 
 
+PATCH_SIZE_KEY = "patch_size"
+"""The training provenance's patch size (voxels, a list of 3): segmentation slides windows of that size, as
+the model's evaluation did (`LoadedModel.patch_size`)."""
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A model file's network, ready for inference, and its description.
@@ -91,6 +96,15 @@ class LoadedModel:
     format_version: int
     weights_sha256: str = ""
     postprocessing: str = NO_POSTPROCESSING
+
+    def patch_size(self) -> tuple[int, ...] | None:
+        """The patch (voxels) the weights were trained on, which their evaluation slid over the grid: the
+        provenance's `PATCH_SIZE_KEY`, or its ``training_config``'s (`neurofed train`, `neurofed pretrain`);
+        None where the file does not record it."""
+        recorded = self.training.get(PATCH_SIZE_KEY) or (self.training.get("training_config") or {}).get(
+            "patch_size"
+        )
+        return tuple(int(v) for v in recorded) if recorded else None
 
 
 def _check_plain(value: object, where: str) -> None:

@@ -73,6 +73,8 @@ def with_clipping_norm(config: RunConfig, starting: StartingModel | None) -> tup
 
 def federated_provenance(config: RunConfig) -> dict[str, Any]:
     """How a global model of this run was trained, as its model file records it."""
+    from models.model_file import PATCH_SIZE_KEY
+
     return {
         "kind": "federated",
         "strategy": config.strategy,
@@ -82,6 +84,7 @@ def federated_provenance(config: RunConfig) -> dict[str, Any]:
         "dp": config.dp,
         "initial_model": config.initial_model,
         "run_dir": str(config.run_dir),
+        PATCH_SIZE_KEY: [config.patch_size] * 3,
     }
 
 

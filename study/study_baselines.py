@@ -133,6 +133,8 @@ def train_comparison_models(
     Raises:
         NeurofedError: when a model's training split is empty (the models before it are saved).
     """
+    from models.model_file import PATCH_SIZE_KEY
+
     out = []
     plans = [(local_model_name(s.site_id), [s], budget["local_only_steps"]) for s in trainers]
     plans.append((POOLED, trainers, budget["pooled_steps"]))
@@ -160,6 +162,7 @@ def train_comparison_models(
             "dp": False,
             "initial_model": settings.initial_model,
             "trainable_layers": settings.trainable_layers,
+            PATCH_SIZE_KEY: [settings.patch_size] * 3,
         }
         _save_baseline(run_dir / file_name, model, settings, provenance)
         out.append(

@@ -30,7 +30,9 @@ evaluation.json also holds ``membership_audit``: the membership-inference audit 
 (non-members), calibrated on the unseen sites' subjects.
 
 Segmentation and QC are on the preprocessed grid (the plan's spacing, RAS axes), where the metrics are
-computed too; QC images overlay the prediction on the preprocessed image.
+computed too; QC images overlay the prediction on the preprocessed image. The unseen sites' subjects are
+scored a second time on each scan's own voxel grid, as a site's `neurofed segment` output, beside the
+working grid's partial-volume ceiling (study/native_scoring.py).
 
 Everything is seeded: the same run directory and data give the same evaluation.json (up to timestamps).
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,8 @@ from contract.evaluation import (
     FEDERATED_WITHOUT_DP,
     FORMAT,
     FORMAT_VERSION,
+    NATIVE_CEILING,
+    NATIVE_RESULTS,
     PERSONALISED,
     REPORTED_METRICS,
     STARTING,
@@ -64,6 +69,7 @@ from contract.run_config import RunConfig
 from contract.run_layout import EVALUATION_FILE, FINAL_MODEL_FILE, QC_DIR, WITHOUT_DP_DIR
 from contract.wire import ROLE_HOLDOUT, ROLE_TRAIN
 from models.errors import NeurofedError
+from study.native_scoring import ceiling_scores, load_native_reference, native_record, native_scores
 from study.public_anatomy import anatomy_seen
 from study.study_baselines import budget_rule, personalised_models, starting_network, train_comparison_models
 from study.study_sites import StudySite, load_study_sites
@@ -80,8 +86,8 @@ def chance_mean_dice(label: np.ndarray, num_classes: int) -> float:
 
 
 def _score(model, image: np.ndarray, label: np.ndarray, settings: Any, class_names: Sequence[str], spacing):
-    """(prediction (X, Y, Z) uint8, {class: {metric: value}}) of one subject: sliding-window inference, then the
-    run's post-processing."""
+    """(probabilities (K, X, Y, Z), prediction (X, Y, Z) uint8, {class: {metric: value}}) of one subject on
+    the grid: sliding-window inference, then the run's post-processing."""
     import torch
 
     from models.inference import predict_volume
@@ -93,7 +99,7 @@ def _score(model, image: np.ndarray, label: np.ndarray, settings: Any, class_nam
         probabilities = predict_volume(model, image, (settings.patch_size,) * 3)
     prediction = predicted_labels(probabilities, settings.postprocessing)
     scores = segmentation_metrics(prediction, np.asarray(label), class_names, spacing)
-    return prediction, {c: {m: v[m] for m in REPORTED_METRICS} for c, v in scores.items()}
+    return probabilities, prediction, {c: {m: v[m] for m in REPORTED_METRICS} for c, v in scores.items()}
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -246,9 +252,7 @@ def evaluate_study(
                 "site_layers": {site: file for site, (_, file) in personalised.items()},
             }
         )
-    results, qc = _score_sites(
-        run_dir, sites, models, personalised, settings, class_names, qc_subjects, progress
-    )
+    scored = _score_sites(run_dir, sites, models, personalised, settings, protocol, qc_subjects, progress)
     n_audited = sum(len(s.test) + len(s.train) for s in sites)
     with Progress("membership audit", n_audited, show=progress) as bar:
         audit = audit_final_model(models[FEDERATED], sites, settings, on_subject=bar.advance)
@@ -275,8 +279,10 @@ def evaluate_study(
             for s in sites
         ],
         "models": descriptions,
-        "results": results,
-        "qc": qc,
+        "results": scored.results,
+        "qc": scored.qc,
+        NATIVE_RESULTS: scored.native,
+        NATIVE_CEILING: scored.ceiling,
         "membership_audit": audit.to_dict(),
         "starting_model_anatomy": (
             anatomy_seen(document["starting_model"], [data_root / s.site_id for s in sites])
@@ -289,66 +295,88 @@ def evaluate_study(
     return path
 
 
+@dataclass
+class SiteScores:
+    """What `_score_sites` writes into evaluation.json: ``results``, ``qc``, and on the unseen sites' scans'
+    own grids `NATIVE_RESULTS` and `NATIVE_CEILING` (study/native_scoring.py)."""
+
+    results: list[dict] = field(default_factory=list)
+    qc: list[dict] = field(default_factory=list)
+    native: list[dict] = field(default_factory=list)
+    ceiling: list[dict] = field(default_factory=list)
+
+
 def _score_sites(
     run_dir: Path,
     sites: Sequence[StudySite],
     models: Mapping[str, Any],
     personalised: Mapping[str, tuple[Any, str]],
     settings: RunConfig,
-    class_names: Sequence[str],
+    protocol: Any,
     qc_subjects: int,
     progress: bool,
-) -> tuple[list[dict], list[dict]]:
-    """(results, qc) of evaluation.json: every model (and a site's own personalised one) on every test
-    subject of every site; QC images of the global model on the first ``qc_subjects`` of each unseen site."""
-    from client.segmentation import write_qc_png
-
+) -> SiteScores:
+    """Every model (and a site's own personalised one) on every test subject of every site, on the grid;
+    on the unseen sites also on each scan's own grid; QC images of the global model on the first
+    ``qc_subjects`` of each unseen site."""
+    class_names = protocol.class_names
     spacing = (settings.spacing_mm,) * 3
-    scored = [
-        (site, (subject_id, image, label), name, model)
-        for site in sites
-        for subject_id, image, label in site.test
-        for name, model in {**models, **_own_model(personalised, site.site_id)}.items()
-    ]
-    results = []
-    qc = []
-    with Progress("cross-site evaluation", len(scored), show=progress) as bar:
-        for site, (subject_id, image, label), name, model in scored:
-            bar.working_on(f"{name} on {site.site_id} {subject_id}")
-            prediction, scores = _score(model, image, label, settings, class_names, spacing)
-            mean_dice = float(np.mean([v["dice"] for v in scores.values()]))
-            results.append(
-                {
-                    "model": name,
-                    "site": site.site_id,
-                    "role": site.role,
-                    "subject": subject_id,
-                    "mean_dice": mean_dice,
-                    "metrics": {
-                        c: {m: _finite_or_none(v) for m, v in values.items()} for c, values in scores.items()
-                    },
-                }
-            )
-            bar.advance(f"{name} on {site.site_id} {subject_id}: mean Dice {mean_dice:.3f}")
-            if (
-                name == FEDERATED
-                and site.role == ROLE_HOLDOUT
-                and len([q for q in qc if q["site"] == site.site_id]) < qc_subjects
-            ):
-                import nibabel as nib
-
-                png = run_dir / QC_DIR / f"{site.site_id}_{subject_id}_qc.png"
-                grid_image = nib.Nifti1Image(image[0].astype(np.float32), site.grid[subject_id])
-                write_qc_png(grid_image, prediction, class_names, png)
-                qc.append(
+    out = SiteScores()
+    subjects = [(site, subject) for site in sites for subject in site.test]
+    n_scored = sum(len({**models, **_own_model(personalised, s.site_id)}) for s, _ in subjects)
+    with Progress("cross-site evaluation", n_scored, show=progress) as bar:
+        for site, (subject_id, image, label) in subjects:
+            identity = {"site": site.site_id, "role": site.role, "subject": subject_id}
+            reference = None
+            if site.role == ROLE_HOLDOUT:
+                reference = load_native_reference(
+                    site.label_files[subject_id], site.transforms[subject_id], protocol
+                )
+                out.ceiling.append(
+                    native_record(ceiling_scores(label, reference, class_names), reference, **identity)
+                )
+            for name, model in {**models, **_own_model(personalised, site.site_id)}.items():
+                bar.working_on(f"{name} on {site.site_id} {subject_id}")
+                probabilities, prediction, scores = _score(
+                    model, image, label, settings, class_names, spacing
+                )
+                mean_dice = float(np.mean([v["dice"] for v in scores.values()]))
+                out.results.append(
                     {
-                        "site": site.site_id,
-                        "subject": subject_id,
-                        "model": FEDERATED,
-                        "file": f"{QC_DIR}/{png.name}",
+                        "model": name,
+                        **identity,
+                        "mean_dice": mean_dice,
+                        "metrics": {
+                            c: {m: _finite_or_none(v) for m, v in values.items()}
+                            for c, values in scores.items()
+                        },
                     }
                 )
-    return results, qc
+                if reference is not None:
+                    scored = native_scores(probabilities, reference, class_names, settings.postprocessing)
+                    out.native.append(native_record(scored, reference, model=name, **identity))
+                bar.advance(f"{name} on {site.site_id} {subject_id}: mean Dice {mean_dice:.3f}")
+                if name == FEDERATED and reference is not None and _qc_count(out.qc, site) < qc_subjects:
+                    out.qc.append(_write_qc(run_dir, site, subject_id, image, prediction, class_names))
+    return out
+
+
+def _qc_count(qc: Sequence[Mapping[str, Any]], site: StudySite) -> int:
+    return len([q for q in qc if q["site"] == site.site_id])
+
+
+def _write_qc(run_dir: Path, site: StudySite, subject_id: str, image, prediction, class_names) -> dict:
+    """The QC image of the global model's segmentation of one subject, on the grid; its qc entry."""
+    import nibabel as nib
+
+    from client.segmentation import write_qc_png
+
+    png = run_dir / QC_DIR / f"{site.site_id}_{subject_id}_qc.png"
+    grid_image = nib.Nifti1Image(
+        image[0].astype(np.float32), np.asarray(site.transforms[subject_id].grid_affine)
+    )
+    write_qc_png(grid_image, prediction, class_names, png)
+    return {"site": site.site_id, "subject": subject_id, "model": FEDERATED, "file": f"{QC_DIR}/{png.name}"}
 
 
 def _own_model(personalised: Mapping[str, tuple[Any, str]], site_id: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,13 +19,17 @@ from contract.run_config import RunConfig
 from contract.run_layout import SITE_CACHE_DIR, SITE_STATE_DIR
 from models.errors import NeurofedError
 
+if TYPE_CHECKING:
+    from client.preprocessing import NativeTransform
+
 
 @dataclass(frozen=True)
 class StudySite:
     """One site of the run: its folder, role and the preprocessed subjects of its two splits.
 
-    ``train`` / ``test`` hold ``(subject_id, image (C, X, Y, Z) float32, label (X, Y, Z) uint8)``; ``grid``
-    maps subject id -> its grid affine (4, 4), voxel -> world RAS mm.
+    ``train`` / ``test`` hold ``(subject_id, image (C, X, Y, Z) float32, label (X, Y, Z) uint8)``;
+    ``transforms`` maps subject id -> where its grid sits on the scan (``grid_affine``: voxel -> world RAS
+    mm), ``label_files`` subject id -> its label map on the scan's own grid (FreeSurfer values).
     """
 
     site_id: str
@@ -33,7 +37,8 @@ class StudySite:
     data_dir: Path
     train: list[tuple[str, np.ndarray, np.ndarray]]
     test: list[tuple[str, np.ndarray, np.ndarray]]
-    grid: dict[str, np.ndarray]
+    transforms: dict[str, NativeTransform]
+    label_files: dict[str, Path]
 
 
 def load_study_sites(
@@ -53,6 +58,7 @@ def load_study_sites(
         run_preprocessing_plan,
         site_split_key,
     )
+    from client.site_layout import discover_site
     from client.site_policy import simulated_policy
     from client.site_setup import SiteSetup
     from models.label_protocols import get_protocol
@@ -85,7 +91,8 @@ def load_study_sites(
                 data_dir=data_dir,
                 train=[(s.subject_id, s.image, s.label) for s in split.train],
                 test=[(s.subject_id, s.image, s.label) for s in split.test],
-                grid={s.subject_id: np.asarray(s.transform.grid_affine) for s in split.train + split.test},
+                transforms={s.subject_id: s.transform for s in split.train + split.test},
+                label_files={s.subject_id: s.label for s in discover_site(data_dir).subjects if s.label},
             )
         )
     return out

@@ -118,6 +118,74 @@ def test_report_has_every_site_the_unseen_section_the_matrix_and_the_tests(study
 
 
 @pytest.mark.slow
+def test_the_unseen_site_is_scored_on_each_scans_own_grid_as_neurofed_segment_would_label_it(
+    study, tmp_path
+) -> None:
+    """The native scores are those of the clinician's output: `segment_file` of the final model on the
+    unseen scan, scored against the scan's own label map, gives the federated record's Dice."""
+    import nibabel as nib
+
+    from client.segmentation import segment_file
+    from client.site_layout import discover_site
+    from models.label_protocols import get_protocol
+    from models.metrics import segmentation_metrics
+    from models.model_file import load_model
+
+    run, evaluation = study["run"], study["evaluation"]
+    models = [m["name"] for m in evaluation["models"]]
+    holdout = {s["site"]: s["test_subjects"] for s in evaluation["sites"] if s["role"] == "holdout"}
+    native = {(r["model"], r["site"], r["subject"]): r for r in evaluation["native_results"]}
+    assert set(native) == {
+        (m, site, subj) for m in models for site, subjs in holdout.items() for subj in subjs
+    }
+    ceilings = {(r["site"], r["subject"]): r["mean_dice"] for r in evaluation["native_ceiling"]}
+    assert set(ceilings) == {(site, subj) for site, subjs in holdout.items() for subj in subjs}
+    # A segmentation perfect on the working grid is near perfect, not perfect, on the scan (partial volumes).
+    assert all(0.85 < c < 1.0 for c in ceilings.values())
+
+    site, subject = next(iter(holdout.items()))[0], next(iter(holdout.values()))[0]
+    files = {s.subject_id: s for s in discover_site(Path(evaluation["data_root"]) / site).subjects}[subject]
+    loaded = load_model(run / "final-model.pt")
+    out = segment_file(loaded, files.images["T1w"], tmp_path / "dseg.nii.gz")
+    reference = nib.load(files.label)
+    protocol = get_protocol(evaluation["protocol"])
+    scores = segmentation_metrics(
+        np.asanyarray(nib.load(out.label_map).dataobj),
+        protocol.map_freesurfer(np.asanyarray(reference.dataobj)),
+        protocol.class_names,
+        reference.header.get_zooms()[:3],
+    )
+    record = native[("federated", site, subject)]
+    assert record["spacing_mm"] == pytest.approx(reference.header.get_zooms()[:3])
+    assert record["mean_dice"] == pytest.approx(np.mean([v["dice"] for v in scores.values()]), abs=1e-6)
+
+    (unseen_table,) = [
+        line
+        for line in (run / "report.md").read_text().splitlines()
+        if "scan's own grid" in line and "|" in line
+    ]
+    assert unseen_table.endswith("mean Dice, scan's own grid (4 mm) |")
+    assert "perfect on the working grid (partial-volume limit)" in (run / "report.md").read_text()
+
+
+def test_a_label_map_off_its_scans_grid_is_refused_by_name(tmp_path) -> None:
+    import nibabel as nib
+
+    from client.preprocessing import NativeTransform
+    from models.errors import NeurofedError
+    from models.label_protocols import get_protocol
+    from study.native_scoring import load_native_reference
+
+    path = tmp_path / "sub-01_dseg.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), path)
+    transform = NativeTransform((9, 8, 8), np.eye(4), (8, 8, 8), np.eye(4))
+    with pytest.raises(
+        NeurofedError, match=r"sub-01_dseg\.nii\.gz has shape \(8, 8, 8\), its scan \(9, 8, 8\)"
+    ):
+        load_native_reference(path, transform, get_protocol("tissue"))
+
+
+@pytest.mark.slow
 def test_html_report_references_only_existing_images_including_unseen_qc(study) -> None:
     run = study["run"]
     page = (run / "report.html").read_text()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from contract.evaluation import FEDERATED, LOCAL_PREFIX, PERSONALISED, POOLED
+from contract.evaluation import FEDERATED, LOCAL_PREFIX, NATIVE_CEILING, NATIVE_RESULTS, PERSONALISED, POOLED
 from contract.run_layout import CONFIG_FILE, EVALUATION_FILE, METRICS_FILE
 from contract.wire import ROLE_HOLDOUT
 from models.errors import NeurofedError
@@ -113,17 +113,30 @@ class EvaluationResults:
         known = {FEDERATED, POOLED, PERSONALISED, *self.local_models}
         self.other_models = [m for m in self.models if m not in known]
         """Any further model evaluation.json scored (e.g. the starting model, or the run without DP)."""
-        self.by: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for r in evaluation["results"]:
-            self.by.setdefault((r["model"], r["site"]), []).append(r)
-        for rows in self.by.values():
-            rows.sort(key=lambda r: r["subject"])
+        self.by = _by_model_and_site(evaluation["results"])
+        self.native_by = _by_model_and_site(evaluation.get(NATIVE_RESULTS) or [])
+        """`NATIVE_RESULTS` (the unseen sites' scans scored on their own grids), like ``by``."""
+        self.ceiling_by = _by_model_and_site(evaluation.get(NATIVE_CEILING) or [])
+        """`NATIVE_CEILING` (no model: keyed by (None, site))."""
 
     def mean_dice(self, model: str, site: str) -> list[float]:
         return [r["mean_dice"] for r in self.by.get((model, site), [])]
 
     def metric(self, model: str, site: str, cls: str, metric: str) -> list[float | None]:
         return [r["metrics"][cls][metric] for r in self.by.get((model, site), [])]
+
+    def native_mean_dice(self, model: str, site: str) -> list[float]:
+        """Per-subject mean Dice of ``model`` on each of ``site``'s scans' own grid (empty if not scored)."""
+        return [r["mean_dice"] for r in self.native_by.get((model, site), [])]
+
+    def native_ceiling(self, site: str) -> list[float]:
+        """Per-subject mean Dice of a segmentation perfect on the working grid, on each scan's own grid."""
+        return [r["mean_dice"] for r in self.ceiling_by.get((None, site), [])]
+
+    def native_spacings(self) -> set[tuple[float, ...]]:
+        """The voxel sizes (mm) of the scans scored on their own grid."""
+        rows = self.evaluation.get(NATIVE_RESULTS) or []
+        return {tuple(round(float(z), 3) for z in r["spacing_mm"]) for r in rows}
 
     def chance(self, site: str) -> list[float]:
         for s in self.evaluation["sites"]:
@@ -134,3 +147,13 @@ class EvaluationResults:
     def qc(self, site: str) -> list[dict[str, Any]]:
         """The QC images evaluation.json lists for a site."""
         return [qc for qc in self.evaluation.get("qc", []) if qc["site"] == site]
+
+
+def _by_model_and_site(rows: list[dict[str, Any]]) -> dict[tuple[str | None, str], list[dict[str, Any]]]:
+    """Records indexed by (model, site) (model None for records without one), each list sorted by subject."""
+    by: dict[tuple[str | None, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r.get("model"), r["site"]), []).append(r)
+    for group in by.values():
+        group.sort(key=lambda r: r["subject"])
+    return by

@@ -3,7 +3,9 @@
 - the unseen site(s): mean Dice of the federated model vs the best and worst local-only models, pooled,
   any further model evaluation.json scored (the starting model, the same configuration without DP) and
   chance, with the median
-  paired difference and the Wilcoxon signed-rank p of federated vs each; on the training sites,
+  paired difference and the Wilcoxon signed-rank p of federated vs each, and where evaluation.json has
+  them each model's Dice on the scans' own grid beside the working grid's partial-volume limit; on the
+  training sites,
   federated vs each site's own local-only model;
 - differential privacy: the run's DP line, and whether it holds a comparison with the same configuration
   without DP;
@@ -48,7 +50,8 @@ def _difference_cells(results: EvaluationResults, site: str, model: str) -> list
 
 
 def _unseen_rows(results: EvaluationResults, site: str) -> list[list[str]]:
-    """The summary table's rows of one unseen site, federated first."""
+    """The summary table's rows of one unseen site, federated first; a last column on the scans' own grid
+    where evaluation.json scored them there."""
     means = {m: float(np.mean(v)) for m in results.local_models if (v := results.mean_dice(m, site))}
     ranked = sorted(means, key=means.__getitem__, reverse=True)
     if len(ranked) > 1:
@@ -58,15 +61,23 @@ def _unseen_rows(results: EvaluationResults, site: str) -> list[list[str]]:
         named = [(model_label(m), m) for m in ranked]
     named += [(POOLED, m) for m in results.pooled]
     named += [(_other_label(results, m), m) for m in results.other_models if results.mean_dice(m, site)]
-    rows = [[FEDERATED, summary_cell(results.mean_dice(FEDERATED, site)), "", ""]]
-    rows += [[label, summary_cell(results.mean_dice(m, site)), *_difference_cells(results, site, m)]
-             for label, m in named]  # fmt: skip
+    native = bool(results.native_ceiling(site))
+
+    def row(label: str, model: str, *differences: str) -> list[str]:
+        cells = [label, summary_cell(results.mean_dice(model, site)), *(differences or ("", ""))]
+        return cells + ([summary_cell(results.native_mean_dice(model, site))] if native else [])
+
+    rows = [row(FEDERATED, FEDERATED)]
+    rows += [row(label, m, *_difference_cells(results, site, m)) for label, m in named]
     if STARTING_KIND not in results.kinds.values():
-        rows.append(
-            ["starting model (initial weights)", f"not scored ({EVALUATION_FILE} has no such model)", "", ""]
-        )
+        starting = f"not scored ({EVALUATION_FILE} has no such model)"
+        rows.append(["starting model (initial weights)", starting, "", ""] + ([""] if native else []))
     if results.chance(site):
         rows.append(["chance level (random labels)", f"{np.mean(results.chance(site)):.3f}", "", ""])
+        rows[-1] += [""] if native else []
+    if native:
+        ceiling = summary_cell(results.native_ceiling(site))
+        rows.append(["perfect on the working grid (partial-volume limit)", "1", "", "", ceiling])
     return rows
 
 
@@ -84,12 +95,27 @@ def _trained_on(local_model: str) -> str:
 
 def _unseen_blocks(results: EvaluationResults, site: str) -> list[Block]:
     n = len(results.mean_dice(FEDERATED, site))
-    return [
+    header = ["model", "mean Dice", "federated − model", "Wilcoxon"]
+    text = (
         f"Unseen site {site} (never trained, {n} test subjects). {unseen_verdict(results, site)} Below: "
         "mean ± sd (median) over subjects; federated − model: median paired difference; two-sided "
-        "Wilcoxon signed-rank test.",
-        Table(["model", "mean Dice", "federated − model", "Wilcoxon"], _unseen_rows(results, site)),
-    ]
+        "Wilcoxon signed-rank test."
+    )
+    if results.native_ceiling(site):
+        header.append(f"mean Dice, scan's own grid ({_spacing_text(results)})")
+        text += (
+            " Mean Dice is scored on the working grid; the last column scores each model as a site's "
+            "`neurofed segment` output, on the scan's own voxels against its own label map."
+        )
+    return [text, Table(header, _unseen_rows(results, site))]
+
+
+def _spacing_text(results: EvaluationResults) -> str:
+    """The scored scans' voxel size: ``1 mm`` when all are the same isotropic size, else ``their own``."""
+    spacings = results.native_spacings()
+    if len(spacings) == 1 and len(set(next(iter(spacings)))) == 1:
+        return f"{next(iter(spacings))[0]:g} mm"
+    return "voxel sizes of their own"
 
 
 def _training_sites_line(results: EvaluationResults, trainers: Sequence[str]) -> str:
