@@ -16,7 +16,7 @@ Models:
 
 Usage::
 
-    .venv/bin/python bench/bench_postprocessing.py [--model builtin|PATH] [--steps 40] [--label-maps DIR] [--out DIR]
+    .venv/bin/python bench/bench_postprocessing.py [--model builtin|PATH] [--steps 40] [--window 0] [--label-maps DIR] [--out DIR]
 
 Figures are printed and kept in ``OUT/bench_postprocessing.json``, never asserted.
 """
@@ -42,33 +42,36 @@ TRAINING_MAPS = 3
 
 
 def load_subjects(folder: Path, plan, protocol) -> list[dict]:
-    """Every synthesized subject, preprocessed: site, anatomy index (0-based), image and label on the grid."""
+    """Every synthesized subject, preprocessed: site, anatomy index (0-based), image and label on the grid;
+    found as a site finds them (`client.site_layout.discover_site`)."""
     import nibabel as nib
 
     from client.preprocessing import preprocess_images
+    from client.site_layout import discover_site
 
     subjects = []
     for site in sorted(folder.glob("site-*")):
-        for k, image_path in enumerate(sorted(site.glob("sub-*/anat/*.nii.gz"))):
-            subject = image_path.parts[-3]
-            label = nib.load(site / "derivatives" / "labels" / subject / "anat" / f"{subject}_dseg.nii.gz")
-            prepared = preprocess_images(subject, [nib.load(image_path)], plan, protocol, label=label)
+        for k, found in enumerate(discover_site(site).subjects):
+            image = nib.load(found.images[plan.input_contrasts[0]])
+            prepared = preprocess_images(found.subject_id, [image], plan, protocol, label=nib.load(found.label))
             subjects.append(
                 {"site": site.name, "anatomy": k, "image": prepared.image, "label": prepared.label}
             )
     return subjects
 
 
-def score(model, subjects: list[dict], protocol, spacing_mm) -> dict[str, dict[str, dict[str, float]]]:
+def score(
+    model, subjects: list[dict], protocol, spacing_mm, window: tuple[int, ...]
+) -> dict[str, dict[str, dict[str, float]]]:
     """mode -> class -> {"dice", "hd95_mm"} means over ``subjects`` (finite HD95 only; ``hd95_missing`` counts
-    the others), plus class ``"mean"`` over the foreground classes."""
+    the others), plus class ``"mean"`` over the foreground classes; sliding windows of ``window`` voxels."""
     from models.inference import predict_volume
     from models.metrics import segmentation_metrics
     from models.postprocessing import POSTPROCESSING_MODES, predicted_labels
 
     per_mode: dict[str, list[dict]] = {mode: [] for mode in POSTPROCESSING_MODES}
     for subject in subjects:
-        probabilities = predict_volume(model, subject["image"], (48,) * 3)
+        probabilities = predict_volume(model, subject["image"], window)
         for mode in POSTPROCESSING_MODES:
             labels = predicted_labels(probabilities, mode)
             per_mode[mode].append(
@@ -140,6 +143,12 @@ def main() -> int:
         "--steps", type=int, default=40, help="fine-tuning steps (0: skip the fine-tuned model)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        help="sliding-window edge, voxels (default 0: the model's training patch, as `neurofed segment` uses)",
+    )
     parser.add_argument("--label-maps", type=Path, default=DEFAULT_LABEL_MAPS)
     parser.add_argument("--out", type=Path, default=None, help="keep the synthesized data and results here")
     args = parser.parse_args()
@@ -176,7 +185,9 @@ def main() -> int:
         f"model: {resolve(args.model)}; anatomy: {', '.join(UNSEEN_ANATOMY)}; "
         f"{len(subjects)} subjects ({time.perf_counter() - started:.0f} s to synthesize and preprocess)"
     )
-    results = {"starting model": score(loaded.model, subjects, loaded.protocol, plan.target_spacing_mm)}
+    window = (args.window,) * 3 if args.window else loaded.patch_size()
+    print(f"sliding windows of {window} voxels")
+    results = {"starting model": score(loaded.model, subjects, loaded.protocol, plan.target_spacing_mm, window)}
     print_table("starting model", len(subjects), results["starting model"], loaded.protocol.class_names)
     if args.steps > 0:
         sites = sorted({s["site"] for s in subjects})
@@ -184,7 +195,7 @@ def main() -> int:
         held_out = [s for s in subjects if s["anatomy"] >= TRAINING_MAPS]
         tuned = fine_tune(loaded, train, args.steps, args.seed)
         name = f"fine-tuned {args.steps} steps"
-        results[name] = score(tuned, held_out, loaded.protocol, plan.target_spacing_mm)
+        results[name] = score(tuned, held_out, loaded.protocol, plan.target_spacing_mm, window)
         print_table(
             f"{name} on {len(train)} subjects, scored on maps 14-15",
             len(held_out),
