@@ -134,3 +134,23 @@ def test_summary_of_only_undefined_values_is_nan_with_count_zero() -> None:
 
     assert summary["n"] == 0
     assert all(math.isnan(summary[stat]) for stat in ("mean", "sd", "median"))
+
+
+def test_surface_distances_are_monais_hausdorff_95_and_symmetric_average() -> None:
+    # One computation of the surface distances gives what MONAI's two functions give each on their own.
+    import torch
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    spacing = (1.0, 1.5, 3.0)
+    blobs = [ndimage.gaussian_filter(rng.standard_normal((24, 20, 16)), 2.0) > 0.05 for _ in range(2)]
+    pred, truth = (torch.from_numpy(b)[None, None] for b in blobs)
+    ours = segmentation_metrics(blobs[0].astype(np.uint8), blobs[1].astype(np.uint8), ["bg", "fg"], spacing)
+    hd95 = compute_hausdorff_distance(pred, truth, include_background=True, percentile=95, spacing=spacing)
+    assd = compute_average_surface_distance(
+        pred, truth, include_background=True, symmetric=True, spacing=spacing
+    )
+    assert ours["fg"]["hd95_mm"] == pytest.approx(float(hd95), rel=1e-6)
+    assert ours["fg"]["assd_mm"] == pytest.approx(float(assd), rel=1e-6)
+    assert ours["fg"]["hd95_mm"] > 0 and ours["fg"]["assd_mm"] > 0
