@@ -111,7 +111,7 @@ def _unseen_blocks(results: EvaluationResults, site: str) -> list[Block]:
 
 
 def _spacing_text(results: EvaluationResults) -> str:
-    """The scored scans' voxel size: ``1 mm`` when all are the same isotropic size, else ``their own``."""
+    """The scored scans' voxel size: ``1 mm`` when all share one isotropic size, else ``voxel sizes of their own``."""
     spacings = results.native_spacings()
     if len(spacings) == 1 and len(set(next(iter(spacings)))) == 1:
         return f"{next(iter(spacings))[0]:g} mm"
