@@ -166,6 +166,18 @@ def test_the_unseen_site_is_scored_on_each_scans_own_grid_as_neurofed_segment_wo
     ]
     assert unseen_table.endswith("mean Dice, scan's own grid (4 mm) |")
     assert "perfect on the working grid (partial-volume limit)" in (run / "report.md").read_text()
+    # The unseen site's detailed section has the per-class table on the scans' own grid too.
+    (section,) = [
+        s for s in re.split(r"\n#+ ", (run / "report.md").read_text()) if s.startswith("Unseen site")
+    ]
+    assert (
+        section.count("| all (mean over classes) | Dice |") == 2 and "as `neurofed segment` labels" in section
+    )
+    own_grid_table = section[section.index("as `neurofed segment` labels") :]
+    assert (
+        f"{np.mean([r['mean_dice'] for r in native.values() if r['model'] == 'federated']):.3f}"
+        in own_grid_table
+    )
 
 
 def test_a_label_map_off_its_scans_grid_is_refused_by_name(tmp_path) -> None:

@@ -114,8 +114,11 @@ class EvaluationResults:
         self.other_models = [m for m in self.models if m not in known]
         """Any further model evaluation.json scored (e.g. the starting model, or the run without DP)."""
         self.by = _by_model_and_site(evaluation["results"])
-        self.native_by = _by_model_and_site(evaluation.get(NATIVE_RESULTS) or [])
-        """`NATIVE_RESULTS` (the unseen sites' scans scored on their own grids), like ``by``."""
+        native = evaluation.get(NATIVE_RESULTS)
+        self.own_grid = (
+            EvaluationResults({**evaluation, "results": native, NATIVE_RESULTS: None}) if native else None
+        )
+        """The same models scored on the unseen sites' scans' own grids (`NATIVE_RESULTS`); None without them."""
         self.ceiling_by = _by_model_and_site(evaluation.get(NATIVE_CEILING) or [])
         """`NATIVE_CEILING` (no model: keyed by (None, site))."""
 
@@ -127,7 +130,7 @@ class EvaluationResults:
 
     def native_mean_dice(self, model: str, site: str) -> list[float]:
         """Per-subject mean Dice of ``model`` on each of ``site``'s scans' own grid (empty if not scored)."""
-        return [r["mean_dice"] for r in self.native_by.get((model, site), [])]
+        return self.own_grid.mean_dice(model, site) if self.own_grid is not None else []
 
     def native_ceiling(self, site: str) -> list[float]:
         """Per-subject mean Dice of a segmentation perfect on the working grid, on each scan's own grid."""
