@@ -429,6 +429,25 @@ def test_the_summary_shows_further_models_that_evaluation_json_scored(study, tmp
     assert "starting model (initial weights)" not in summary  # scored now, no placeholder row
 
 
+def test_scans_already_on_the_working_grid_get_no_duplicate_own_grid_column(study, tmp_path) -> None:
+    """Where each scan's own grid is the working grid (the demo's 2 mm data), the own-grid scores repeat the
+    grid's: the report says so in a sentence instead of repeating the column and the per-class table."""
+    from server.report import write_report
+
+    run = tmp_path / "on-the-grid"
+    shutil.copytree(study["run"], run, ignore=shutil.ignore_patterns("cache", "checkpoints", "baselines"))
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    holdout = [r for r in evaluation["results"] if r["role"] == "holdout"]
+    evaluation["native_results"] = [{**r, "mean_dice": r["mean_dice"] + 1e-5} for r in holdout]
+    for ceiling in evaluation["native_ceiling"]:
+        ceiling["mean_dice"] = 1.0
+    (run / "evaluation.json").write_text(json.dumps(evaluation))
+    markdown, _ = write_report(run)
+    text = markdown.read_text()
+    assert "the same figures (the scans lie on the working grid)" in text
+    assert "scan's own grid (" not in text and "as `neurofed segment` labels" not in text
+
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 PROBE = """<script>
 addEventListener("load", () => {

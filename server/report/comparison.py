@@ -162,7 +162,7 @@ def unseen_site_section(results: EvaluationResults, site: str) -> Section:
     compared = compared_models(results, site, unseen=True)
     section = Section(f"Unseen site {site} (never trained)", [unseen_verdict(results, site)], collapsed=True)
     section.blocks.append(_class_table(results, site, compared))
-    if results.own_grid is not None and results.own_grid.mean_dice(FEDERATED, site):
+    if results.own_grid is not None and results.own_grid_differs(site):
         section.blocks.append(
             "The same models on each scan's own voxel grid, as `neurofed segment` labels the scan (the working "
             "grid's probabilities mapped onto the scan before the argmax and the post-processing), against the "

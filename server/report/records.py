@@ -136,6 +136,22 @@ class EvaluationResults:
         """Per-subject mean Dice of a segmentation perfect on the working grid, on each scan's own grid."""
         return [r["mean_dice"] for r in self.ceiling_by.get((None, site), [])]
 
+    def own_grid_differs(self, site: str) -> bool:
+        """Whether scoring ``site``'s scans on their own grid changed anything the report shows (3 decimals):
+        not where the scans already lie on the working grid (the partial-volume limit 1, every model's Dice
+        the same up to the float32 mapping's rounding)."""
+        if self.own_grid is None or not self.native_ceiling(site):
+            return False
+        if min(self.native_ceiling(site)) < 1.0 - 1e-9:
+            return True
+        for model in self.models:
+            grid, own = self.mean_dice(model, site), self.native_mean_dice(model, site)
+            if own and (
+                len(grid) != len(own) or any(abs(a - b) > 5e-4 for a, b in zip(grid, own, strict=False))
+            ):
+                return True
+        return False
+
     def native_spacings(self) -> set[tuple[float, ...]]:
         """The voxel sizes (mm) of the scans scored on their own grid."""
         rows = self.evaluation.get(NATIVE_RESULTS) or []

@@ -61,7 +61,7 @@ def _unseen_rows(results: EvaluationResults, site: str) -> list[list[str]]:
         named = [(model_label(m), m) for m in ranked]
     named += [(POOLED, m) for m in results.pooled]
     named += [(_other_label(results, m), m) for m in results.other_models if results.mean_dice(m, site)]
-    native = bool(results.native_ceiling(site))
+    native = results.own_grid_differs(site)
 
     def row(label: str, model: str, *differences: str) -> list[str]:
         cells = [label, summary_cell(results.mean_dice(model, site)), *(differences or ("", ""))]
@@ -101,11 +101,16 @@ def _unseen_blocks(results: EvaluationResults, site: str) -> list[Block]:
         "mean ± sd (median) over subjects; federated − model: median paired difference; two-sided "
         "Wilcoxon signed-rank test."
     )
-    if results.native_ceiling(site):
+    if results.own_grid_differs(site):
         header.append(f"mean Dice, scan's own grid ({_spacing_text(results)})")
         text += (
             " Mean Dice is scored on the working grid; the last column scores each model as a site's "
             "`neurofed segment` output, on the scan's own voxels against its own label map."
+        )
+    elif results.native_ceiling(site):
+        text += (
+            " Scored on each scan's own voxels too, as a site's `neurofed segment` output: the same figures "
+            "(the scans lie on the working grid)."
         )
     return [text, Table(header, _unseen_rows(results, site))]
 
