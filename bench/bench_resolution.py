@@ -140,11 +140,12 @@ def train(run, subjects: list[dict], args, protocol) -> tuple[Any, dict[str, flo
 def evaluate(model, run, subjects: list[dict], protocol) -> dict[str, Any]:
     """Ceiling, grid and native-grid scores of ``model`` on ``subjects`` at the ``run``'s spacing, and the
     inference costs."""
-    from client.preprocessing import labels_to_native, preprocess_images, probabilities_to_native
+    from client.preprocessing import labels_to_native, preprocess_images
+    from client.segmentation import native_segmentation
     from client.site_data import run_preprocessing_plan
     from models.inference import predict_volume
     from models.metrics import segmentation_metrics
-    from models.postprocessing import postprocess_labels, predicted_labels
+    from models.postprocessing import predicted_labels
 
     plan = run_preprocessing_plan(run)
     names = protocol.class_names
@@ -160,10 +161,8 @@ def evaluate(model, run, subjects: list[dict], protocol) -> dict[str, Any]:
                 subject["id"], [subject["image"]], plan, protocol, label=subject["label"]
             )
             probabilities = predict_volume(model, prepared.image, (run.patch_size,) * 3)
-            soft = postprocess_labels(
-                probabilities_to_native(probabilities, prepared.transform),
-                protocol.num_classes,
-                POSTPROCESSING,
+            soft = native_segmentation(
+                probabilities, prepared.transform, protocol.num_classes, POSTPROCESSING
             )
         costs["cpu_s"].append(time.process_time() - cpu)
         costs["wall_s"].append(time.perf_counter() - wall)

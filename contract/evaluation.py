@@ -27,6 +27,12 @@ starting model).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
 FORMAT = "neurofed-evaluation"
 FORMAT_VERSION = 1
 FEDERATED = "federated"
@@ -49,3 +55,19 @@ REPORTED_METRICS: tuple[str, ...] = ("dice", "hd95_mm", "assd_mm", "abs_volume_d
 def local_model_name(site_id: str) -> str:
     """The evaluation.json name of a site's local-only model."""
     return f"{LOCAL_PREFIX}{site_id}"
+
+
+def finite_or_none(value: float) -> float | None:
+    """A value as evaluation.json stores it: the float, or null where it is undefined (NaN, infinite)."""
+    return float(value) if math.isfinite(value) else None
+
+
+def result_record(scores: Mapping[str, Mapping[str, float]], **identity: Any) -> dict[str, Any]:
+    """One record of ``results`` (or `NATIVE_RESULTS`, `NATIVE_CEILING`): ``identity`` (model, site, role,
+    subject, ...), ``mean_dice`` over the foreground classes of ``scores`` ({class: {metric: value}}) and
+    ``metrics``, undefined values as null."""
+    return {
+        **identity,
+        "mean_dice": float(np.mean([v["dice"] for v in scores.values()])),
+        "metrics": {c: {m: finite_or_none(v) for m, v in values.items()} for c, values in scores.items()},
+    }

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from contract.evaluation import REPORTED_METRICS
+from contract.evaluation import REPORTED_METRICS, result_record
 from models.errors import NeurofedError
 
 if TYPE_CHECKING:
@@ -103,16 +103,6 @@ def ceiling_scores(
 def native_record(
     scores: dict[str, dict[str, float]], reference: NativeReference, **identity: Any
 ) -> dict[str, Any]:
-    """An evaluation.json record of native-grid ``scores``: ``identity`` (model, site, subject, ...), the
-    mean Dice over the foreground classes, the per-class metrics (non-finite as null) and the voxel size."""
-    import math
-
-    return {
-        **identity,
-        "mean_dice": float(np.mean([v["dice"] for v in scores.values()])),
-        "spacing_mm": list(reference.spacing_mm),
-        "metrics": {
-            c: {m: (float(v) if math.isfinite(v) else None) for m, v in values.items()}
-            for c, values in scores.items()
-        },
-    }
+    """An evaluation.json record of native-grid ``scores`` (`contract.evaluation.result_record`) with the
+    scan's voxel size."""
+    return {**result_record(scores, **identity), "spacing_mm": list(reference.spacing_mm)}

@@ -43,7 +43,6 @@ this module scores them and writes the document.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +63,8 @@ from contract.evaluation import (
     REPORTED_METRICS,
     STARTING,
     STARTING_KIND,
+    finite_or_none,
+    result_record,
 )
 from contract.run_config import RunConfig
 from contract.run_layout import EVALUATION_FILE, FINAL_MODEL_FILE, QC_DIR, WITHOUT_DP_DIR
@@ -100,10 +101,6 @@ def _score(model, image: np.ndarray, label: np.ndarray, settings: Any, class_nam
     prediction = predicted_labels(probabilities, settings.postprocessing)
     scores = segmentation_metrics(prediction, np.asarray(label), class_names, spacing)
     return probabilities, prediction, {c: {m: v[m] for m in REPORTED_METRICS} for c, v in scores.items()}
-
-
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
 
 
 def audit_final_model(model, sites: Sequence[StudySite], settings: Any, on_subject=None):
@@ -230,7 +227,7 @@ def evaluate_study(
                 "kind": baseline.kind,
                 "trained_on": baseline.trained_on,
                 "steps": baseline.steps,
-                "final_train_loss": _finite_or_none(baseline.losses[-1]) if baseline.losses else None,
+                "final_train_loss": finite_or_none(baseline.losses[-1]) if baseline.losses else None,
                 "file": baseline.file,
             }
         )
@@ -322,10 +319,13 @@ def _score_sites(
     class_names = protocol.class_names
     spacing = (settings.spacing_mm,) * 3
     out = SiteScores()
-    subjects = [(site, subject) for site in sites for subject in site.test]
-    n_scored = sum(len({**models, **_own_model(personalised, s.site_id)}) for s, _ in subjects)
-    with Progress("cross-site evaluation", n_scored, show=progress) as bar:
-        for site, (subject_id, image, label) in subjects:
+    subjects = [
+        (site, subject, {**models, **_own_model(personalised, site.site_id)})
+        for site in sites
+        for subject in site.test
+    ]
+    with Progress("cross-site evaluation", sum(len(m) for *_, m in subjects), show=progress) as bar:
+        for site, (subject_id, image, label), site_models in subjects:
             identity = {"site": site.site_id, "role": site.role, "subject": subject_id}
             reference = None
             if site.role == ROLE_HOLDOUT:
@@ -335,23 +335,13 @@ def _score_sites(
                 out.ceiling.append(
                     native_record(ceiling_scores(label, reference, class_names), reference, **identity)
                 )
-            for name, model in {**models, **_own_model(personalised, site.site_id)}.items():
+            for name, model in site_models.items():
                 bar.working_on(f"{name} on {site.site_id} {subject_id}")
                 probabilities, prediction, scores = _score(
                     model, image, label, settings, class_names, spacing
                 )
-                mean_dice = float(np.mean([v["dice"] for v in scores.values()]))
-                out.results.append(
-                    {
-                        "model": name,
-                        **identity,
-                        "mean_dice": mean_dice,
-                        "metrics": {
-                            c: {m: _finite_or_none(v) for m, v in values.items()}
-                            for c, values in scores.items()
-                        },
-                    }
-                )
+                out.results.append(result_record(scores, model=name, **identity))
+                mean_dice = out.results[-1]["mean_dice"]
                 if reference is not None:
                     scored = native_scores(probabilities, reference, class_names, settings.postprocessing)
                     out.native.append(native_record(scored, reference, model=name, **identity))
