@@ -136,10 +136,11 @@ def test_summary_of_only_undefined_values_is_nan_with_count_zero() -> None:
     assert all(math.isnan(summary[stat]) for stat in ("mean", "sd", "median"))
 
 
-def test_surface_distances_are_monais_hausdorff_95_and_symmetric_average() -> None:
-    # One computation of the surface distances gives what MONAI's two functions give each on their own.
+def test_dice_and_surface_distances_are_monais() -> None:
+    # Dice from the voxel counts, and one computation of the surface distances, give what MONAI's Dice,
+    # 95 % Hausdorff and symmetric average surface distance functions give each on their own.
     import torch
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
     from scipy import ndimage
 
     rng = np.random.default_rng(3)
@@ -151,6 +152,9 @@ def test_surface_distances_are_monais_hausdorff_95_and_symmetric_average() -> No
     assd = compute_average_surface_distance(
         pred, truth, include_background=True, symmetric=True, spacing=spacing
     )
+    dice = compute_dice(pred.float(), truth.float(), include_background=True, ignore_empty=False)
+    assert 0.05 < ours["fg"]["dice"] < 0.95  # overlapping, not equal: the comparison means something
+    assert ours["fg"]["dice"] == pytest.approx(float(dice), rel=1e-6)
     assert ours["fg"]["hd95_mm"] == pytest.approx(float(hd95), rel=1e-6)
     assert ours["fg"]["assd_mm"] == pytest.approx(float(assd), rel=1e-6)
     assert ours["fg"]["hd95_mm"] > 0 and ours["fg"]["assd_mm"] > 0
