@@ -171,12 +171,17 @@ def test_one_hot_resampling_keeps_thin_cortex_better_than_nearest_neighbour(tmp_
     assert dice(ours, original, 2) > dice(nearest, original, 2) + 0.05
 
 
-def test_probabilities_to_native_matches_a_dense_argmax(tmp_path, head_phantoms):
+@pytest.mark.parametrize("noise", [1.0, 0.3])
+def test_probabilities_to_native_matches_a_dense_argmax(tmp_path, head_phantoms, noise):
+    # noise 1.0: every class reaches 1/K somewhere on most of the grid; 0.3: only inside the head, so the
+    # classes', and the background's, boxes are the head's (probabilities_to_native scores only there).
     subject = head_phantoms.write_subject(tmp_path, "sub-01", head_phantoms.labels(), axcodes="LIA")
     pre = preprocess_subject(subject, PreprocessingPlan(field_of_view_mm=SMALL_FOV_MM), TISSUE)
     transform = pre.transform
     rng = np.random.default_rng(3)
-    logits = rng.normal(size=(4, *transform.grid_shape)) + 3.0 * np.eye(4)[pre.label].transpose(3, 0, 1, 2)
+    logits = noise * rng.normal(size=(4, *transform.grid_shape)) + 3.0 * np.eye(4)[pre.label].transpose(
+        3, 0, 1, 2
+    )
     probs = np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)
 
     result = probabilities_to_native(probs.astype(np.float32), transform)
@@ -197,6 +202,17 @@ def test_probabilities_to_native_matches_a_dense_argmax(tmp_path, head_phantoms)
     expected = dense.argmax(axis=0).reshape(transform.native_shape)
     assert result.shape == transform.native_shape
     assert np.mean(result != expected) < 1e-4
+    assert set(np.unique(result)) == {0, 1, 2, 3}
+
+
+def test_probabilities_of_background_only_give_background_on_the_native_grid(tmp_path, head_phantoms):
+    subject = head_phantoms.write_subject(tmp_path, "sub-01", head_phantoms.labels(), axcodes="LIA")
+    pre = preprocess_subject(subject, PreprocessingPlan(field_of_view_mm=SMALL_FOV_MM), TISSUE)
+    background = np.zeros((4, *pre.transform.grid_shape), np.float32)
+    background[0] = 0.97
+    background[1:] = 0.01
+    result = probabilities_to_native(background, pre.transform)
+    assert result.shape == pre.transform.native_shape and not result.any()
 
 
 def test_one_hot_probabilities_give_the_same_labels(tmp_path, head_phantoms):

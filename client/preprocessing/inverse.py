@@ -111,18 +111,23 @@ def probabilities_to_native(probs: np.ndarray, transform: NativeTransform) -> np
     _check_grid_shape(probs.shape[1:], transform, "probs")
     num_classes = probs.shape[0]
     # Where every channel sums to 1, an interpolated channel that stays below 1/K cannot be the maximum
-    # (the interpolated channels still sum to 1), so each channel only needs the box where it reaches 1/K.
+    # (the interpolated channels still sum to 1), so each channel only needs the box where it reaches 1/K,
+    # and the background only the boxes of the others: outside them no other class is scored, and
+    # background (class 0) is what the output holds where nothing else wins.
     sums_to_one = bool(np.abs(probs.sum(axis=0, dtype=np.float64) - 1.0).max() < 1e-3)
+    boxes: dict[int, tuple[slice, ...] | None] = {cls: None for cls in range(1, num_classes)}
+    if sums_to_one:
+        for cls in range(1, num_classes):
+            reach = ndimage.find_objects((probs[cls] >= 1.0 / num_classes - 2e-3).astype(np.uint8))
+            boxes[cls] = reach[0] if reach else None
+        boxes = {cls: box for cls, box in boxes.items() if box is not None}
 
     def scores() -> Iterator[_Score]:
-        yield 0, (lambda region: probs[0][region]), None, 1.0
-        for cls in range(1, num_classes):
-            box = None
-            if sums_to_one:
-                reach = ndimage.find_objects((probs[cls] >= 1.0 / num_classes - 2e-3).astype(np.uint8))
-                if not reach:
-                    continue
-                box = reach[0]
+        background_box = _union(list(boxes.values())) if sums_to_one else None
+        if sums_to_one and background_box is None:
+            return  # no class but the background reaches 1/K anywhere: all background
+        yield 0, (lambda region: probs[0][region]), background_box, 1.0
+        for cls, box in boxes.items():
             yield cls, (lambda region, c=cls: probs[c][region]), box, 0.0
 
     canonical_affine, canonical_shape = _canonical_native(transform)
@@ -131,6 +136,16 @@ def probabilities_to_native(probs: np.ndarray, transform: NativeTransform) -> np
         scores(), voxel_map, canonical_shape, probs.shape[1:], residual_background=False
     )
     return _from_canonical(native, transform.native_affine)
+
+
+def _union(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...] | None:
+    """The bounding box of ``boxes`` (None when there are none)."""
+    if not boxes:
+        return None
+    return tuple(
+        slice(min(box[d].start for box in boxes), max(box[d].stop for box in boxes))
+        for d in range(len(boxes[0]))
+    )
 
 
 def native_image(array: np.ndarray, transform: NativeTransform) -> nib.Nifti1Image:
