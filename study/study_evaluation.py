@@ -46,7 +46,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -74,6 +74,8 @@ from study.native_scoring import ceiling_scores, load_native_reference, native_r
 from study.public_anatomy import anatomy_seen
 from study.study_baselines import budget_rule, personalised_models, starting_network, train_comparison_models
 from study.study_sites import StudySite, load_study_sites
+
+T = TypeVar("T")
 
 
 def chance_mean_dice(label: np.ndarray, num_classes: int) -> float:
@@ -319,11 +321,14 @@ def _score_sites(
     class_names = protocol.class_names
     spacing = (settings.spacing_mm,) * 3
     out = SiteScores()
-    subjects = [
-        (site, subject, {**models, **_own_model(personalised, site.site_id)})
-        for site in sites
-        for subject in site.test
-    ]
+    # The unseen sites' subjects cost more (scored on their own grid too): spread among the others, so the
+    # progress line's time left, which assumes steps alike, holds from the start.
+    subjects = _spread_evenly(
+        [
+            [(site, subject, {**models, **_own_model(personalised, site.site_id)}) for subject in site.test]
+            for site in sites
+        ]
+    )
     with Progress("cross-site evaluation", sum(len(m) for *_, m in subjects), show=progress) as bar:
         for site, (subject_id, image, label), site_models in subjects:
             identity = {"site": site.site_id, "role": site.role, "subject": subject_id}
@@ -349,6 +354,15 @@ def _score_sites(
                 if name == FEDERATED and reference is not None and _qc_count(out.qc, site) < qc_subjects:
                     out.qc.append(_write_qc(run_dir, site, subject_id, image, prediction, class_names))
     return out
+
+
+def _spread_evenly(groups: Sequence[Sequence[T]]) -> list[T]:
+    """The items of all ``groups`` in one list, each group's spread evenly over it, in the group's order:
+    item i of a group of n sits at the fraction (i + 0.5) / n of the list."""
+    placed = [
+        ((i + 0.5) / len(group), g, item) for g, group in enumerate(groups) for i, item in enumerate(group)
+    ]
+    return [item for *_, item in sorted(placed, key=lambda entry: entry[:2])]
 
 
 def _qc_count(qc: Sequence[Mapping[str, Any]], site: StudySite) -> int:

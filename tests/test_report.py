@@ -256,6 +256,22 @@ def test_wilcoxon_line_says_not_applicable_with_too_few_pairs_and_tests_otherwis
     assert "not applicable" in wilcoxon_line("x", [0.5] * 7, [0.5] * 7)
 
 
+def test_the_unseen_sites_subjects_are_spread_through_the_cross_site_evaluation() -> None:
+    # They cost more (scored on their own grid too); bunched at the end, the time left printed from the
+    # first steps' pace would be far too short.
+    from study.study_evaluation import _spread_evenly
+
+    training = [[("a", i) for i in range(4)], [("b", i) for i in range(4)]]
+    unseen = [("unseen", i) for i in range(8)]
+    order = _spread_evenly([*training, unseen])
+    assert sorted(order) == sorted([*training[0], *training[1], *unseen])
+    for group in (*training, unseen):
+        assert [item for item in order if item in group] == group  # each site's own order kept
+    positions = [order.index(item) for item in unseen]
+    assert positions[0] < 2 and positions[-1] == len(order) - 1  # in the first steps and the last
+    assert max(np.diff(positions)) <= 3  # never more than two other subjects between two of its own
+
+
 def test_report_of_a_folder_without_a_run_names_the_folder(tmp_path, capsys) -> None:
     from study.cli import main
 
