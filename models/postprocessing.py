@@ -61,6 +61,23 @@ def postprocess_labels(labels: np.ndarray, num_classes: int, mode: str) -> np.nd
     foreground = tuple(range(1, num_classes))
     if mode == NO_POSTPROCESSING or not foreground or not out.any():
         return out
+    from scipy import ndimage
+
+    # Everything below happens inside the labelled voxels' bounding box, grown by a voxel of background:
+    # outside it all is background and stays so, and inside it the components, the holes (background cut
+    # off from the box's edge, which touches the volume's outside) and the nearest classes are those of
+    # the whole volume. On a 1 mm scan the brain's box is a small part of it.
+    box = tuple(
+        slice(max(s.start - 1, 0), min(s.stop + 1, n))
+        for s, n in zip(ndimage.find_objects((out > 0).astype(np.uint8))[0], out.shape, strict=True)
+    )
+    result = np.zeros_like(out)
+    result[box] = _postprocess_box(out[box], foreground, mode)
+    return result
+
+
+def _postprocess_box(out: np.ndarray, foreground: tuple[int, ...], mode: str) -> np.ndarray:
+    """`postprocess_labels` of a non-empty uint8 label map whose edge voxels are background or the volume's."""
     from monai.transforms import KeepLargestConnectedComponent
     from scipy import ndimage
 

@@ -62,6 +62,27 @@ def test_largest_per_class_gives_a_stray_piece_of_a_class_to_its_neighbours() ->
     np.testing.assert_array_equal(cleaned, _brain())
 
 
+@pytest.mark.parametrize("mode", [LARGEST_BRAIN, LARGEST_PER_CLASS])
+def test_a_wide_background_around_the_brain_changes_nothing(mode: str) -> None:
+    # The work is done in the labelled voxels' box; a brain at the edge of its volume and the same brain
+    # in a volume five times wider must come out the same, islands, holes and edge included.
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    field = ndimage.gaussian_filter(rng.standard_normal((22, 26, 18)), 1.2)
+    labels = np.digitize(field, np.quantile(field, [0.75, 0.85, 0.93])).astype(np.uint8)  # islands
+    labels[6:16, 6:16, 4:14] = 3
+    labels[9:13, 9:13, 7:11] = 0  # a hole
+    labels[0] = labels[-1] = labels[:, 0] = labels[:, -1] = 0  # open on the third axis only
+    alone = postprocess_labels(labels, 4, mode)
+    wide = np.zeros((110, 130, 18), np.uint8)
+    wide[40:62, 50:76] = labels
+    within = postprocess_labels(wide, 4, mode)
+    np.testing.assert_array_equal(within[40:62, 50:76], alone)
+    assert not within.sum() - within[40:62, 50:76].sum()  # nothing labelled outside
+    assert (alone != labels).sum() > 20  # islands removed and holes filled: the comparison means something
+
+
 def test_none_is_the_argmax_and_unknown_modes_are_refused() -> None:
     rng = np.random.default_rng(0)
     probabilities = rng.random((TISSUE.num_classes, 8, 9, 10)).astype(np.float32)
