@@ -205,6 +205,49 @@ def test_probabilities_to_native_matches_a_dense_argmax(tmp_path, head_phantoms,
     assert set(np.unique(result)) == {0, 1, 2, 3}
 
 
+def test_classes_resampled_at_once_give_what_one_at_a_time_gives(tmp_path, head_phantoms, monkeypatch):
+    from client.preprocessing import labels
+
+    subject = head_phantoms.write_subject(tmp_path, "sub-01", head_phantoms.labels(), axcodes="LIA")
+    pre = preprocess_subject(subject, PreprocessingPlan(field_of_view_mm=SMALL_FOV_MM), TISSUE)
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(4, *pre.transform.grid_shape)) + 3.0 * np.eye(4)[pre.label].transpose(
+        3, 0, 1, 2
+    )
+    probs = (np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)).astype(np.float32)
+    results = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(labels, "RESAMPLING_THREADS", threads)
+        results[threads] = (
+            probabilities_to_native(probs, pre.transform),
+            labels_to_native(pre.label, pre.transform),
+        )
+    for one, several in zip(results[1], results[3], strict=True):
+        np.testing.assert_array_equal(one, several)
+
+
+def test_work_done_at_once_comes_back_in_order_with_few_results_waiting() -> None:
+    import threading
+    import time
+
+    from client.preprocessing.labels import _in_order
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> int:
+        with lock:
+            started.append(i)
+        time.sleep(0.02 * (5 - i))  # the first items are the slowest
+        return i * i
+
+    out = []
+    for result in _in_order(work, range(6), threads=2):
+        out.append(result)
+        assert len(started) <= len(out) + 2  # no more than the threads' worth started ahead
+    assert out == [i * i for i in range(6)]
+
+
 def test_probabilities_of_background_only_give_background_on_the_native_grid(tmp_path, head_phantoms):
     subject = head_phantoms.write_subject(tmp_path, "sub-01", head_phantoms.labels(), axcodes="LIA")
     pre = preprocess_subject(subject, PreprocessingPlan(field_of_view_mm=SMALL_FOV_MM), TISSUE)

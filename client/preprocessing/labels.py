@@ -8,7 +8,11 @@ erodes. The same machinery maps labels onto the grid (`_labels_onto`) and back o
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -22,8 +26,16 @@ _MAX_FREESURFER_LABEL = 1 << 16
 """Label values at or above this are no FreeSurfer labels (the lookup table stops at 14175)."""
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 _Score = tuple[int, Callable[[tuple[slice, ...]], np.ndarray], tuple[slice, ...] | None, float]
 """(class, input region -> score map there, box outside which the class cannot win or None, value outside)."""
+
+
+RESAMPLING_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+"""Classes resampled at once (SciPy's interpolation releases the GIL): at most this many score maps are in
+memory, and a class map at 1 mm maps about this many times faster."""
 
 
 def _argmax_resampled(
@@ -36,9 +48,9 @@ def _argmax_resampled(
 ) -> np.ndarray:
     """Argmax over classes of per-class score maps, each resampled linearly onto ``out_shape``; uint8.
 
-    Classes are streamed one at a time (memory of one score map), each only over the output voxels whose
-    interpolation stencil reaches its box. Classes must come in increasing order; ties go to the lower
-    class, as ``np.argmax``.
+    Classes are streamed (`RESAMPLING_THREADS` score maps in memory at a time), each only over the output
+    voxels whose interpolation stencil reaches its box. Classes must come in increasing order; ties go to
+    the lower class, as ``np.argmax``.
 
     Args:
         voxel_map: (4, 4) output voxel -> input voxel.
@@ -48,35 +60,17 @@ def _argmax_resampled(
     """
     voxel_map = _snap(voxel_map)
     out_shape = tuple(int(n) for n in out_shape)
-    full_in = tuple(slice(0, int(n)) for n in input_shape)
-    full_out = tuple(slice(0, n) for n in out_shape)
     best = np.zeros(out_shape, dtype=np.float32)
     best_class = np.zeros(out_shape, dtype=np.uint8)
     total = np.zeros(out_shape, dtype=np.float32) if residual_background else None
-    diagonal = _is_diagonal(voxel_map)
-    margin = 1 + (0 if smoothing is None else int(np.ceil(4 * float(np.max(smoothing)))))
-    for cls, region_of, box, cval in scores:
-        in_box, out_box, local_map = full_in, full_out, voxel_map
-        if box is not None and diagonal:
-            scale, offset = np.diag(voxel_map)[:3], voxel_map[:3, 3]
-            # The class reaches input coordinates [lo - margin, hi + margin] (stencil + smoothing), so
-            # only output voxels mapping there can score, and only input voxels there are needed.
-            reach_lo = np.array([s.start for s in box]) - margin
-            reach_hi = np.array([s.stop - 1 for s in box]) + margin
-            in_lo = np.maximum(reach_lo, 0)
-            in_hi = np.minimum(reach_hi, np.asarray(input_shape) - 1)
-            out_lo = np.maximum(np.ceil((reach_lo - offset) / scale), 0).astype(int)
-            out_hi = np.minimum(np.floor((reach_hi - offset) / scale), np.asarray(out_shape) - 1).astype(int)
-            if np.any(out_hi < out_lo):
-                continue
-            in_box = tuple(slice(int(a), int(b) + 1) for a, b in zip(in_lo, in_hi, strict=True))
-            out_box = tuple(slice(int(a), int(b) + 1) for a, b in zip(out_lo, out_hi, strict=True))
-            local_map = voxel_map @ _translation(out_lo)
-            local_map[:3, 3] -= in_lo
-        score = np.asarray(region_of(in_box), dtype=np.float32)
-        if smoothing is not None:
-            score = ndimage.gaussian_filter(score, smoothing, mode="constant", cval=cval)
-        value = _resample(score, local_map, [s.stop - s.start for s in out_box], order=1, cval=cval)
+
+    def resample(score: _Score) -> tuple[int, tuple[slice, ...], np.ndarray] | None:
+        return _resample_class(score, voxel_map, out_shape, input_shape, smoothing)
+
+    for resampled in _in_order(resample, scores, RESAMPLING_THREADS):
+        if resampled is None:
+            continue
+        cls, out_box, value = resampled
         if cls == 0 and not residual_background:
             best[out_box] = value
             continue
@@ -90,6 +84,58 @@ def _argmax_resampled(
     if total is not None:
         best_class[1.0 - total >= best] = 0
     return best_class
+
+
+def _resample_class(
+    score: _Score,
+    voxel_map: np.ndarray,
+    out_shape: tuple[int, ...],
+    input_shape: Sequence[int],
+    smoothing: np.ndarray | None,
+) -> tuple[int, tuple[slice, ...], np.ndarray] | None:
+    """(class, output box, its score there) of one class of `_argmax_resampled`; None where it reaches no
+    output voxel."""
+    cls, region_of, box, cval = score
+    in_box = tuple(slice(0, int(n)) for n in input_shape)
+    out_box = tuple(slice(0, n) for n in out_shape)
+    local_map = voxel_map
+    if box is not None and _is_diagonal(voxel_map):
+        margin = 1 + (0 if smoothing is None else int(np.ceil(4 * float(np.max(smoothing)))))
+        scale, offset = np.diag(voxel_map)[:3], voxel_map[:3, 3]
+        # The class reaches input coordinates [lo - margin, hi + margin] (stencil + smoothing), so
+        # only output voxels mapping there can score, and only input voxels there are needed.
+        reach_lo = np.array([s.start for s in box]) - margin
+        reach_hi = np.array([s.stop - 1 for s in box]) + margin
+        in_lo = np.maximum(reach_lo, 0)
+        in_hi = np.minimum(reach_hi, np.asarray(input_shape) - 1)
+        out_lo = np.maximum(np.ceil((reach_lo - offset) / scale), 0).astype(int)
+        out_hi = np.minimum(np.floor((reach_hi - offset) / scale), np.asarray(out_shape) - 1).astype(int)
+        if np.any(out_hi < out_lo):
+            return None
+        in_box = tuple(slice(int(a), int(b) + 1) for a, b in zip(in_lo, in_hi, strict=True))
+        out_box = tuple(slice(int(a), int(b) + 1) for a, b in zip(out_lo, out_hi, strict=True))
+        local_map = voxel_map @ _translation(out_lo)
+        local_map[:3, 3] -= in_lo
+    values = np.asarray(region_of(in_box), dtype=np.float32)
+    if smoothing is not None:
+        values = ndimage.gaussian_filter(values, smoothing, mode="constant", cval=cval)
+    return cls, out_box, _resample(values, local_map, [s.stop - s.start for s in out_box], order=1, cval=cval)
+
+
+def _in_order(work: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
+    """``work(item)`` of each item, in the items' order, up to ``threads`` computed at once (bounded: never
+    more than ``threads`` results waiting)."""
+    if threads <= 1:
+        yield from map(work, items)
+        return
+    pending: deque[Future[R]] = deque()
+    with ThreadPoolExecutor(threads) as pool:
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) >= threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _one_hot_scores(classes: np.ndarray) -> Iterator[_Score]:
