@@ -22,12 +22,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from common.ordered_work import in_order, usable_cores
 from common.progress import Progress
 from models.errors import NeurofedError
 from study.head_phantom import make_head_phantom
@@ -41,6 +43,9 @@ SUBJECT_STREAM = 1
 PHANTOM_STREAM = 2
 """First spawn-key element of the per-subject phantom anatomy streams: ``(2, site, subject)``."""
 BIDS_VERSION = "1.9.0"
+SYNTHESIS_THREADS = usable_cores(2)
+"""Subjects synthesized at once (their sampling, resampling and gzip release the GIL); each holds its
+whole-head volumes in memory."""
 
 
 def _subject_rng(seed: int, stream: int, site: int, subject: int) -> np.random.Generator:
@@ -138,25 +143,31 @@ def synthesize_sites(
             scanner = f"({profile.name}, {profile.weighting})"
             staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))
             try:
-                subjects = []
-                for k in range(counts[s]):
-                    subject_id = f"sub-{k + 1:0{subject_width}d}"
-                    bar.working_on(f"{name} {subject_id} {scanner}")
-                    if maps:
-                        source = maps[(first_subject[s] + k) % len(maps)]
-                        labels, affine = load(source)
-                        anatomy, anatomy_sha256 = source.name, digest(source)
-                    else:
-                        labels, affine = make_head_phantom(
-                            _subject_rng(seed, PHANTOM_STREAM, s, k), spacing_mm=phantom_spacing_mm
-                        )
-                        anatomy, anatomy_sha256 = "phantom", None
-                    rng = _subject_rng(seed, SUBJECT_STREAM, s, k)
-                    images = synthesize_subject(labels, affine, profile, rng, spacing_mm)
-                    subjects.append(
-                        _write_subject(staging, subject_id, profile.weighting, images, anatomy, anatomy_sha256)
+                jobs = [
+                    _SubjectJob(
+                        site=s,
+                        index=k,
+                        subject_id=f"sub-{k + 1:0{subject_width}d}",
+                        label_map=maps[(first_subject[s] + k) % len(maps)] if maps else None,
                     )
-                    bar.advance(f"{name} {subject_id} {scanner}")
+                    for k in range(counts[s])
+                ]
+                make = functools.partial(
+                    _make_subject,
+                    profile=profile,
+                    staging=staging,
+                    seed=seed,
+                    spacing_mm=spacing_mm,
+                    phantom_spacing_mm=phantom_spacing_mm,
+                    load=load,
+                    digest=digest,
+                )
+                bar.working_on(f"{name} {scanner}")
+                subjects = []
+                # Each subject draws from its own streams, so making a few at once changes no voxel.
+                for subject in in_order(make, jobs, SYNTHESIS_THREADS):
+                    subjects.append(subject)
+                    bar.advance(f"{name} {subject['participant_id']} {scanner}")
                 _write_site_metadata(
                     staging, name, profile, subjects, seed, s, spacing_mm, label_maps_dir, phantom_spacing_mm
                 )
@@ -166,6 +177,42 @@ def synthesize_sites(
                 raise
         bar.note(f"wrote {n_sites} site(s) to {out_dir}")
     return site_dirs
+
+
+@dataclass(frozen=True)
+class _SubjectJob:
+    """One subject to synthesize: site ``site`` (0-based), its ``index``-th subject, from ``label_map`` (a
+    FreeSurfer label map) or, where None, from a procedural head phantom."""
+
+    site: int
+    index: int
+    subject_id: str
+    label_map: Path | None
+
+
+def _make_subject(
+    job: _SubjectJob,
+    *,
+    profile: ScannerProfile,
+    staging: Path,
+    seed: int,
+    spacing_mm: float,
+    phantom_spacing_mm: float,
+    load: Callable[[Path], tuple[np.ndarray, np.ndarray]],
+    digest: Callable[[Path], str],
+) -> dict:
+    """Synthesize one subject as ``profile``'s scanner images it and write it into ``staging``; its
+    participants entry (`_write_subject`)."""
+    if job.label_map is not None:
+        labels, affine = load(job.label_map)
+        anatomy, anatomy_sha256 = job.label_map.name, digest(job.label_map)
+    else:
+        phantom_rng = _subject_rng(seed, PHANTOM_STREAM, job.site, job.index)
+        labels, affine = make_head_phantom(phantom_rng, spacing_mm=phantom_spacing_mm)
+        anatomy, anatomy_sha256 = "phantom", None
+    rng = _subject_rng(seed, SUBJECT_STREAM, job.site, job.index)
+    images = synthesize_subject(labels, affine, profile, rng, spacing_mm)
+    return _write_subject(staging, job.subject_id, profile.weighting, images, anatomy, anatomy_sha256)
 
 
 def _write_subject(

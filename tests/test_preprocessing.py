@@ -226,28 +226,6 @@ def test_classes_resampled_at_once_give_what_one_at_a_time_gives(tmp_path, head_
         np.testing.assert_array_equal(one, several)
 
 
-def test_work_done_at_once_comes_back_in_order_with_few_results_waiting() -> None:
-    import threading
-    import time
-
-    from client.preprocessing.labels import _in_order
-
-    started: list[int] = []
-    lock = threading.Lock()
-
-    def work(i: int) -> int:
-        with lock:
-            started.append(i)
-        time.sleep(0.02 * (5 - i))  # the first items are the slowest
-        return i * i
-
-    out = []
-    for result in _in_order(work, range(6), threads=2):
-        out.append(result)
-        assert len(started) <= len(out) + 2  # no more than the threads' worth started ahead
-    assert out == [i * i for i in range(6)]
-
-
 def test_probabilities_of_background_only_give_background_on_the_native_grid(tmp_path, head_phantoms):
     subject = head_phantoms.write_subject(tmp_path, "sub-01", head_phantoms.labels(), axcodes="LIA")
     pre = preprocess_subject(subject, PreprocessingPlan(field_of_view_mm=SMALL_FOV_MM), TISSUE)

@@ -27,7 +27,9 @@ N_SITES, N_SUBJECTS = 2, 3
 def default_phantom_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The four default phantom sites (MPRAGE-3T, T1-SE-1.5T, SPGR-1.5T, FLASH-3T), 3 subjects each."""
     out = tmp_path_factory.mktemp("synth4") / "data"
-    synthesize_sites(out, 4, N_SUBJECTS, seed=SEED)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(synthesis, "SYNTHESIS_THREADS", 2)  # two subjects at once, whatever the machine
+        synthesize_sites(out, 4, N_SUBJECTS, seed=SEED)
     return out
 
 
@@ -123,16 +125,20 @@ def test_field_of_view_never_cuts_the_brain(phantom_sites: Path) -> None:
             assert not any(b.any() for b in border), f"{site_dir.name} {subject}"
 
 
-def test_same_seed_gives_identical_arrays_whatever_the_number_of_sites(
-    phantom_sites: Path, tmp_path: Path
+def test_same_seed_gives_identical_arrays_whatever_the_number_of_sites_and_threads(
+    phantom_sites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    synthesize_sites(tmp_path / "same", 1, 1, seed=SEED)
+    # The module's sites were made a few subjects at once (SYNTHESIS_THREADS); these one at a time.
+    monkeypatch.setattr(synthesis, "SYNTHESIS_THREADS", 1)
+    synthesize_sites(tmp_path / "same", 1, 3, seed=SEED)
     synthesize_sites(tmp_path / "other", 1, 1, seed=SEED + 1)
+    for subject in ("sub-001", "sub-002", "sub-003"):
+        reference = _arrays(phantom_sites / "site-01", subject)
+        again = _arrays(tmp_path / "same" / "site-01", subject)
+        for a, b in zip(reference, again, strict=True):
+            assert a.shape == b.shape and a.tobytes() == b.tobytes()
     reference = _arrays(phantom_sites / "site-01", "sub-001")
-    again = _arrays(tmp_path / "same" / "site-01", "sub-001")
     other = _arrays(tmp_path / "other" / "site-01", "sub-001")
-    for a, b in zip(reference, again, strict=True):
-        assert a.shape == b.shape and a.tobytes() == b.tobytes()
     assert reference[0].shape != other[0].shape or reference[0].tobytes() != other[0].tobytes()
 
 

@@ -8,17 +8,14 @@ erodes. The same machinery maps labels onto the grid (`_labels_onto`) and back o
 
 from __future__ import annotations
 
-import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from client.preprocessing.geometry import _input_steps, _is_diagonal, _resample, _snap, _translation
+from common.ordered_work import in_order, usable_cores
 from models.errors import NeurofedError
 from models.label_protocols import LabelProtocol
 
@@ -26,14 +23,11 @@ _MAX_FREESURFER_LABEL = 1 << 16
 """Label values at or above this are no FreeSurfer labels (the lookup table stops at 14175)."""
 
 
-T = TypeVar("T")
-R = TypeVar("R")
-
 _Score = tuple[int, Callable[[tuple[slice, ...]], np.ndarray], tuple[slice, ...] | None, float]
 """(class, input region -> score map there, box outside which the class cannot win or None, value outside)."""
 
 
-RESAMPLING_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+RESAMPLING_THREADS = usable_cores(4)
 """Classes resampled at once (SciPy's interpolation releases the GIL): at most this many score maps are in
 memory, and a class map at 1 mm maps about this many times faster."""
 
@@ -67,7 +61,7 @@ def _argmax_resampled(
     def resample(score: _Score) -> tuple[int, tuple[slice, ...], np.ndarray] | None:
         return _resample_class(score, voxel_map, out_shape, input_shape, smoothing)
 
-    for resampled in _in_order(resample, scores, RESAMPLING_THREADS):
+    for resampled in in_order(resample, scores, RESAMPLING_THREADS):
         if resampled is None:
             continue
         cls, out_box, value = resampled
@@ -120,22 +114,6 @@ def _resample_class(
     if smoothing is not None:
         values = ndimage.gaussian_filter(values, smoothing, mode="constant", cval=cval)
     return cls, out_box, _resample(values, local_map, [s.stop - s.start for s in out_box], order=1, cval=cval)
-
-
-def _in_order(work: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
-    """``work(item)`` of each item, in the items' order, up to ``threads`` computed at once (bounded: never
-    more than ``threads`` results waiting)."""
-    if threads <= 1:
-        yield from map(work, items)
-        return
-    pending: deque[Future[R]] = deque()
-    with ThreadPoolExecutor(threads) as pool:
-        for item in items:
-            pending.append(pool.submit(work, item))
-            if len(pending) >= threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def _one_hot_scores(classes: np.ndarray) -> Iterator[_Score]:
