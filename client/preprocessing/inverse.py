@@ -115,17 +115,19 @@ def probabilities_to_native(probs: np.ndarray, transform: NativeTransform) -> np
     # and the background only the boxes of the others: outside them no other class is scored, and
     # background (class 0) is what the output holds where nothing else wins.
     sums_to_one = bool(np.abs(probs.sum(axis=0, dtype=np.float64) - 1.0).max() < 1e-3)
-    boxes: dict[int, tuple[slice, ...] | None] = {cls: None for cls in range(1, num_classes)}
+    boxes: dict[int, tuple[slice, ...] | None] = dict.fromkeys(range(1, num_classes))  # None: everywhere
+    background_box = None
     if sums_to_one:
-        for cls in range(1, num_classes):
-            reach = ndimage.find_objects((probs[cls] >= 1.0 / num_classes - 2e-3).astype(np.uint8))
-            boxes[cls] = reach[0] if reach else None
-        boxes = {cls: box for cls, box in boxes.items() if box is not None}
+        reached = {
+            cls: ndimage.find_objects((probs[cls] >= 1.0 / num_classes - 2e-3).astype(np.uint8))
+            for cls in range(1, num_classes)
+        }
+        boxes = {cls: reach[0] for cls, reach in reached.items() if reach}
+        if not boxes:  # no class but the background reaches 1/K anywhere: all background
+            return np.zeros(transform.native_shape, dtype=np.uint8)
+        background_box = _union(list(boxes.values()))
 
     def scores() -> Iterator[_Score]:
-        background_box = _union(list(boxes.values())) if sums_to_one else None
-        if sums_to_one and background_box is None:
-            return  # no class but the background reaches 1/K anywhere: all background
         yield 0, (lambda region: probs[0][region]), background_box, 1.0
         for cls, box in boxes.items():
             yield cls, (lambda region, c=cls: probs[c][region]), box, 0.0
@@ -138,10 +140,8 @@ def probabilities_to_native(probs: np.ndarray, transform: NativeTransform) -> np
     return _from_canonical(native, transform.native_affine)
 
 
-def _union(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...] | None:
-    """The bounding box of ``boxes`` (None when there are none)."""
-    if not boxes:
-        return None
+def _union(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...]:
+    """The bounding box of (at least one) ``boxes``."""
     return tuple(
         slice(min(box[d].start for box in boxes), max(box[d].stop for box in boxes))
         for d in range(len(boxes[0]))
