@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from common.boxes import bounding_box
+
 METRICS: tuple[str, ...] = (
     "dice",
     "hd95_mm",
@@ -73,7 +75,8 @@ def segmentation_metrics(
 
     results: dict[str, dict[str, float]] = {}
     for cls in range(1, num_classes):
-        box = _union_box(boxes_pred[cls - 1], boxes_true[cls - 1], pred.shape)
+        # Grown by a voxel: every surface voxel lies inside, so the box's surfaces are the volume's.
+        box = bounding_box((boxes_pred[cls - 1], boxes_true[cls - 1]), pred.shape, margin=1)
         p = pred[box] == cls if box is not None else np.zeros((0, 0, 0), bool)
         t = truth[box] == cls if box is not None else np.zeros((0, 0, 0), bool)
         n_pred, n_true = int(p.sum()), int(t.sum())
@@ -120,25 +123,6 @@ def _surface_distances_mm(pred, truth, spacing: tuple[float, ...]) -> dict[str, 
         "hd95_mm": float(max(np.quantile(d, 0.95) for d in distances)),
         "assd_mm": float(np.concatenate(distances).mean()),
     }
-
-
-def _union_box(
-    a: tuple[slice, ...] | None, b: tuple[slice, ...] | None, shape: tuple[int, ...]
-) -> tuple[slice, ...] | None:
-    """The bounding box of two boxes (either may be None), grown by one voxel within ``shape``.
-
-    The margin keeps every surface voxel inside, so surfaces found in the box equal those of the volume.
-    """
-    boxes = [box for box in (a, b) if box is not None]
-    if not boxes:
-        return None
-    return tuple(
-        slice(
-            max(min(box[d].start for box in boxes) - 1, 0),
-            min(max(box[d].stop for box in boxes) + 1, shape[d]),
-        )
-        for d in range(len(shape))
-    )
 
 
 def summarize(

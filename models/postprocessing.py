@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.boxes import bounding_box
 from models.errors import NeurofedError
 
 NO_POSTPROCESSING = "none"
@@ -67,10 +68,7 @@ def postprocess_labels(labels: np.ndarray, num_classes: int, mode: str) -> np.nd
     # outside it all is background and stays so, and inside it the components, the holes (background cut
     # off from the box's edge, which touches the volume's outside) and the nearest classes are those of
     # the whole volume. On a 1 mm scan the brain's box is a small part of it.
-    box = tuple(
-        slice(max(s.start - 1, 0), min(s.stop + 1, n))
-        for s, n in zip(ndimage.find_objects((out > 0).astype(np.uint8))[0], out.shape, strict=True)
-    )
+    box = bounding_box(ndimage.find_objects((out > 0).astype(np.uint8)), out.shape, margin=1)
     result = np.zeros_like(out)
     result[box] = _postprocess_box(out[box], foreground, mode)
     return result

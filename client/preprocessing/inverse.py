@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from client.preprocessing.geometry import _from_canonical
 from client.preprocessing.labels import _argmax_resampled, _labels_onto, _Score
+from common.boxes import bounding_box
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,7 +126,7 @@ def probabilities_to_native(probs: np.ndarray, transform: NativeTransform) -> np
         boxes = {cls: reach[0] for cls, reach in reached.items() if reach}
         if not boxes:  # no class but the background reaches 1/K anywhere: all background
             return np.zeros(transform.native_shape, dtype=np.uint8)
-        background_box = _union(list(boxes.values()))
+        background_box = bounding_box(boxes.values(), probs.shape[1:])
 
     def scores() -> Iterator[_Score]:
         yield 0, (lambda region: probs[0][region]), background_box, 1.0
@@ -138,14 +139,6 @@ def probabilities_to_native(probs: np.ndarray, transform: NativeTransform) -> np
         scores(), voxel_map, canonical_shape, probs.shape[1:], residual_background=False
     )
     return _from_canonical(native, transform.native_affine)
-
-
-def _union(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...]:
-    """The bounding box of (at least one) ``boxes``."""
-    return tuple(
-        slice(min(box[d].start for box in boxes), max(box[d].stop for box in boxes))
-        for d in range(len(boxes[0]))
-    )
 
 
 def native_image(array: np.ndarray, transform: NativeTransform) -> nib.Nifti1Image:
