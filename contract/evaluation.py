@@ -64,10 +64,13 @@ def finite_or_none(value: float) -> float | None:
 
 def result_record(scores: Mapping[str, Mapping[str, float]], **identity: Any) -> dict[str, Any]:
     """One record of ``results`` (or `NATIVE_RESULTS`, `NATIVE_CEILING`): ``identity`` (model, site, role,
-    subject, ...), ``mean_dice`` over the foreground classes of ``scores`` ({class: {metric: value}}) and
-    ``metrics``, undefined values as null."""
+    subject, ...), ``mean_dice`` over the foreground classes of ``scores`` ({class: {metric: value}}, as
+    `models.metrics.segmentation_metrics` gives them) and ``metrics``, the `REPORTED_METRICS` of each class,
+    undefined values as null."""
     return {
         **identity,
         "mean_dice": float(np.mean([v["dice"] for v in scores.values()])),
-        "metrics": {c: {m: finite_or_none(v) for m, v in values.items()} for c, values in scores.items()},
+        "metrics": {
+            c: {m: finite_or_none(values[m]) for m in REPORTED_METRICS} for c, values in scores.items()
+        },
     }

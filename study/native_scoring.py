@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from contract.evaluation import REPORTED_METRICS, result_record
+from contract.evaluation import result_record
 from models.errors import NeurofedError
 
 if TYPE_CHECKING:
@@ -72,8 +72,7 @@ def load_native_reference(
 def _scores(prediction: np.ndarray, reference: NativeReference, class_names: Sequence[str]):
     from models.metrics import segmentation_metrics
 
-    scores = segmentation_metrics(prediction, reference.labels, class_names, reference.spacing_mm)
-    return {c: {m: v[m] for m in REPORTED_METRICS} for c, v in scores.items()}
+    return segmentation_metrics(prediction, reference.labels, class_names, reference.spacing_mm)
 
 
 def native_scores(

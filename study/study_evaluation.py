@@ -102,7 +102,7 @@ def _score(model, image: np.ndarray, label: np.ndarray, settings: Any, class_nam
         probabilities = predict_volume(model, image, (settings.patch_size,) * 3)
     prediction = predicted_labels(probabilities, settings.postprocessing)
     scores = segmentation_metrics(prediction, np.asarray(label), class_names, spacing)
-    return probabilities, prediction, {c: {m: v[m] for m in REPORTED_METRICS} for c, v in scores.items()}
+    return probabilities, prediction, scores
 
 
 def audit_final_model(model, sites: Sequence[StudySite], settings: Any, on_subject=None):
