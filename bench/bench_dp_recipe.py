@@ -259,7 +259,7 @@ def reference_scores(run_dir: Path, data_root: Path, config, have: set[str]) -> 
         per_role: dict[str, list[float]] = {ROLE_TRAIN: [], ROLE_HOLDOUT: []}
         for site in sites:
             for _, image, label in site.test:
-                _, s = _score(model, image, label, config, names, (config.spacing_mm,) * 3)
+                *_, s = _score(model, image, label, config, names, (config.spacing_mm,) * 3)
                 per_role[site.role].append(float(np.mean([v["dice"] for v in s.values()])))
         return {
             "dice_train_sites": float(np.mean(per_role[ROLE_TRAIN])),
