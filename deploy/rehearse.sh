@@ -31,7 +31,21 @@ DAEMONS=()
 _say() { printf '\n== [%ss] %s\n' "$SECONDS" "$*"; }
 _fail() {
     printf '\nrehearsal FAILED: %s\n(logs in %s/logs)\n' "$*" "$R" >&2
+    _diagnose >&2
     exit 1
+}
+_diagnose() { # what the runs and the sites recorded: a failure names its cause even where FOLDER is gone
+    local file
+    for file in "$R"/coordinator/runs/*/metrics.jsonl; do
+        [ -f "$file" ] || continue
+        echo "-- sites left out of $(basename "$(dirname "$file")") (its metrics.jsonl):"
+        grep -E '"event": "(sites|dropped|rejected|evaluate-refused)"' "$file" | cut -c 1-600 || true
+    done
+    for file in "$R"/logs/hospital-*.log; do
+        [ -f "$file" ] || continue
+        echo "-- last lines of $(basename "$file"):"
+        grep -vE '^[[:space:]]*$|INFO' "$file" | tail -n 12 | cut -c 1-400
+    done
 }
 _free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 _port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
