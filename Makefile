@@ -29,8 +29,10 @@ demo: $(STAMP)
 	$(VENV)/bin/neurofed simulate --compare-without-dp --eval-every 5 --out $(DEMO_OUT)
 	@echo "demo report: file://$(abspath $(DEMO_OUT))/report.html"
 
+# pytest-xdist workers (one a core, at most 4), each taking whole modules, the federation tests and the
+# rehearsal first (tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -18,6 +18,47 @@ REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+FEDERATION_MODULES = ("test_deployment.py", "test_faults.py")
+"""Modules that run whole federations of processes on loopback, minutes in all. `make test` runs the suite in
+pytest-xdist workers: one takes these first, one after the other, while the others take the short modules."""
+REHEARSAL_MODULE = "test_rehearsal.py"
+"""The rehearsal, a federation of its own (two minutes): queued second, so that another worker runs it while
+the federation modules run; queued after them it ran alone at the end, and queued last it started late."""
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: a worker per core, at most 4."""
+    return min(len(os.sched_getaffinity(0)), 4)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Whole modules to a worker (each module fixture is built once), `FEDERATION_MODULES` as one unit.
+
+    xdist's ``--dist loadgroup`` says this with markers, but here (pytest 9.2, xdist 3.8) it did not group."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return "federations" if Path(module).name in FEDERATION_MODULES else module
+
+    return ModuleScheduling(config, log)
+
+
+if (_workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT")) and "OMP_NUM_THREADS" not in os.environ:
+    # Each worker (and every process its tests start) gets its share of the cores: torch's default of
+    # one thread per core in each worker would make them wait for each other. A module may still ask for
+    # more with TORCH_THREADS.
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(_workers)))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`FEDERATION_MODULES`, then `REHEARSAL_MODULE`, then the others in their order (a stable sort). The
+    workers take modules in this order (``--no-loadscope-reorder``)."""
+    first = (*FEDERATION_MODULES, REHEARSAL_MODULE)
+    rank = {name: i for i, name in enumerate(first)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(first)))
+
 
 def _label_maps_folder() -> Path:
     return Path(os.environ.get(LABEL_MAPS_ENV, DEFAULT_LABEL_MAPS))
