@@ -29,9 +29,9 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 DAEMONS=()
 
 _say() { printf '\n== [%ss] %s\n' "$SECONDS" "$*"; }
-_fail() {
-    printf '\nrehearsal FAILED: %s\n(logs in %s/logs)\n' "$*" "$R" >&2
+_fail() { # what the runs and sites recorded, then what failed (last, where a tail of the output shows it)
     _diagnose >&2
+    printf '\nrehearsal FAILED: %s\n(logs in %s/logs)\n' "$*" "$R" >&2
     exit 1
 }
 _diagnose() { # what the runs and the sites recorded: a failure names its cause even where FOLDER is gone
@@ -162,7 +162,7 @@ _new_release "$R/release-2"
 neurofed-site approve "$R"/neurofed.neurofed.*post1*.fab --replace --approved-apps "$R/approved-apps.txt"
 
 _say "A second job with the new release; hospital-b is revoked while it runs, and the run goes on"
-neurofed run deploy/job.toml --app "$R/release-2" --state-dir "$R/coordinator" --set run-dir=runs/second --set num-server-rounds=3 --set local-steps=2 --set patch-size=16 --set spacing-mm=4.0 --set field-of-view-mm=128,128,128 --set network-preset=tiny --set initial-model=none --no-stream >"$R/logs/job-2.log" 2>&1 &
+neurofed run deploy/job.toml --app "$R/release-2" --state-dir "$R/coordinator" --set run-dir=runs/second --set num-server-rounds=2 --set local-steps=2 --set patch-size=16 --set spacing-mm=4.0 --set field-of-view-mm=128,128,128 --set network-preset=tiny --set initial-model=none --no-stream >"$R/logs/job-2.log" 2>&1 &
 JOB_2=$!
 _wait_for "the second job's site discovery" 900 _discovered second
 neurofed coordinator revoke hospital-b --state-dir "$R/coordinator"
@@ -184,7 +184,9 @@ neurofed-site budget --ledger "$R/hospital-a/state/privacy-ledger.jsonl"
 
 _say "Checks"
 _expect "both jobs finished" test "$(jq -s '[.[] | select(.event == "run-finished")] | length' "$R/coordinator/audit.jsonl")" = 2
-_expect "hospital-b was dropped from the second job, not the run" jq -se 'any(.[]; (.event | test("^round-")) and any(.dropped[]?; .site == "hospital-b"))' "$R/coordinator/audit.jsonl"
+# Dropped from a round (its reply lost with its connection), or left out at a round's start where the
+# revocation came before it: which of the two depends on how fast the revocation is.
+_expect "hospital-b was dropped from the second job, not the run" jq -se 'any(.[]; ((.event | test("^round-")) and any(.dropped[]?; .site == "hospital-b")) or (.event == "site-rejected" and .site == "hospital-b"))' "$R/coordinator/audit.jsonl"
 _expect "hospital-a trained in both jobs under one lifetime budget" test "$(jq -r '.releases | map(.run_id) | unique | length' "$R/hospital-a/state/privacy-ledger.jsonl")" = 2
 _expect "hospital-c holds the final model the coordinator recorded" test "$(jq -r 'select(.event == "run-finished") | .weights_sha256' "$R/coordinator/audit.jsonl" | tail -n 1)" = "$(jq -r 'select(.event == "model-received") | .weights_sha256' "$R/hospital-c/state/audit.jsonl" | tail -n 1)"
 _expect "the sites ran the new release in the second job" test "$(jq -r 'select(.event == "app-accepted") | .fab_hash' "$R/hospital-a/state/audit.jsonl" | sort -u | wc -l)" = 2
