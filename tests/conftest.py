@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.ordered_work import usable_cores
+
 LABEL_MAPS_ENV = "NEUROFED_LABEL_MAPS"
 DEFAULT_LABEL_MAPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "label_maps"
 
@@ -28,7 +30,7 @@ the federation modules run; queued after them it ran alone at the end, and queue
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: a worker per core, at most 4."""
-    return min(len(os.sched_getaffinity(0)), 4)
+    return usable_cores(4)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
@@ -49,7 +51,7 @@ if (_workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT")) and "OMP_NUM_THREAD
     # Each worker (and every process its tests start) gets its share of the cores: torch's default of
     # one thread per core in each worker would make them wait for each other. A module may still ask for
     # more with TORCH_THREADS.
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(_workers)))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores(os.cpu_count() or 1) // int(_workers)))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
